@@ -1,0 +1,50 @@
+"""The ``real`` command: one entry point, one module per subcommand.
+
+Each subcommand lives in its own module exposing ``main(argv) -> int``; this
+file only routes to it, so a subcommand's imports (transformers, matplotlib...)
+are paid only when it runs.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import List, Optional
+
+SUBCOMMANDS = {
+    "demo": ("real.demo", "the built-in demo (the README's main command)"),
+    "train": ("real.train", "train a judge with REAL or a baseline (RAFT, TRACT, GRPO)"),
+    "eval": ("real.evaluate", "score predictions or a judge model: Pearson / Spearman / Kendall"),
+    "bench": ("benchmarks.__main__", "microbenchmarks of the fused head against naive PyTorch and peers"),
+    "plan": ("real.plan", "memory planner: will this model and batch fit on these GPUs?"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: real <command> [options]", "", "commands:"]
+    lines += [f"  {name:<7} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    lines += ["", "Run `real <command> --help` for the options of one command."]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"real: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, _ = SUBCOMMANDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (exc.name == module_name or module_name.startswith(exc.name + ".")):
+            print(f"real: command {name!r} is not available in this install ({module_name} missing)", file=sys.stderr)
+            return 2
+        raise
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,12 @@
+"""real-kernels: fused LM-head kernels for REAL (regression-aware RL for LLM judges).
+
+``linear_logprobs`` and ``judge_head`` compute per-token log-probs, the
+score-token softmax, the expected score and its squared error straight from
+hidden states and the LM-head weight, never materialising ``[tokens x vocab]``
+logits.  See DESIGN.md section 4 for the contract.
+"""
+from .functional import judge_head, linear_logprobs
+from .outputs import JudgeHeadOutput, LinearLogprobsOutput
+
+__all__ = ["linear_logprobs", "judge_head", "LinearLogprobsOutput", "JudgeHeadOutput"]
+__version__ = "0.1.0"

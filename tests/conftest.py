@@ -1,0 +1,18 @@
+"""Test setup: run the Triton kernels on the CPU interpreter.
+
+TRITON_INTERPRET must be set before triton is first imported, which is why it
+is done here, at collection time, before any test module imports real_kernels.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
