@@ -1,0 +1,320 @@
+"""``real eval``: score a judge on benchmark files, as the paper reports it.
+
+Three sources of predictions, one table (Pearson / Spearman / Kendall x100 per
+benchmark, then the average over benchmarks), printed and optionally written as
+JSON:
+
+- ``--predictions FILE``: a JSON-lines file of ``{"idx": ..., "prediction": ...}``
+  rows.  ``idx`` is the **0-based row position in the data file** (the shipped
+  Prometheus files' own ``idx`` field numbers prompts and repeats four times,
+  so it cannot name a row).  With several ``--data`` files, either give one
+  predictions file per data file, in the same order, or one file whose rows
+  carry ``"source"`` = the data file's stem (e.g. ``"vicuna_eval"``).  An
+  optional ``"method"`` field gives one table line per method (files written by
+  ``--save-predictions`` carry it).  ``prediction`` may be null (an unparsable
+  generation): such rows are dropped with a warning and counted.
+- ``--baseline gpt4-loo``: the human-level reference.  Each row has three GPT-4
+  grades; for each choice of held-out grade, every row is predicted by the mean
+  of the other two and scored against the held-out one; the coefficients are
+  averaged over the three choices.
+- ``--model PATH`` (or ``tiny``): runs the judge with RAIL (expected score at
+  the score position after a greedy or sampled CoT) and standard decoding
+  (generate, parse the score), via ``real.inference``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from real.data import JudgeExample, group_by_source, load_prometheus
+from real.metrics import average_correlations, correlations, format_table, with_average
+
+BASELINES = ("gpt4-loo",)
+METHODS = ("rail", "decode")
+SCORE_VALUES = (1, 2, 3, 4, 5)
+DEFAULT_METHOD = "predictions"
+
+Results = Dict[str, Dict[str, dict]]  # method -> benchmark -> correlations
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="real eval",
+        description="Score judge predictions against benchmark files: Pearson / Spearman / Kendall "
+                    "x100 per benchmark and their average, as in the REAL paper.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--data", nargs="+", required=True, metavar="FILE",
+                        help="benchmark files (Prometheus eval .json or Feedback-Collection .json/.jsonl); "
+                             "each is one column of the table, named by its file stem")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--predictions", nargs="+", metavar="FILE",
+                        help="JSON-lines predictions: rows {idx, prediction[, source][, method]}, idx = 0-based "
+                             "row in the data file; one file per --data file (same order), or one file "
+                             "whose rows name their data file stem in 'source'")
+    source.add_argument("--baseline", choices=BASELINES,
+                        help="gpt4-loo: leave-one-grade-out GPT-4 agreement (predict each grade by the mean of "
+                             "the other grades, average over the held-out choice)")
+    source.add_argument("--model", metavar="PATH",
+                        help="a local transformers causal LM directory, or 'tiny' for the built-in random model; "
+                             "runs RAIL and standard-decoding inference")
+    parser.add_argument("--output", metavar="FILE.json", help="also write the table (raw coefficients) as JSON")
+    parser.add_argument("--limit", type=int, metavar="N", help="use only the first N rows of each data file")
+    parser.add_argument("--skip-malformed", action="store_true",
+                        help="skip malformed data rows (with a warning and a count) instead of failing")
+
+    model = parser.add_argument_group("judge model options (with --model)")
+    model.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                       help="rail: expected score after the CoT; decode: generate and parse the score")
+    model.add_argument("--n-samples", type=int, default=1,
+                       help="CoTs per prompt for RAIL; 1 = one greedy CoT, more = sampled CoTs averaged")
+    model.add_argument("--temperature", type=float, default=1.0, help="sampling temperature when --n-samples > 1")
+    model.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling when --n-samples > 1")
+    model.add_argument("--max-new-tokens", type=int, default=256, help="longest CoT generated per prompt")
+    model.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch")
+    model.add_argument("--normalize", action="store_true",
+                       help="RAIL: renormalise the score probabilities over the score tokens")
+    model.add_argument("--device", default="auto", help="torch device; auto = cuda when available, else cpu")
+    model.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                       help="model weights dtype; auto lets the loader choose")
+    model.add_argument("--save-predictions", metavar="FILE.jsonl",
+                       help="write every prediction as JSON lines {source, idx, method, prediction}; "
+                            "the file can be scored again with --predictions")
+    return parser
+
+
+def _positive(name: str, value: Optional[int]) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+# --- data -------------------------------------------------------------------------
+
+def load_benchmarks(paths: Sequence[str], limit: Optional[int], skip_malformed: bool) -> Dict[str, List[JudgeExample]]:
+    """Benchmark name (file stem) -> its examples (the first ``limit`` rows)."""
+    stems = [Path(p).stem for p in paths]
+    duplicates = sorted({s for s in stems if stems.count(s) > 1})
+    if duplicates:
+        raise ValueError(f"--data files must have distinct stems (they name the benchmarks), repeated: {duplicates}")
+    benchmarks = {}
+    for path in paths:
+        examples = load_prometheus(path, skip_malformed=skip_malformed)
+        benchmarks[Path(path).stem] = examples[:limit] if limit else examples
+    return benchmarks
+
+
+# --- the three sources of predictions --------------------------------------------
+
+def gpt4_loo(benchmarks: Dict[str, List[JudgeExample]]) -> Results:
+    """Leave-one-grade-out agreement of the GPT-4 grades, per benchmark."""
+    per_benchmark = {}
+    for name, examples in benchmarks.items():
+        counts = {len(e.grades) for e in examples}
+        if len(counts) != 1 or min(counts) < 2:
+            raise ValueError(f"{name}: gpt4-loo needs the same number (>= 2) of grades on every row, "
+                             f"found grade counts {sorted(counts)}")
+        n_grades = counts.pop()
+        folds = []
+        for held_out in range(n_grades):
+            predictions = [(sum(e.grades) - e.grades[held_out]) / (n_grades - 1) for e in examples]
+            targets = [e.grades[held_out] for e in examples]
+            folds.append(correlations(predictions, targets))
+        result = average_correlations(folds)
+        result["n"], result["dropped"] = len(examples), 0
+        per_benchmark[name] = result
+    return {"gpt4-loo": per_benchmark}
+
+
+def _read_prediction_rows(path: Path) -> List[Tuple[int, dict]]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"predictions file not found: {path}") from None
+    rows = []
+    for line_no, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: line {line_no}: invalid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: line {line_no}: expected a JSON object, got {type(row).__name__}")
+        rows.append((line_no, row))
+    if not rows:
+        raise ValueError(f"{path}: no predictions (file is empty)")
+    return rows
+
+
+def _prediction_value(value, where: str) -> Optional[float]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{where}: 'prediction' must be a number or null, got {value!r}")
+    return float(value)
+
+
+def read_predictions(paths: Sequence[str], sources: Sequence[str]) -> Dict[str, Dict[Tuple[str, int], Optional[float]]]:
+    """method -> (source, idx) -> prediction, from one file per source or one file for all."""
+    if len(paths) == len(sources):
+        default_sources = list(sources)
+    elif len(paths) == 1:
+        default_sources = [None]
+    else:
+        raise ValueError(f"give one --predictions file for all --data files or one per data file; "
+                         f"got {len(paths)} predictions files for {len(sources)} data files")
+    out: Dict[str, Dict[Tuple[str, int], Optional[float]]] = {}
+    for path, default_source in zip(map(Path, paths), default_sources):
+        for line_no, row in _read_prediction_rows(path):
+            where = f"{path}: line {line_no}"
+            for key in ("idx", "prediction"):
+                if key not in row:
+                    raise ValueError(f"{where}: missing field {key!r}")
+            idx = row["idx"]
+            if isinstance(idx, bool) or not isinstance(idx, int) or idx < 0:
+                raise ValueError(f"{where}: 'idx' must be a row position (integer >= 0), got {idx!r}")
+            source = row.get("source", default_source)
+            if source is None:
+                raise ValueError(f"{where}: missing 'source' (needed when one predictions file serves "
+                                 f"several data files; use the data file stem, one of {list(sources)})")
+            if default_source is not None and source != default_source:
+                raise ValueError(f"{where}: source {source!r} but this file is paired with {default_source!r}")
+            if source not in sources:
+                raise ValueError(f"{where}: unknown source {source!r}; data file stems are {list(sources)}")
+            method = str(row.get("method", DEFAULT_METHOD))
+            key = (source, idx)
+            table = out.setdefault(method, {})
+            if key in table:
+                raise ValueError(f"{where}: duplicate prediction for {source} row {idx} (method {method!r}); "
+                                 "'idx' is the 0-based row position in the data file, not the file's own "
+                                 "'idx' field, which repeats")
+            table[key] = _prediction_value(row["prediction"], where)
+    return out
+
+
+def score_predictions(benchmarks: Dict[str, List[JudgeExample]],
+                      predictions: Dict[str, Dict[Tuple[str, int], Optional[float]]]) -> Results:
+    results: Results = {}
+    for method, table in predictions.items():
+        used = set()
+        per_benchmark = {}
+        for name, examples in benchmarks.items():
+            keys = [(name, e.meta["row"]) for e in examples]
+            missing = [k[1] for k in keys if k not in table]
+            if missing:
+                raise ValueError(f"predictions ({method}) miss {len(missing)} of {len(keys)} rows of {name}, "
+                                 f"first rows: {missing[:5]}")
+            used.update(keys)
+            per_benchmark[name] = correlations([table[k] for k in keys], [e.target for e in examples])
+        unused = len(table) - len(used)
+        if unused:
+            print(f"real eval: note: {unused} prediction(s) ({method}) match no evaluated row "
+                  "(beyond --limit or skipped rows) and were ignored", file=sys.stderr)
+        results[method] = per_benchmark
+    return results
+
+
+def run_model(benchmarks: Dict[str, List[JudgeExample]], args) -> Dict[str, Dict[Tuple[str, int], Optional[float]]]:
+    """method -> (source, idx) -> prediction, by running the judge (RAIL and/or decoding)."""
+    # Imported here: torch/transformers and the inference code are only needed for --model.
+    import torch
+
+    from real.inference import predict_decode, predict_rail
+    from real.prompts import resolve_score_token_ids
+    from real.tiny import load_model_and_tokenizer
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    model, tokenizer = load_model_and_tokenizer(args.model, device=device, dtype=dtype)
+    model.eval()
+    score_token_ids = resolve_score_token_ids(tokenizer, SCORE_VALUES)
+    keys = [(name, e.meta["row"]) for name, examples in benchmarks.items() for e in examples]
+    prompts = [e.prompt for examples in benchmarks.values() for e in examples]
+    greedy = args.n_samples == 1
+    out = {}
+    if "rail" in args.methods:
+        print(f"real eval: RAIL on {len(prompts)} prompts ({args.n_samples} "
+              f"{'greedy CoT' if greedy else 'sampled CoTs'} each)", file=sys.stderr)
+        values = predict_rail(model, tokenizer, prompts, score_token_ids=score_token_ids, score_values=SCORE_VALUES,
+                              n_samples=args.n_samples, greedy=greedy, temperature=args.temperature,
+                              top_p=args.top_p, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                              normalize=args.normalize, progress=True)
+        out["rail"] = dict(zip(keys, values))
+    if "decode" in args.methods:
+        print(f"real eval: standard decoding on {len(prompts)} prompts (greedy)", file=sys.stderr)
+        values = predict_decode(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+                                batch_size=args.batch_size, progress=True)
+        out["decode"] = dict(zip(keys, values))
+    return out
+
+
+def save_predictions(path: str, predictions: Dict[str, Dict[Tuple[str, int], Optional[float]]]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        for method, table in predictions.items():
+            for (source, idx), value in table.items():
+                value = None if value is None or not math.isfinite(value) else float(value)
+                handle.write(json.dumps({"source": source, "idx": idx, "method": method, "prediction": value}) + "\n")
+
+
+# --- output -----------------------------------------------------------------------
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def report(results: Results, args, mode: str) -> dict:
+    return {
+        "command": "real eval",
+        "mode": mode,
+        "data": list(args.data),
+        "limit": args.limit,
+        "scale": "correlation coefficients in [-1, 1] (the printed table shows them x100); null = undefined",
+        "results": {method: with_average(per_benchmark) for method, per_benchmark in results.items()},
+    }
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        _positive("--limit", args.limit)
+        _positive("--n-samples", args.n_samples)
+        _positive("--max-new-tokens", args.max_new_tokens)
+        _positive("--batch-size", args.batch_size)
+        benchmarks = load_benchmarks(args.data, args.limit, args.skip_malformed)
+        if args.baseline:
+            mode, results = f"baseline:{args.baseline}", gpt4_loo(benchmarks)
+        elif args.predictions:
+            mode = "predictions"
+            results = score_predictions(benchmarks, read_predictions(args.predictions, list(benchmarks)))
+        else:
+            mode = f"model:{args.model}"
+            predictions = run_model(benchmarks, args)
+            if args.save_predictions:
+                save_predictions(args.save_predictions, predictions)
+            results = score_predictions(benchmarks, predictions)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"real eval: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(results))
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.output, "w", encoding="utf-8") as handle:
+            json.dump(_json_safe(report(results, args, mode)), handle, indent=2, allow_nan=False)
+            handle.write("\n")
+        print(f"real eval: wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
