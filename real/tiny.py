@@ -1,0 +1,211 @@
+"""A tiny judge (tokenizer + random Qwen3) made on the spot, and the model loader.
+
+Tests, the demo and CPU smoke runs need a causal LM and a tokenizer without
+downloading anything.  ``build_tiny_tokenizer`` trains a small byte-level BPE
+(about a thousand tokens) on a built-in corpus of Prometheus grading text, so
+every string tokenises (unknown words fall back to bytes) and the grading
+template is cheap; digits are always single tokens (no merges across digits
+or with a leading space) and the score marker ``[RESULT]`` is one token.
+``build_tiny_model`` makes a random ``Qwen3ForCausalLM`` of a few small layers
+for that vocabulary.  ``load_model_and_tokenizer`` is what the CLIs call:
+``"tiny"`` builds the pair, anything else is a local ``from_pretrained`` path.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional, Union
+
+import torch
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+from real.prompts import SCORE_MARKER
+
+logger = logging.getLogger(__name__)
+
+TINY_NAME = "tiny"
+PAD_TOKEN = "<|pad|>"
+EOS_TOKEN = "<|endoftext|>"
+TINY_VOCAB_SIZE = 1024
+
+# Single tokens for the fixed parts of the Prometheus template, so a prompt is short.
+_MARKERS = (
+    SCORE_MARKER,
+    "###Task Description:",
+    "###The instruction to evaluate:",
+    "###Response to evaluate:",
+    "###Reference Answer (Score 5):",
+    "###Score Rubrics:",
+    "###Feedback:",
+)
+
+# Pieces the BPE may merge inside but never across: a digit alone, letters with an
+# optional leading space, one punctuation mark with an optional leading space,
+# whitespace runs.  A digit never carries its space, so " 4" is " " + "4".
+_SPLIT_PATTERN = r"\d| ?[^\W\d_]+| ?[^\s\w]|_|\s+(?!\S)|\s+"
+
+_CORPUS = """\
+An instruction (might include an Input inside it), a response to evaluate, a reference answer that gets a score of 5, and a score rubric representing a evaluation criteria are given.
+1. Write a detailed feedback that assess the quality of the response strictly based on the given score rubric, not evaluating in general.
+2. After writing a feedback, write a score that is an integer between 1 and 5. You should refer to the score rubric.
+3. The output format should look as follows: "Feedback: (write a feedback for criteria) [RESULT] (an integer number between 1 and 5)"
+4. Please do not generate any other opening, closing, and explanations.
+Score 1: The response is completely irrelevant, incorrect or unhelpful.
+Score 2: The response is mostly inaccurate and only partially addresses the question.
+Score 3: The response is somewhat accurate but misses important details.
+Score 4: The response is accurate and helpful, with minor issues.
+Score 5: The response is fully accurate, clear, complete and well organized.
+Is the model able to provide a correct, relevant, clear and concise answer to the user's question?
+Does the response demonstrate understanding of the context, the tone, the style and the facts?
+Feedback: The response provides a clear and accurate explanation, however it lacks some depth and does not fully address the user's request. So the overall score is 3.
+Feedback: The assistant's answer is correct, well structured and very helpful, covering all key points of the reference answer. So the overall score is 5.
+Feedback: The response fails to follow the instruction and contains several factual errors, which makes it misleading. So the overall score is 1.
+Feedback: While the response is relevant, it is too brief and misses details that the reference answer includes. So the overall score is 2.
+Feedback: The answer is mostly accurate and complete with a few minor mistakes in the examples. So the overall score is 4.
+Here is a previous dialogue between an assistant and an user. Generate a human preferable response by the assistant.
+User: Please explain how this works, write a short story, solve the math problem, summarize the text and give an example.
+Assistant: Sure, here is a summary of the main ideas, the steps of the solution and the final answer.
+The quality, coherence, creativity, correctness, completeness, readability, harmlessness and helpfulness of the response were considered.
+good bad poor fair excellent great weak strong simple complex short long true false yes no more less very only also
+quality score value number answer question task criteria rubric grade judge model text word sentence paragraph code
+a b c d e f g h i j k l m n o p q r s t u v w x y z the of and to in is it that for on with as was this be by are
+"""
+
+
+def build_tiny_tokenizer(vocab_size: int = TINY_VOCAB_SIZE) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained offline on a built-in corpus; deterministic for a given vocab_size.
+
+    Digits ``0``-``9`` and ``[RESULT]`` are single tokens; ``pad_token`` and
+    ``eos_token`` are set; ``decode`` gives back the text exactly.
+    """
+    if not isinstance(vocab_size, int) or vocab_size < 300:
+        raise ValueError(f"vocab_size must be an int >= 300 (256 bytes + specials + merges), got {vocab_size!r}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(_MARKERS),
+        special_tokens=[PAD_TOKEN, EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS.splitlines(), trainer)
+    tok.add_tokens([AddedToken(m, single_word=False, normalized=False, special=False) for m in _MARKERS])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token=PAD_TOKEN,
+        eos_token=EOS_TOKEN,
+        model_max_length=8192,
+        padding_side="right",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def build_tiny_model(tokenizer, seed: int = 0, **config_overrides) -> Qwen3ForCausalLM:
+    """A random ``Qwen3ForCausalLM`` sized for ``tokenizer`` (2 layers, hidden 64, tied embeddings).
+
+    ``config_overrides`` go to ``Qwen3Config`` (e.g. ``num_hidden_layers=1``,
+    ``tie_word_embeddings=False``).  Same seed, same weights.
+    """
+    config = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        attn_implementation="sdpa",
+    )
+    config.update(config_overrides)
+    if config["vocab_size"] < len(tokenizer):
+        raise ValueError(f"vocab_size {config['vocab_size']} is smaller than the tokenizer's {len(tokenizer)} tokens")
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = Qwen3ForCausalLM(Qwen3Config(**config))
+    finally:
+        torch.random.set_rng_state(generator_state)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model.eval()
+
+
+def _flash_attn_importable() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def choose_attn_implementation(device: Union[str, torch.device], requested: Optional[str] = None) -> str:
+    """``requested`` if given, else flash_attention_2 when flash-attn imports and the device is CUDA, else sdpa."""
+    if requested:
+        return requested
+    if torch.device(device).type == "cuda" and _flash_attn_importable():
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"dtype must be one of {sorted(names)} or a torch.dtype, got {dtype!r}")
+    return names[dtype]
+
+
+def load_model_and_tokenizer(
+    name_or_path: str,
+    *,
+    device: Union[str, torch.device] = "cpu",
+    dtype=None,
+    attn_implementation: Optional[str] = None,
+):
+    """Return ``(model, tokenizer)`` in eval mode on ``device``.
+
+    ``"tiny"`` builds the random tiny pair; anything else must be a local
+    directory holding a transformers causal LM and its tokenizer (nothing is
+    downloaded).  dtype defaults to bf16 on CUDA and fp32 on the CPU.  The
+    tokenizer gets a pad token (eos) if it has none.
+    """
+    device = torch.device(device)
+    torch_dtype = _resolve_dtype(dtype, device)
+    attn = choose_attn_implementation(device, attn_implementation)
+    if name_or_path == TINY_NAME:
+        tokenizer = build_tiny_tokenizer()
+        model = build_tiny_model(tokenizer, attn_implementation=attn)
+        logger.info("built the tiny random judge: vocab %d, attention %s, dtype %s", len(tokenizer), attn, torch_dtype)
+        return model.to(device=device, dtype=torch_dtype).eval(), tokenizer
+    path = os.fspath(name_or_path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"model path {path!r} does not exist (give a local directory saved with save_pretrained, or 'tiny'; "
+            "nothing is downloaded)"
+        )
+    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"model path {path!r} is not a transformers model directory (no config.json in it)")
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"the tokenizer in {path!r} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch_dtype, attn_implementation=attn, local_files_only=True
+    )
+    logger.info("loaded %s: attention %s, dtype %s, device %s", path, attn, torch_dtype, device)
+    return model.to(device).eval(), tokenizer
