@@ -24,7 +24,8 @@ MAX_TOKEN_CHUNK = 4096
 
 def _chunks(n: int, v: int, tile_elems: int) -> Tuple[int, int]:
     token_chunk = max(1, min(n, MAX_TOKEN_CHUNK))
-    vocab_chunk = max(1, min(v, tile_elems // token_chunk))
+    # at most an eighth of the vocabulary per tile, so a tile stays under N*V/4 even for tiny N
+    vocab_chunk = max(1, min(-(-v // 8), tile_elems // token_chunk))
     return token_chunk, vocab_chunk
 
 
