@@ -133,8 +133,9 @@ def _grade(value, what: str, score_range: Tuple[float, float]) -> float:
 def _text(row: dict, key: str) -> str:
     value = row.get(key)
     if not isinstance(value, str):
-        kind = "missing" if key not in row else f"a {type(value).__name__}, not a string"
-        raise MalformedRow(f"field {key!r} is {kind}")
+        if key not in row:
+            raise MalformedRow(f"field {key!r} is missing")
+        raise MalformedRow(f"field {key!r} must be a string, got {type(value).__name__}")
     return value
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 METRICS = ("pearson", "spearman", "kendall")
 METRIC_LABELS = {"pearson": "Pearson", "spearman": "Spearman", "kendall": "Kendall"}
+_FOOTER_NAMES = {"pearson": "Pearson r", "spearman": "Spearman rho", "kendall": "Kendall tau"}
 MIN_PAIRS = 2
 
 
@@ -155,5 +156,5 @@ def format_table(rows: Mapping[str, Mapping[str, Mapping]], metrics: Sequence[st
             result = benches.get(column)
             cells.append(" ".join((_cell(result[m]) if result else "-").rjust(w) for m in metrics))
         lines.append((method.ljust(method_w) + " | " + " | ".join(cells)).rstrip())
-    lines.append("(Pearson r, Spearman rho, Kendall tau x100)")
+    lines.append("(" + ", ".join(_FOOTER_NAMES[m] for m in metrics) + " x100)")
     return "\n".join(lines)

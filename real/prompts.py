@@ -58,10 +58,11 @@ def format_rubric(criteria: str, descriptions: Union[Sequence[str], Mapping]) ->
     if not isinstance(criteria, str) or not criteria.strip():
         raise ValueError("criteria must be a non-empty string")
     if isinstance(descriptions, Mapping):
-        try:
-            ordered = [descriptions[k] if k in descriptions else descriptions[str(k)] for k in range(1, 6)]
-        except KeyError as exc:
-            raise ValueError(f"descriptions is missing score {exc.args[0]!r} (need 1..5)") from None
+        ordered = []
+        for score in range(1, 6):
+            if score not in descriptions and str(score) not in descriptions:
+                raise ValueError(f"descriptions is missing score {score} (need 1..5)")
+            ordered.append(descriptions[score] if score in descriptions else descriptions[str(score)])
     else:
         ordered = list(descriptions)
     if len(ordered) != 5:
