@@ -181,10 +181,10 @@ def read_predictions(paths: Sequence[str], sources: Sequence[str]) -> Dict[str, 
             if source is None:
                 raise ValueError(f"{where}: missing 'source' (needed when one predictions file serves "
                                  f"several data files; use the data file stem, one of {list(sources)})")
-            if default_source is not None and source != default_source:
-                raise ValueError(f"{where}: source {source!r} but this file is paired with {default_source!r}")
             if source not in sources:
                 raise ValueError(f"{where}: unknown source {source!r}; data file stems are {list(sources)}")
+            if default_source is not None and source != default_source:
+                raise ValueError(f"{where}: source {source!r} but this file is paired with {default_source!r}")
             method = str(row.get("method", DEFAULT_METHOD))
             key = (source, idx)
             table = out.setdefault(method, {})

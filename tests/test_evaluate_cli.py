@@ -1,0 +1,183 @@
+"""`real eval` end to end: the GPT-4 leave-one-out baseline on the shipped files, predictions files, a model."""
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from real import cli
+from real.evaluate import main
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "prometheus"
+VICUNA, MT_BENCH = SHARED_DATA / "vicuna_eval.json", SHARED_DATA / "mt_bench_eval.json"
+pytestmark = pytest.mark.skipif(not (VICUNA.exists() and MT_BENCH.exists()),
+                                reason=f"shipped data not found in {SHARED_DATA}")
+
+
+def grades(path):
+    return np.array([row["gpt4_score"] for row in json.loads(path.read_text())], dtype=float)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def noisy_predictions(path, seed):
+    targets = grades(path).mean(axis=1)
+    return targets + np.random.default_rng(seed).normal(scale=0.8, size=len(targets)), targets
+
+
+def test_gpt4_loo_baseline_on_shipped_files(tmp_path, capsys):
+    out = tmp_path / "loo.json"
+    assert main(["--data", str(VICUNA), str(MT_BENCH), "--baseline", "gpt4-loo", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "gpt4-loo" in printed and "vicuna_eval (n=320)" in printed and "Average" in printed
+
+    report = json.loads(out.read_text())
+    assert report["mode"] == "baseline:gpt4-loo"
+    results = report["results"]["gpt4-loo"]
+    assert list(results) == ["vicuna_eval", "mt_bench_eval", "Average"]
+    for name, path in (("vicuna_eval", VICUNA), ("mt_bench_eval", MT_BENCH)):
+        g = grades(path)
+        # independent statement of the baseline: hold out grade j, predict it by the mean of the others
+        folds = [(np.delete(g, j, axis=1).mean(axis=1), g[:, j]) for j in range(3)]
+        expected = {
+            "pearson": np.mean([stats.pearsonr(p, t)[0] for p, t in folds]),
+            "spearman": np.mean([stats.spearmanr(p, t)[0] for p, t in folds]),
+            "kendall": np.mean([stats.kendalltau(p, t)[0] for p, t in folds]),
+        }
+        for metric, value in expected.items():
+            assert results[name][metric] == pytest.approx(value, abs=1e-12)
+            assert 0.5 < results[name][metric] < 1.0  # GPT-4 agrees with itself well, not perfectly
+        assert results[name]["n"] == 320
+        row = next(line for line in printed.splitlines() if line.startswith("gpt4-loo"))
+        assert f"{100 * results[name]['pearson']:.1f}" in row
+    for metric in ("pearson", "spearman", "kendall"):
+        assert results["Average"][metric] == pytest.approx(
+            (results["vicuna_eval"][metric] + results["mt_bench_eval"][metric]) / 2)
+
+
+def test_predictions_file_with_sources(tmp_path, capsys):
+    rows, expected = [], {}
+    for seed, path in enumerate((VICUNA, MT_BENCH)):
+        predictions, targets = noisy_predictions(path, seed)
+        rows += [{"source": path.stem, "idx": i, "prediction": float(p)} for i, p in enumerate(predictions)]
+        expected[path.stem] = stats.pearsonr(predictions, targets)[0]
+    preds = write_jsonl(tmp_path / "preds.jsonl", rows)
+    out = tmp_path / "table.json"
+    assert main(["--data", str(VICUNA), str(MT_BENCH), "--predictions", preds, "--output", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]["predictions"]
+    for name, pearson in expected.items():
+        assert results[name]["pearson"] == pytest.approx(pearson, abs=1e-12)
+        assert results[name]["n"] == 320
+    assert "predictions" in capsys.readouterr().out
+
+
+def test_one_predictions_file_per_data_file_and_methods(tmp_path):
+    files = []
+    for seed, path in enumerate((VICUNA, MT_BENCH)):
+        predictions, _ = noisy_predictions(path, seed)
+        rows = [{"idx": i, "prediction": float(p), "method": "noisy"} for i, p in enumerate(predictions)]
+        rows += [{"idx": i, "prediction": float(-p), "method": "flipped"} for i, p in enumerate(predictions)]
+        files.append(write_jsonl(tmp_path / f"{path.stem}.preds.jsonl", rows))
+    out = tmp_path / "t.json"
+    assert main(["--data", str(VICUNA), str(MT_BENCH), "--predictions", *files, "--output", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"noisy", "flipped"}
+    assert results["flipped"]["Average"]["pearson"] == pytest.approx(-results["noisy"]["Average"]["pearson"])
+
+
+def test_null_predictions_are_dropped_and_limit_applies(tmp_path):
+    predictions, targets = noisy_predictions(VICUNA, 3)
+    rows = [{"idx": i, "prediction": None if i % 10 == 0 else float(p)} for i, p in enumerate(predictions)]
+    preds = write_jsonl(tmp_path / "p.jsonl", rows)
+    out = tmp_path / "t.json"
+    with pytest.warns(UserWarning, match="dropped 5 of 50"):
+        assert main(["--data", str(VICUNA), "--predictions", preds, "--limit", "50", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())["results"]["predictions"]["vicuna_eval"]
+    assert result["n"] == 45 and result["dropped"] == 5
+    keep = [i for i in range(50) if i % 10]
+    assert result["pearson"] == pytest.approx(stats.pearsonr(predictions[keep], targets[keep])[0], abs=1e-12)
+    assert "Average" not in json.loads(out.read_text())["results"]["predictions"]
+
+
+@pytest.mark.parametrize("rows,extra,match", [
+    ([{"idx": 0, "prediction": 3}], [], "miss 319 of 320 rows of vicuna_eval"),
+    ([{"idx": 0, "prediction": 3}, {"idx": 0, "prediction": 4}], [], "duplicate prediction"),
+    ([{"idx": 0, "prediction": 3}], [str(MT_BENCH)], "missing 'source'"),
+    ([{"idx": 0, "prediction": 3, "source": "flask"}], [], "unknown source 'flask'"),
+    ([{"idx": -1, "prediction": 3}], [], "'idx' must be a row position"),
+    ([{"idx": 0, "prediction": "4"}], [], "'prediction' must be a number or null"),
+    ([{"prediction": 3}], [], "missing field 'idx'"),
+])
+def test_bad_predictions_give_a_clear_error(tmp_path, capsys, rows, extra, match):
+    preds = write_jsonl(tmp_path / "p.jsonl", rows)
+    assert main(["--data", str(VICUNA), *extra, "--predictions", preds]) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_paired_predictions_file_must_not_name_another_source(tmp_path, capsys):
+    first = write_jsonl(tmp_path / "a.jsonl", [{"idx": 0, "prediction": 3, "source": "mt_bench_eval"}])
+    second = write_jsonl(tmp_path / "b.jsonl", [{"idx": 0, "prediction": 3}])
+    assert main(["--data", str(VICUNA), str(MT_BENCH), "--predictions", first, second]) == 2
+    assert "paired with 'vicuna_eval'" in capsys.readouterr().err
+    assert main(["--data", str(VICUNA), "--predictions", first, second]) == 2
+    assert "one per data file" in capsys.readouterr().err
+
+
+def test_bad_data_and_arguments(tmp_path, capsys):
+    assert main(["--data", str(tmp_path / "missing.json"), "--baseline", "gpt4-loo"]) == 2
+    assert "missing.json" in capsys.readouterr().err
+    assert main(["--data", str(VICUNA), str(VICUNA), "--baseline", "gpt4-loo"]) == 2
+    assert "distinct stems" in capsys.readouterr().err
+    assert main(["--data", str(VICUNA), "--baseline", "gpt4-loo", "--limit", "0"]) == 2
+    assert "--limit must be >= 1" in capsys.readouterr().err
+    single = tmp_path / "single.jsonl"
+    single.write_text(json.dumps({"instruction": "p", "output": "Feedback: x [RESULT] 3"}) + "\n")
+    assert main(["--data", str(single), "--baseline", "gpt4-loo"]) == 2
+    assert "needs the same number (>= 2) of grades" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["--data", str(VICUNA)])  # no source of predictions
+    assert info.value.code == 2
+
+
+def test_help_and_cli_routing(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    help_text = capsys.readouterr().out
+    for flag in ("--data", "--predictions", "--baseline", "--model", "--output", "--limit",
+                 "--n-samples", "--max-new-tokens", "--batch-size", "--device"):
+        assert flag in help_text
+    assert cli.main(["eval", "--data", str(VICUNA), "--baseline", "gpt4-loo", "--limit", "40"]) == 0
+    assert "vicuna_eval (n=40)" in capsys.readouterr().out
+
+
+HAVE_INFERENCE = importlib.util.find_spec("real.inference") is not None
+
+
+@pytest.mark.skipif(not HAVE_INFERENCE, reason="real.inference (RAIL / decoding) is not in this tree yet")
+def test_model_tiny_runs_rail_and_decoding(tmp_path, capsys):
+    out, saved = tmp_path / "t.json", tmp_path / "preds.jsonl"
+    argv = ["--data", str(VICUNA), str(MT_BENCH), "--model", "tiny", "--limit", "3", "--max-new-tokens", "4",
+            "--batch-size", "3", "--device", "cpu", "--output", str(out), "--save-predictions", str(saved)]
+    with pytest.warns(UserWarning):  # three random-model predictions may be constant or unparsable
+        assert main(argv) == 0
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"rail", "decode"}
+    rows = [json.loads(line) for line in saved.read_text().splitlines()]
+    assert len(rows) == 2 * 2 * 3
+    rail = [r["prediction"] for r in rows if r["method"] == "rail"]
+    assert all(1.0 - 1e-6 <= p <= 5.0 + 1e-6 for p in rail)  # an expected score over 1..5
+    assert all(r["prediction"] is None or 1 <= r["prediction"] <= 5 for r in rows if r["method"] == "decode")
+    # the saved file scores again through --predictions, with the same numbers
+    again = tmp_path / "again.json"
+    with pytest.warns(UserWarning):
+        assert main(["--data", str(VICUNA), str(MT_BENCH), "--limit", "3", "--predictions", str(saved),
+                     "--output", str(again)]) == 0
+    assert json.loads(again.read_text())["results"] == results
+    assert math.isfinite(sum(rail))
