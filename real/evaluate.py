@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -109,6 +110,16 @@ def load_benchmarks(paths: Sequence[str], limit: Optional[int], skip_malformed: 
 
 # --- the three sources of predictions --------------------------------------------
 
+def _correlations_for(label: str, predictions, targets) -> dict:
+    """correlations(), with its warnings (dropped rows, constant input) naming method and benchmark."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = correlations(predictions, targets)
+    for warning in caught:
+        warnings.warn(f"{label}: {warning.message}", warning.category, stacklevel=3)
+    return result
+
+
 def gpt4_loo(benchmarks: Dict[str, List[JudgeExample]]) -> Results:
     """Leave-one-grade-out agreement of the GPT-4 grades, per benchmark."""
     per_benchmark = {}
@@ -122,7 +133,7 @@ def gpt4_loo(benchmarks: Dict[str, List[JudgeExample]]) -> Results:
         for held_out in range(n_grades):
             predictions = [(sum(e.grades) - e.grades[held_out]) / (n_grades - 1) for e in examples]
             targets = [e.grades[held_out] for e in examples]
-            folds.append(correlations(predictions, targets))
+            folds.append(_correlations_for(f"gpt4-loo on {name} (held-out grade {held_out})", predictions, targets))
         result = average_correlations(folds)
         result["n"], result["dropped"] = len(examples), 0
         per_benchmark[name] = result
@@ -209,7 +220,8 @@ def score_predictions(benchmarks: Dict[str, List[JudgeExample]],
                 raise ValueError(f"predictions ({method}) miss {len(missing)} of {len(keys)} rows of {name}, "
                                  f"first rows: {missing[:5]}")
             used.update(keys)
-            per_benchmark[name] = correlations([table[k] for k in keys], [e.target for e in examples])
+            per_benchmark[name] = _correlations_for(f"{method} on {name}", [table[k] for k in keys],
+                                                    [e.target for e in examples])
         unused = len(table) - len(used)
         if unused:
             print(f"real eval: note: {unused} prediction(s) ({method}) match no evaluated row "

@@ -156,5 +156,7 @@ def format_table(rows: Mapping[str, Mapping[str, Mapping]], metrics: Sequence[st
             result = benches.get(column)
             cells.append(" ".join((_cell(result[m]) if result else "-").rjust(w) for m in metrics))
         lines.append((method.ljust(method_w) + " | " + " | ".join(cells)).rstrip())
-    lines.append("(" + ", ".join(_FOOTER_NAMES[m] for m in metrics) + " x100)")
+    lines.append("(" + ", ".join(_FOOTER_NAMES[m] for m in metrics) + " x100"
+                 + ("; n*: methods used different numbers of rows, e.g. dropped predictions"
+                    if any(g.endswith("*)") for g in group_labels) else "") + ")")
     return "\n".join(lines)

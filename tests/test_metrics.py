@@ -125,6 +125,7 @@ def test_format_table_shows_x100_and_average():
     assert rail.split("|")[1].split() == ["50.0", "40.0", "30.0"]
     assert rail.split("|")[2].split() == ["70.0", "20.0", "nan"]
     assert rail.split("|")[3].split() == ["60.0", "30.0", "nan"]  # average over benchmarks, NaN propagates
+    assert "n*: methods used different numbers of rows" in lines[-1]
 
     two = format_table({"m": {"only": a}}, metrics=("pearson", "spearman"))
     assert "Average" not in two and "Kendall" not in two
