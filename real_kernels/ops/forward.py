@@ -21,7 +21,7 @@ import triton.language as tl
 def head_forward_partial_kernel(
     h_ptr, w_ptr, tgt_ptr, sid_ptr,
     part_max_ptr, part_sum_ptr, part_ent_ptr, part_tgt_ptr, part_score_ptr,
-    N, V, D, M, vocab_per_split,
+    N, V, D, M, tiles_per_split,
     stride_hn, stride_wv,
     inv_temp,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, M_PAD: tl.constexpr,
@@ -38,8 +38,10 @@ def head_forward_partial_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     jj = tl.arange(0, M_PAD)
 
-    v_begin = pid_s * vocab_per_split
-    v_end = tl.minimum(v_begin + vocab_per_split, V)
+    # a fixed tile count per split (a loop bound derived from program_id breaks triton 3.6's
+    # interpreter); only the last split can run past V, by fewer tiles than there are splits,
+    # and those all-masked tiles leave the accumulators unchanged (the first tile never is)
+    v_begin = pid_s * tiles_per_split * BLOCK_V
 
     run_max = tl.full([BLOCK_N], float("-inf"), tl.float32)
     run_sum = tl.zeros([BLOCK_N], tl.float32)
@@ -47,9 +49,10 @@ def head_forward_partial_kernel(
     tgt_logit = tl.zeros([BLOCK_N], tl.float32)
     score_logit = tl.zeros([BLOCK_N, M_PAD], tl.float32)
 
-    for v0 in range(v_begin, v_end, BLOCK_V):
+    for t in range(0, tiles_per_split):
+        v0 = v_begin + t * BLOCK_V
         cols = v0 + offs_v
-        col_ok = cols < v_end
+        col_ok = cols < V
         cols64 = cols.to(tl.int64)
         acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
         for d0 in range(0, D, BLOCK_D):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -42,8 +42,8 @@ def default_config(n: int, d: int, device: torch.device) -> BlockConfig:
     return BlockConfig(block_n=block_n, block_v=128, block_d=64)
 
 
-def _vocab_split(n: int, v: int, cfg: BlockConfig, device: torch.device) -> int:
-    """Vocabulary range per program, a multiple of BLOCK_V, so that every split is non-empty."""
+def _vocab_split(n: int, v: int, cfg: BlockConfig, device: torch.device) -> Tuple[int, int]:
+    """(tiles per split, number of splits): every split starts inside the vocabulary."""
     tiles = triton.cdiv(v, cfg.block_v)
     if cfg.vocab_splits is not None:
         splits = max(1, min(cfg.vocab_splits, tiles))
@@ -51,7 +51,8 @@ def _vocab_split(n: int, v: int, cfg: BlockConfig, device: torch.device) -> int:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
         row_blocks = triton.cdiv(n, cfg.block_n)
         splits = max(1, min(tiles, triton.cdiv(2 * sms, row_blocks)))
-    return triton.cdiv(tiles, splits) * cfg.block_v
+    per_split = triton.cdiv(tiles, splits)
+    return per_split, triton.cdiv(tiles, per_split)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -70,8 +71,7 @@ class TritonHead(torch.autograd.Function):
         dev = hidden.device
         f32 = dict(dtype=torch.float32, device=dev)
         m_pad = max(16, triton.next_power_of_2(max(m, 1)))
-        per_split = _vocab_split(n, v, cfg, dev)
-        n_splits = triton.cdiv(v, per_split)
+        tiles_per_split, n_splits = _vocab_split(n, v, cfg, dev)
         upcast = _interpreting() or hidden.dtype == torch.float32
         has_scores = m > 0
 
@@ -84,7 +84,7 @@ class TritonHead(torch.autograd.Function):
         head_forward_partial_kernel[grid](
             hidden, weight, targets, score_ids,
             part_max, part_sum, part_ent, part_tgt, part_score,
-            n, v, d, m, per_split, hidden.stride(0), weight.stride(0), 1.0 / temperature,
+            n, v, d, m, tiles_per_split, hidden.stride(0), weight.stride(0), 1.0 / temperature,
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, M_PAD=m_pad,
             HAS_SCORES=has_scores, RETURN_ENTROPY=return_entropy, UPCAST=upcast,
             DOT_PRECISION=_dot_precision(hidden.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
