@@ -210,7 +210,7 @@ def _k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tenso
 def _entropy_mean(fwd: JudgeForward) -> float:
     if fwd.cot_entropy is None:
         return float("nan")
-    return float((fwd.cot_entropy * fwd.cot_mask).sum() / fwd.cot_mask.sum().clamp(min=1))
+    return float((fwd.cot_entropy.detach() * fwd.cot_mask).sum() / fwd.cot_mask.sum().clamp(min=1))
 
 
 def real_loss(
