@@ -1,0 +1,140 @@
+"""`real plan`: will this judge, trained this way, fit on these GPUs?
+
+A memory planner: from a model (a built-in preset or a ``config.json``), the
+number of GPUs and their memory, full fine-tuning or LoRA, the optimizer, the
+batch (prompt and CoT lengths, rollouts per prompt, micro-batch tokens),
+gradient checkpointing and the loss head (``fused`` or ``naive``), it prints
+every component one GPU holds, the peak, and whether it fits.  The arithmetic
+lives in ``real.memory_model`` (its docstring says exactly what is counted).
+
+    real plan --model qwen3-32b --gpus 1 --gpu-memory 141 --lora-rank 64 --head fused
+    real plan --model path/to/config.json --gpus 8 --parallel fsdp --json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from typing import List, Optional
+
+from .memory_model import (ATTENTION, DTYPE_BYTES, GIB, HEADS, LORA_TARGET_SETS, OPTIMIZERS, PARALLEL_MODES,
+                           PRESETS, Plan, TrainSetup, load_shape, plan)
+
+
+def _memory_gib(text: str) -> float:
+    """``141``, ``141GiB`` (2^30 bytes) or ``141GB`` (10^9 bytes) -> GiB."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(gib|gb|g)?\s*", text.lower())
+    if not match:
+        raise argparse.ArgumentTypeError(f"--gpu-memory: expected a number of GiB such as 80 or 141GB, got {text!r}")
+    value = float(match.group(1))
+    if match.group(2) == "gb":
+        value = value * 1e9 / GIB
+    if value <= 0:
+        raise argparse.ArgumentTypeError("--gpu-memory must be > 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="real plan",
+        description="Memory planner: per-GPU bytes of weights, gradients, optimizer states, activations, "
+                    "the loss head and the rollout KV cache, the peak, and whether it fits.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default="qwen3-8b",
+                   help=f"a preset ({', '.join(PRESETS)}), a config.json, or a model folder holding one")
+    p.add_argument("--gpus", type=int, default=1, help="number of GPUs (all nodes together)")
+    p.add_argument("--gpu-memory", type=_memory_gib, default=80.0,
+                   help="memory of one GPU in GiB (suffix GB for 10^9 bytes, e.g. 141GB)")
+    p.add_argument("--parallel", choices=PARALLEL_MODES, default="fsdp",
+                   help="fsdp shards weights, gradients and optimizer states over the GPUs; ddp replicates them")
+    p.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="bf16", help="parameter and compute dtype")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank through peft (0 = full fine-tuning)")
+    p.add_argument("--lora-targets", choices=tuple(LORA_TARGET_SETS), default="all-linear",
+                   help="which linears get adapters")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
+                   help="adamw: 2 states per trainable element in its dtype; sgd: 1 momentum buffer")
+    p.add_argument("--prompt-tokens", type=int, default=2048, help="prompt length (tokens)")
+    p.add_argument("--cot-tokens", type=int, default=1024, help="chain-of-thought length (tokens)")
+    p.add_argument("--rollouts", type=int, default=8, help="CoTs sampled per prompt (G)")
+    p.add_argument("--micro-batch-tokens", type=int, default=None,
+                   help="tokens per forward/backward on one GPU (default: one prompt group, "
+                        "rollouts x (prompt + CoT))")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="recompute each decoder layer in backward (transformers' per-layer checkpointing)")
+    p.add_argument("--head", choices=HEADS, default="fused",
+                   help="fused: real_kernels.judge_head, no [N, V] logits; naive: model(...).logits + log_softmax")
+    p.add_argument("--attention", choices=ATTENTION, default="sdpa",
+                   help="sdpa (padded batch: k/v repeated to every head, additive mask per layer) or flash "
+                        "(flash-attn 2)")
+    p.add_argument("--rollout-on-gpu", action=argparse.BooleanOptionalAction, default=True,
+                   help="rollouts are generated on the same GPU (transformers generate): count their KV cache")
+    p.add_argument("--generation-batch", type=int, default=None,
+                   help="sequences generated at once per GPU (default: --rollouts)")
+    p.add_argument("--reserve-gib", type=float, default=1.0, help="CUDA context and allocator slack, GiB")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
+    return p
+
+
+def setup_from_args(args: argparse.Namespace) -> TrainSetup:
+    return TrainSetup(
+        gpus=args.gpus, gpu_memory_gib=args.gpu_memory, parallel=args.parallel, dtype=args.dtype,
+        lora_rank=args.lora_rank, lora_targets=args.lora_targets, optimizer=args.optimizer,
+        prompt_tokens=args.prompt_tokens, cot_tokens=args.cot_tokens, rollouts=args.rollouts,
+        micro_batch_tokens=args.micro_batch_tokens, gradient_checkpointing=args.gradient_checkpointing,
+        head=args.head, attention=args.attention, rollout_on_gpu=args.rollout_on_gpu,
+        generation_batch=args.generation_batch, reserve_gib=args.reserve_gib,
+    )
+
+
+def format_table(result: Plan) -> str:
+    s = result.setup
+    f = result.facts
+    mode = f"LoRA r={s['lora_rank']} ({s['lora_targets']})" if s["lora_rank"] else "full fine-tuning"
+    par = f", {s['parallel']}" if s["gpus"] > 1 else ""
+    lines = [
+        f"real plan: {result.model} on {s['gpus']} GPU(s) x {s['gpu_memory_gib']:.1f} GiB{par}, {mode}, "
+        f"{s['dtype']}, {s['optimizer']}, gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, "
+        f"{s['head']} head",
+        f"micro-batch per GPU: {f['sequences_per_micro_batch']} sequences x ({s['prompt_tokens']:,} prompt + "
+        f"{s['cot_tokens']:,} CoT) = N {f['tokens_per_micro_batch']:,} tokens; "
+        f"{f['params'] / 1e9:.2f}B params, {f['trainable_params'] / 1e6:,.1f}M trainable",
+        "",
+    ]
+    width = max(len(r.label) for r in result.rows) + 2
+    lines.append(f"{'component':<{width}}{'GiB':>9}  note")
+    lines.append("-" * (width + 60))
+    for r in result.rows:
+        lines.append(f"{r.label:<{width}}{r.bytes / GIB:>9.2f}  {r.note}")
+    lines.append("-" * (width + 60))
+    lines.append(f"{'training step peak':<{width}}{result.train_peak / GIB:>9.2f}  weights + grads + optimizer + "
+                 "FSDP + reserve + stash + final + max(loss head, layer backward)")
+    lines.append(f"{'rollout peak':<{width}}{result.rollout_peak / GIB:>9.2f}  weights + optimizer + FSDP + reserve"
+                 " + KV cache + prefill")
+    verdict = "FITS" if result.fits else "DOES NOT FIT"
+    headroom = (result.capacity - result.peak) / GIB
+    lines.append(f"{'peak per GPU':<{width}}{result.peak / GIB:>9.2f}  of {result.capacity / GIB:.2f} GiB -> "
+                 f"{verdict} ({'headroom' if headroom >= 0 else 'short by'} {abs(headroom):.2f} GiB)")
+    head = result.row("loss_head")
+    lines.append(f"loss head: {head.bytes:,} bytes")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        shape = load_shape(args.model)
+        result = plan(shape, setup_from_args(args))
+    except ValueError as exc:
+        print(f"real plan: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print(format_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
