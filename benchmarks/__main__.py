@@ -103,7 +103,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = write_outputs(
         results, output_dir=Path(args.output_dir), stem=preset.name,
         title=f"real-kernels benchmarks: {preset.name} ({preset.description})", device_name=device_name,
-        command=shlex.join(["python", "-m", "benchmarks", *argv]), plots=not args.no_plots,
+        command=shlex.join(["python", "-m", "benchmarks", *argv]), plots=not args.no_plots, isolation=args.isolation,
     )
     print(out["markdown"])
     written = [out["csv"], out["json"], out["md"], *out["plots"]]

@@ -185,8 +185,16 @@ def skipped_summary(results: Sequence[Result]) -> List[str]:
     return [f"- {provider}: skipped, {reason}" for provider, reason in seen]
 
 
+def memory_method(results: Sequence[Result], isolation: str) -> str:
+    if any(r.case.device == "cuda" for r in results):
+        return "torch.cuda.max_memory_allocated"
+    if isolation == "subprocess":
+        return "peak RSS, each provider in a fresh process"
+    return "peak RSS, all providers in one process"
+
+
 def markdown_report(results: Sequence[Result], *, title: str, device_name: str, command: str,
-                    timestamp: str) -> str:
+                    timestamp: str, isolation: str = "subprocess") -> str:
     versions = {}
     for r in results:
         versions.setdefault(r.case.provider, r.version)
@@ -195,8 +203,8 @@ def markdown_report(results: Sequence[Result], *, title: str, device_name: str, 
         "",
         f"Device: {device_name}. Measured {timestamp}.",
         f"Command: `{command}`",
-        "Time: median (20th–80th percentile) after warm-up; peak memory: above the inputs "
-        "(CUDA: max_memory_allocated; CPU: peak RSS of a fresh process per provider). Ratios against `naive` "
+        "Time: median (20th–80th percentile) after warm-up. Peak memory: above the inputs "
+        f"({memory_method(results, isolation)}). Ratios against `naive` "
         "(materialised logits, log_softmax, gather) at the same N.",
         "",
     ]
