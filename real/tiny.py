@@ -2,7 +2,7 @@
 
 Tests, the demo and CPU smoke runs need a causal LM and a tokenizer without
 downloading anything.  ``build_tiny_tokenizer`` trains a small byte-level BPE
-(about a thousand tokens) on a built-in corpus of Prometheus grading text, so
+(at most 1,024 tokens; 847 with the built-in corpus) on a built-in corpus of Prometheus grading text, so
 every string tokenises (unknown words fall back to bytes) and the grading
 template is cheap; digits are always single tokens (no merges across digits
 or with a leading space) and the score marker ``[RESULT]`` is one token.
