@@ -229,9 +229,12 @@ def _estimates(params, chunks=200, groups=25, g=4, **loss_kwargs):
     for _ in range(chunks):
         fwd = _toy_forward(params, _sample_cots(params, groups * g, generator))
         for name, kwargs in loss_kwargs.items():
+            rewards = (-fwd.sq_error + LAM * fwd.log_pi_star + MU * fwd.log_pi_star.exp()).detach()
             if kwargs == "no-baseline":  # plain REINFORCE: advantage = reward itself
-                rewards = (-fwd.sq_error + LAM * fwd.log_pi_star + MU * fwd.log_pi_star.exp()).detach()
                 kwargs = dict(advantages=rewards)
+            elif kwargs == "self-baseline":  # baseline = group mean *including* the sample's own reward: biased
+                grouped = rewards.view(-1, g)
+                kwargs = dict(advantages=(grouped - grouped.mean(1, keepdim=True)).view(-1))
             kwargs = dict(kwargs)
             loss, _ = real_loss(fwd, g, beta=kwargs.pop("beta", 1.0), lam=LAM, mu=MU, agg="sequence-sum",
                                 normalize_advantages=False, advantage_clip=None, ppo_clip=None, **kwargs)
@@ -251,7 +254,8 @@ def _chi_square(samples, exact):
 def test_real_estimator_is_unbiased_and_rloo_reduces_variance():
     params = _toy_params()
     exact = _exact_gradient(params)
-    est = _estimates(params, rloo={}, plain="no-baseline", no_refinement={"beta": 0.0})
+    est = _estimates(params, rloo={}, plain="no-baseline", no_refinement={"beta": 0.0},
+                     self_baseline="self-baseline")
     dof = exact.numel()
     bound = stats.chi2.ppf(1 - 1e-4, dof)  # a correct estimator fails this 1 time in 10^4 (seed is fixed)
     assert (est["rloo"].std(0) > 0).all() and (est["plain"].std(0) > 0).all()
@@ -259,9 +263,12 @@ def test_real_estimator_is_unbiased_and_rloo_reduces_variance():
     chi2_plain, _ = _chi_square(est["plain"], exact)
     assert chi2_rloo < bound and zmax_rloo < 5.0, (chi2_rloo, bound, zmax_rloo)
     assert chi2_plain < bound, (chi2_plain, bound)  # REINFORCE without baseline: unbiased too
-    # the test has power: dropping REAL's prediction-refinement term E[grad r] is detected as biased
+    # the test has power: dropping REAL's prediction-refinement term E[grad r] is detected as biased, and so is
+    # a baseline that includes the sample's own reward (it shrinks the CoT term by (G-1)/G; measured chi2 ~1700)
     chi2_biased, _ = _chi_square(est["no_refinement"], exact)
     assert chi2_biased > 10 * bound, (chi2_biased, bound)
+    chi2_self, _ = _chi_square(est["self_baseline"], exact)
+    assert chi2_self > 5 * bound, (chi2_self, bound)
     # the leave-one-out baseline lowers the variance of the CoT-policy coordinates (theta0, theta1; the
     # score head's gradient comes from the prediction term alone) without moving the mean (measured: 0.57x)
     cot = slice(0, V + V * V)
