@@ -259,7 +259,8 @@ def run_model(benchmarks: Dict[str, List[JudgeExample]], args) -> Dict[str, Dict
     if "decode" in args.methods:
         print(f"real eval: standard decoding on {len(prompts)} prompts (greedy)", file=sys.stderr)
         values = predict_decode(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
-                                batch_size=args.batch_size, progress=True)
+                                batch_size=args.batch_size, low=min(SCORE_VALUES), high=max(SCORE_VALUES),
+                                progress=True)
         out["decode"] = dict(zip(keys, values))
     return out
 
