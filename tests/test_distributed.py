@@ -1,0 +1,227 @@
+"""Two CPU processes (gloo) take the same training steps as one process with the same global batch.
+
+One process trains the tiny judge for a few REAL steps on a global batch of
+P prompt groups; two spawned ranks train the same model on half the groups
+each, under FSDP2 (full fine-tuning, and LoRA with gradient checkpointing) and
+under DDP.  Their all-reduced losses must match the one-process losses
+(relative 1e-4) and their updated weights must match.  The LM-head weight
+(tied to the embeddings in the tiny model) trains too, so this checks that the
+fused head's direct use of the weight is gathered and reduce-scattered
+correctly.  The same spawn also checks:
+
+- the trap itself: outside ``wrapped(...)`` the head weight is a ``[V/2, H]``
+  shard; inside, the whole ``[V, H]`` weight;
+- rollouts through the FSDP root: greedy ``generate_cots`` gives the same CoTs
+  as one process;
+- resuming with another number of ranks: a full state (model + AdamW) saved
+  by 2 FSDP ranks after 2 steps continues in 1 process with the same step-3
+  loss, and a 1-process state continues on 2 FSDP ranks likewise.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from real.batching import build_teacher_forced_batch
+from real.distributed import (DistEnv, all_reduce_metrics, clip_grad_norm, full_model_state_dict,
+                              full_optimizer_state_dict, load_full_state, shard_for_rank, unwrap_model, wrap_model)
+from real.objectives import judge_forward, real_loss
+from real.prompts import resolve_score_token_ids
+from real.synthetic import make_examples
+from real.tiny import build_tiny_model, build_tiny_tokenizer
+
+GROUP = 2  # rollouts per prompt
+PROMPTS = 2  # prompt groups in the global batch
+STEPS = 3
+LR = 1e-3
+SCORE_VALUES = [1.0, 2.0, 3.0, 4.0, 5.0]
+SCENARIOS = {  # name -> (parallel mode, LoRA rank, gradient checkpointing)
+    "fsdp": ("fsdp", 0, False),
+    "ddp": ("ddp", 0, False),
+    "fsdp-lora-ckpt": ("fsdp", 4, True),
+}
+
+
+def _build(lora_rank: int = 0, checkpointing: bool = False):
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer, seed=0)
+    if lora_rank:
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(1)  # lora_A's random init: the same in every process
+        model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
+                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                 "gate_proj", "up_proj", "down_proj"]))
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if lora_rank:
+            model.enable_input_require_grads()
+    model.train()
+    return model, tokenizer
+
+
+def _global_batch(tokenizer):
+    examples = make_examples(PROMPTS, seed=3)
+    prompts = [ex.prompt for ex in examples for _ in range(GROUP)]
+    # ready-made "rollouts": each group's reference CoT and a second, shortened one
+    cots = []
+    for ex in examples:
+        cots += [ex.feedback[0], ex.feedback[0][: len(ex.feedback[0]) // 2]]
+    targets = [ex.target for ex in examples for _ in range(GROUP)]
+    ids = resolve_score_token_ids(tokenizer, SCORE_VALUES)
+    batch = build_teacher_forced_batch(tokenizer, prompts, cots, targets, ids, SCORE_VALUES,
+                                       max_prompt_tokens=96, max_cot_tokens=48)
+    return batch, ids, [ex.prompt for ex in examples]
+
+
+def _rows(batch, rows: slice):
+    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name)[rows] for f in dataclasses.fields(batch)})
+
+
+def _step_fn(model, batch, score_ids):
+    fwd = judge_forward(model, batch, score_ids, SCORE_VALUES)
+    return real_loss(fwd, GROUP, beta=1.0)
+
+
+def _train(wrapped, optimizer, batch, score_ids, steps, env=None):
+    losses = []
+    for _ in range(steps):
+        loss, terms = wrapped(_step_fn, batch, score_ids)
+        loss.backward()
+        clip_grad_norm(wrapped, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(all_reduce_metrics({"loss": terms["loss"]}, env)["loss"])
+    return losses
+
+
+def _greedy_cots(wrapped, tokenizer, prompts):
+    from real.inference import generate_cots
+
+    with torch.no_grad():
+        return wrapped(generate_cots, tokenizer, prompts, n=1, greedy=True, max_new_tokens=6, batch_size=4,
+                       progress=False)
+
+
+def _worker(rank: int, world: int, port: int, workdir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from real.distributed import cleanup_distributed, setup_distributed
+    from real_kernels.hf import lm_head_weight
+
+    env = setup_distributed(device="cpu")
+    results = {}
+    try:
+        data = torch.load(os.path.join(workdir, "batch.pt"), weights_only=False)
+        batch, score_ids, prompts = data["batch"], data["score_ids"], data["prompts"]
+        my_rows = shard_for_rank(list(range(len(batch))), env)
+        local = _rows(batch, slice(my_rows[0], my_rows[-1] + 1))
+        for name, (mode, lora_rank, ckpt) in SCENARIOS.items():
+            model, tokenizer = _build(lora_rank, ckpt)
+            wrapped = wrap_model(model, mode, env)
+            optimizer = torch.optim.AdamW(wrapped.parameters(), lr=LR)
+            if name == "fsdp":
+                outside = lm_head_weight(unwrap_model(wrapped))
+                inside = wrapped(lambda m: tuple(lm_head_weight(m).shape))
+                results["head_shapes"] = (tuple(outside.to_local().shape), inside)
+                results["cots"] = _greedy_cots(wrapped, tokenizer, shard_for_rank(prompts, env))
+            losses = _train(wrapped, optimizer, local, score_ids, STEPS if name != "fsdp" else 2, env)
+            if name == "fsdp":  # save after 2 steps (full, rank-independent), then take step 3
+                model_state = full_model_state_dict(wrapped)
+                optim_state = full_optimizer_state_dict(wrapped, optimizer)
+                if env.is_main:
+                    torch.save({"model": model_state, "optim": optim_state}, os.path.join(workdir, "fsdp-step2.pt"))
+                losses += _train(wrapped, optimizer, local, score_ids, 1, env)
+            state = full_model_state_dict(wrapped)
+            results[name] = {"losses": losses, "state": state}
+        # resume a 1-process checkpoint (written by the parent after 2 steps) on 2 FSDP ranks
+        model, _ = _build()
+        wrapped = wrap_model(model, "fsdp", env)
+        optimizer = torch.optim.AdamW(wrapped.parameters(), lr=LR)
+        saved = torch.load(os.path.join(workdir, "single-step2.pt"), weights_only=False) if env.is_main else {}
+        load_full_state(wrapped, saved.get("model"), optimizer, saved.get("optim"))
+        results["resumed-from-1"] = {"losses": _train(wrapped, optimizer, local, score_ids, 1, env)}
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, results["cots"])
+        results["all_cots"] = gathered
+        if env.is_main:
+            torch.save(results, os.path.join(workdir, "results.pt"))
+    finally:
+        cleanup_distributed()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _single(lora_rank=0, ckpt=False, steps=STEPS, batch=None, score_ids=None, save_after=None, workdir=None):
+    model, tokenizer = _build(lora_rank, ckpt)
+    wrapped = wrap_model(model, "none", DistEnv())
+    optimizer = torch.optim.AdamW(wrapped.parameters(), lr=LR)
+    losses = []
+    for step in range(1, steps + 1):
+        losses += _train(wrapped, optimizer, batch, score_ids, 1)
+        if save_after == step:
+            torch.save({"model": full_model_state_dict(wrapped), "optim": full_optimizer_state_dict(wrapped, optimizer)},
+                       os.path.join(workdir, "single-step2.pt"))
+    return losses, full_model_state_dict(wrapped), wrapped, tokenizer
+
+
+def _assert_same_weights(reference, other, what, atol=2e-5):
+    assert set(reference) == set(other), f"{what}: state-dict keys differ"
+    for key, value in reference.items():
+        diff = (value.float() - other[key].float()).abs().max().item()
+        assert diff <= atol, f"{what}: {key} differs by {diff:.3g} after the steps"
+
+
+def test_two_ranks_match_one_process(tmp_path):
+    start = time.time()
+    tokenizer = build_tiny_tokenizer()
+    batch, score_ids, prompts = _global_batch(tokenizer)
+    assert len(batch) == GROUP * PROMPTS
+    torch.save({"batch": batch, "score_ids": score_ids, "prompts": prompts}, tmp_path / "batch.pt")
+
+    ref_losses, ref_state, ref_wrapped, tok = _single(batch=batch, score_ids=score_ids, save_after=2,
+                                                      workdir=str(tmp_path))
+    lora_losses, lora_state, _, _ = _single(4, True, batch=batch, score_ids=score_ids)
+    ref_cots = _greedy_cots(wrap_model(_build()[0], "none", DistEnv()), tok, prompts)
+
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    results = torch.load(tmp_path / "results.pt", weights_only=False)
+
+    # the trap: outside the root forward the head weight is a shard; inside it is whole
+    vocab, hidden = unwrap_model(ref_wrapped).get_output_embeddings().weight.shape
+    assert results["head_shapes"] == ((vocab // 2 + vocab % 2, hidden), (vocab, hidden))
+
+    for name, (_, lora_rank, _) in SCENARIOS.items():
+        expected_losses, expected_state = (lora_losses, lora_state) if lora_rank else (ref_losses, ref_state)
+        got = results[name]
+        torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(expected_losses), rtol=1e-4, atol=0,
+                                   msg=lambda m, name=name: f"{name}: losses differ from one process: {m}")
+        _assert_same_weights(expected_state, got["state"], name)
+    assert ref_losses[0] != ref_losses[-1], "the steps did not change the model"
+
+    # rollouts through the FSDP root: rank r generated the CoTs of its prompt share
+    assert [c for rank_cots in results["all_cots"] for c in rank_cots] == ref_cots
+
+    # 2 FSDP ranks -> 1 process: continue from the rank-0 full checkpoint taken after step 2
+    model, _ = _build()
+    wrapped = wrap_model(model, "none", DistEnv())
+    optimizer = torch.optim.AdamW(wrapped.parameters(), lr=LR)
+    saved = torch.load(tmp_path / "fsdp-step2.pt", weights_only=False)
+    load_full_state(wrapped, saved["model"], optimizer, saved["optim"])
+    step3 = _train(wrapped, optimizer, batch, score_ids, 1)
+    assert step3[0] == pytest.approx(ref_losses[2], rel=1e-4)
+    _assert_same_weights(ref_state, full_model_state_dict(wrapped), "resumed 2 -> 1")
+    # 1 process -> 2 FSDP ranks
+    assert results["resumed-from-1"]["losses"][0] == pytest.approx(ref_losses[2], rel=1e-4)
+    assert time.time() - start < 90
