@@ -160,11 +160,16 @@ def measure_cpu(step: Callable[[], None], warmup: int, repeats: int) -> Tuple[Li
         step()
     first_ms, peak_mb = cpu_timed_peak(step)
     samples = [first_ms]
-    for _ in range(repeats - 1):
-        gc.collect()
-        t0 = time.perf_counter()
-        step()
-        samples.append((time.perf_counter() - t0) * 1e3)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # as timeit does: no collector pauses inside the timed runs
+    try:
+        for _ in range(repeats - 1):
+            t0 = time.perf_counter()
+            step()
+            samples.append((time.perf_counter() - t0) * 1e3)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
     return samples, peak_mb
 
 
@@ -228,7 +233,6 @@ def run_case(case: Case) -> Result:
         message = " ".join(f"{type(exc).__name__}: {exc}".split())
         return Result(case, status, message[:300], version=version)
     finally:
-        del inputs, step
-        _release_free_memory()
+        del inputs, step  # the next case's memory measurement collects and trims first
         if case.device == "cuda":
             torch.cuda.empty_cache()
