@@ -42,12 +42,21 @@ DEFAULT_METHOD = "predictions"
 Results = Dict[str, Dict[str, dict]]  # method -> benchmark -> correlations
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default only where it has a meaningful one."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="real eval",
         description="Score judge predictions against benchmark files: Pearson / Spearman / Kendall "
                     "x100 per benchmark and their average, as in the REAL paper.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--data", nargs="+", required=True, metavar="FILE",
                         help="benchmark files (Prometheus eval .json or Feedback-Collection .json/.jsonl); "
@@ -71,12 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("judge model options (with --model)")
     model.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                        help="rail: expected score after the CoT; decode: generate and parse the score")
-    model.add_argument("--n-samples", type=int, default=1,
+    model.add_argument("--n-samples", type=int, default=1, metavar="N",
                        help="CoTs per prompt for RAIL; 1 = one greedy CoT, more = sampled CoTs averaged")
-    model.add_argument("--temperature", type=float, default=1.0, help="sampling temperature when --n-samples > 1")
-    model.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling when --n-samples > 1")
-    model.add_argument("--max-new-tokens", type=int, default=256, help="longest CoT generated per prompt")
-    model.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch")
+    model.add_argument("--temperature", type=float, default=1.0, metavar="T", help="sampling temperature when --n-samples > 1")
+    model.add_argument("--top-p", type=float, default=0.9, metavar="P", help="nucleus sampling when --n-samples > 1")
+    model.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="longest CoT generated per prompt")
+    model.add_argument("--batch-size", type=int, default=8, metavar="N", help="prompts per generation batch")
     model.add_argument("--normalize", action="store_true",
                        help="RAIL: renormalise the score probabilities over the score tokens")
     model.add_argument("--device", default="auto", help="torch device; auto = cuda when available, else cpu")
