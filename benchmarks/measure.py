@@ -234,5 +234,6 @@ def run_case(case: Case) -> Result:
         return Result(case, status, message[:300], version=version)
     finally:
         del inputs, step  # the next case's memory measurement collects and trims first
-        if case.device == "cuda":
+        if case.device == "cuda":  # after an OOM, free what the traceback held before the next case
+            gc.collect()
             torch.cuda.empty_cache()
