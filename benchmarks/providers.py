@@ -26,9 +26,11 @@ full-vocabulary log-sum-exp of a score row is ``lse_s = CE_s + h_s . W[k*]``:
 the peer's own fused pass does the ``O(N V H)`` work, and the score-token
 log-probs ``h_s . W[k_j] - lse_s`` cost one ``[B, m]`` matmul on the ``m``
 score rows of ``W``.  Gradients flow through the peer's backward (which takes
-any per-token upstream gradient) and through that small matmul, so the peer
-does exactly the work our fused head does and nothing more.  The CE of the
-score rows is left out of the CoT term (as ``ignore_index`` is for ours).
+any per-token upstream gradient) and through that small matmul, so a peer
+pays its own fused pass plus ``O(B m H)``, with no second pass over the
+vocabulary and no ``[B, V]`` logits.  The CE of the score rows is left out of
+the CoT term (as ``ignore_index`` is for ours).  The test suite checks this
+composition against the naive judge head, values and gradients.
 """
 from __future__ import annotations
 
