@@ -250,6 +250,7 @@ class TrainSetup:
     generation_batch: Optional[int] = None  # sequences generated at once; default: rollouts
     score_values: int = 5
     reserve_gib: float = 1.0
+    fused_tile_bytes: int = FUSED_TILE_BYTES
 
     def validate(self) -> None:
         def positive(name, allow_zero=False):
@@ -325,28 +326,33 @@ class ParamBytes:
     optimizer: int
     base_params: int
     trainable_params: int
+    root_gradients: int  # gradients of the embeddings, final norm and LM head (full fine-tuning)
+    layer_gradients: int  # gradients of one decoder layer (its weights, or its adapters)
 
 
 def param_bytes(shape: ModelShape, setup: TrainSetup) -> ParamBytes:
     """Weights, gradients and optimizer states one GPU holds (exact for torch AdamW / SGD and peft LoRA)."""
     c = DTYPE_BYTES[setup.dtype]
     world = setup.gpus if setup.sharded else 1
-    base = shape.param_shapes()
-    base_numel = sum(_sharded_numel(s, world) for s in base)
     states = OPTIMIZER_STATES[setup.optimizer]
+    root = sum(_sharded_numel(s, world) for s in shape.root_param_shapes())
+    layer = sum(_sharded_numel(s, world) for s in shape.layer_param_shapes())
+    base_bytes = (root + shape.num_layers * layer) * c
     if setup.lora_rank:
         a = adapter_bytes_per_element(setup)
         adapters = shape.lora_shapes(setup.lora_rank, lora_targets(setup))
-        adapter_numel = sum(_sharded_numel(s, world) for s in adapters)
-        weights = base_numel * c + adapter_numel * a
-        trainable_bytes = adapter_numel * a
+        adapter_bytes = sum(_sharded_numel(s, world) for s in adapters) * a
+        trainable_bytes, root_grads = adapter_bytes, 0
+        layer_grads = adapter_bytes // shape.num_layers
+        weights = base_bytes + adapter_bytes
         trainable = sum(math.prod(s) for s in adapters)
     else:
-        weights = base_numel * c
-        trainable_bytes = weights
+        weights = trainable_bytes = base_bytes
+        root_grads, layer_grads = root * c, layer * c
         trainable = shape.num_params()
     return ParamBytes(weights=weights, gradients=trainable_bytes, optimizer=states * trainable_bytes,
-                      base_params=shape.num_params(), trainable_params=trainable)
+                      base_params=shape.num_params(), trainable_params=trainable,
+                      root_gradients=root_grads, layer_gradients=layer_grads)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -419,7 +425,8 @@ def attention_mask_bytes_per_layer(setup: TrainSetup) -> int:
 
 @dataclass(frozen=True)
 class ActivationBytes:
-    stash: int  # kept across the whole forward/backward: checkpointed layer inputs, or every layer's saved tensors
+    stash_per_layer: int  # kept from a layer's forward to its backward: its input (checkpointing) or all it saves
+    stash: int  # all layers' stash
     final: int  # final norm + the head's input rows
     layer_backward: int  # one layer recomputed (checkpointing) + the backward working set
 
@@ -430,14 +437,15 @@ def activation_bytes(shape: ModelShape, setup: TrainSetup) -> ActivationBytes:
     per_layer = layer_saved_bytes_per_token(shape, setup) * n + attention_mask_bytes_per_layer(setup)
     working = backward_working_bytes_per_token(shape, setup) * n
     if setup.gradient_checkpointing:
-        stash = shape.num_layers * n * shape.hidden_size * c
+        stash_per_layer = n * shape.hidden_size * c
         layer_backward = per_layer + working
     else:
-        stash = shape.num_layers * per_layer
+        stash_per_layer = per_layer
         layer_backward = working
     head_rows = setup.head_rows_fused if setup.head == "fused" else n
     final = final_saved_bytes_per_token(shape, setup) * n + head_rows * shape.hidden_size * c
-    return ActivationBytes(stash=stash, final=final, layer_backward=layer_backward)
+    return ActivationBytes(stash_per_layer=stash_per_layer, stash=shape.num_layers * stash_per_layer,
+                           final=final, layer_backward=layer_backward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -455,19 +463,33 @@ def fused_head_bytes(rows: int, hidden: int, vocab: int, dtype: str, score_value
                      head_trainable: bool, tile_bytes: int = FUSED_TILE_BYTES) -> int:
     """O(rows) + one tile (+ fp32 dW [V, H] when the LM head trains).
 
-    Per row: the fp32 dh accumulator and dh itself (H * (4 + c)), and fp32 statistics
-    (lse, target log-prob, entropy, score log-probs and their gradients, expected score, errors).
+    Per row: fp32 copies of the hidden row used by the matmuls and the fp32 dh
+    accumulator (3 x 4H, what the chunked torch backend holds; the Triton
+    kernels need less), dh itself (cH), and fp32 statistics (lse, target
+    log-prob, entropy, score log-probs and their gradients, expected score, errors).
     """
-    c = DTYPE_BYTES[dtype]
-    per_row = hidden * (4 + c) + 4 * (12 + 4 * score_values)
-    return rows * per_row + tile_bytes + (vocab * hidden * 4 if head_trainable else 0)
+    return rows * fused_head_bytes_per_row(hidden, dtype, score_values) + tile_bytes + (
+        vocab * hidden * 4 if head_trainable else 0)
+
+
+def fused_head_bytes_per_row(hidden: int, dtype: str, score_values: int) -> int:
+    return hidden * (12 + DTYPE_BYTES[dtype]) + 4 * (12 + 4 * score_values)
+
+
+def head_held_bytes(shape: ModelShape, setup: TrainSetup) -> int:
+    """Head tensors still alive while the decoder is differentiated: the naive trainer's logits (held by
+    the model output it keeps); the fused head keeps nothing of size N x V."""
+    if setup.head == "naive":
+        return setup.tokens_per_micro_batch * shape.vocab_size * DTYPE_BYTES[setup.dtype]
+    return 0
 
 
 def loss_head_bytes(shape: ModelShape, setup: TrainSetup) -> int:
     if setup.head == "naive":
         return naive_head_bytes(setup.tokens_per_micro_batch, shape.vocab_size, setup.dtype)
     return fused_head_bytes(setup.head_rows_fused, shape.hidden_size, shape.vocab_size, setup.dtype,
-                            setup.score_values, head_trainable=setup.lora_rank == 0)
+                            setup.score_values, head_trainable=setup.lora_rank == 0,
+                            tile_bytes=setup.fused_tile_bytes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -526,6 +548,7 @@ class Plan:
     model: str
     setup: dict
     rows: List[Row]
+    train_step: int  # what one training step adds on top of the persistent bytes (gradients, activations, head)
     train_peak: int
     rollout_peak: int
     peak: int
@@ -545,6 +568,7 @@ class Plan:
             "setup": self.setup,
             "components": {r.key: {"bytes": r.bytes, "gib": r.bytes / GIB, "label": r.label, "note": r.note}
                            for r in self.rows},
+            "train_step_bytes": self.train_step,
             "train_peak_bytes": self.train_peak,
             "rollout_peak_bytes": self.rollout_peak,
             "peak_bytes": self.peak,
@@ -576,8 +600,9 @@ def plan(shape: ModelShape, setup: TrainSetup) -> Plan:
         head_note = (f"N={n:,} rows x V={shape.vocab_size:,} x {c + 12} B (logits {c} B + fp32 log-softmax 4 B "
                      f"+ gather grad 4 B + logits grad 4 B)")
     else:
-        head_note = (f"{setup.head_rows_fused:,} CoT+score rows x {shape.hidden_size * (4 + c) + 4 * (12 + 4 * setup.score_values):,} B"
-                     f" + one {FUSED_TILE_BYTES // 2**20} MiB tile" + (" + fp32 dW [V, H]" if setup.lora_rank == 0 else ""))
+        head_note = (f"{setup.head_rows_fused:,} CoT+score rows x "
+                     f"{fused_head_bytes_per_row(shape.hidden_size, setup.dtype, setup.score_values):,} B"
+                     f" + one {setup.fused_tile_bytes / 2**20:g} MiB tile" + (" + fp32 dW [V, H]" if setup.lora_rank == 0 else ""))
     if setup.gradient_checkpointing:
         stash_label, stash_note = "activations: checkpointed layer inputs", f"{shape.num_layers} layers x N x H x {c} B"
         layer_label = "activations: one layer recomputed + backward"
@@ -604,8 +629,18 @@ def plan(shape: ModelShape, setup: TrainSetup) -> Plan:
         Row("reserve", "CUDA context + allocator reserve", reserve, "--reserve-gib"),
     ]
     persistent = params.weights + params.optimizer + fsdp + reserve
-    train_peak = (persistent + params.gradients + acts.stash + acts.final
-                  + max(head, acts.layer_backward))
+    # Two moments can be the peak of a step.  The head: every layer's stash, the final norm, the head's
+    # buffers and the LM head's gradient.  The decoder's backward: one layer differentiated (recomputed
+    # under checkpointing) while the stash shrinks and gradients appear layer by layer; with uniform
+    # layers the worst layer is the first or the last one differentiated.
+    layers = shape.num_layers
+    head_grad = shape.vocab_size * shape.hidden_size * c if setup.lora_rank == 0 else 0
+    head_phase = acts.stash + acts.final + head + head_grad
+    decoder_phase = (max(layers * acts.stash_per_layer + params.layer_gradients,
+                         acts.stash_per_layer + layers * params.layer_gradients)
+                     + params.root_gradients + head_held_bytes(shape, setup) + acts.layer_backward)
+    train_step = max(head_phase, decoder_phase)
+    train_peak = persistent + train_step
     rollout_peak = persistent + roll.kv_cache + roll.prefill
     peak = max(train_peak, rollout_peak)
     capacity = int(setup.gpu_memory_gib * GIB)
@@ -618,6 +653,8 @@ def plan(shape: ModelShape, setup: TrainSetup) -> Plan:
         "trainable_params": params.trainable_params,
         "naive_logits_bytes_per_row": shape.vocab_size * (c + 12),
         "layer_saved_bytes_per_token": layer_saved_bytes_per_token(shape, setup),
+        "head_phase_bytes": head_phase,
+        "decoder_backward_phase_bytes": decoder_phase,
     }
-    return Plan(model=shape.name, setup=asdict(setup), rows=rows, train_peak=train_peak,
+    return Plan(model=shape.name, setup=asdict(setup), rows=rows, train_step=train_step, train_peak=train_peak,
                 rollout_peak=rollout_peak, peak=peak, capacity=capacity, fits=peak <= capacity, facts=facts)

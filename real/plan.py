@@ -108,16 +108,21 @@ def format_table(result: Plan) -> str:
     for r in result.rows:
         lines.append(f"{r.label:<{width}}{r.bytes / GIB:>9.2f}  {r.note}")
     lines.append("-" * (width + 60))
-    lines.append(f"{'training step peak':<{width}}{result.train_peak / GIB:>9.2f}  weights + grads + optimizer + "
-                 "FSDP + reserve + stash + final + max(loss head, layer backward)")
+    lines.append(f"{'training step peak':<{width}}{result.train_peak / GIB:>9.2f}  weights + optimizer + FSDP + "
+                 "reserve + max(head phase, decoder-backward phase), see below")
     lines.append(f"{'rollout peak':<{width}}{result.rollout_peak / GIB:>9.2f}  weights + optimizer + FSDP + reserve"
                  " + KV cache + prefill")
     verdict = "FITS" if result.fits else "DOES NOT FIT"
     headroom = (result.capacity - result.peak) / GIB
     lines.append(f"{'peak per GPU':<{width}}{result.peak / GIB:>9.2f}  of {result.capacity / GIB:.2f} GiB -> "
                  f"{verdict} ({'headroom' if headroom >= 0 else 'short by'} {abs(headroom):.2f} GiB)")
+    lines.append("")
+    lines.append(f"head phase            = stash + final + loss head + LM-head grad   = "
+                 f"{f['head_phase_bytes'] / GIB:.2f} GiB")
+    lines.append(f"decoder-backward phase = stash + grads so far + held logits + layer = "
+                 f"{f['decoder_backward_phase_bytes'] / GIB:.2f} GiB")
     head = result.row("loss_head")
-    lines.append(f"loss head: {head.bytes:,} bytes")
+    lines.append(f"loss head ({s['head']}): {head.bytes:,} bytes")
     return "\n".join(lines)
 
 
