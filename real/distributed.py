@@ -331,13 +331,22 @@ def rank_seed(seed: int, env: Optional[DistEnv] = None) -> int:
     return int(seed) + 1_000_003 * env.rank
 
 
-def all_reduce_metrics(metrics: Dict[str, float], env: Optional[DistEnv] = None,
-                       max_keys: Iterable[str] = ("peak_memory_gib", "peak_memory_mb")) -> Dict[str, float]:
-    """Mean over ranks of every value (maximum for ``max_keys``); every rank must pass the same keys."""
+SUM_KEYS = ("sequences", "train_tokens", "generated_tokens", "tokens_per_s")
+MAX_KEYS = ("peak_mem_mb", "peak_memory_gib", "peak_memory_mb", "advantage_max", "step_s", "rollout_s")
+MIN_KEYS = ("advantage_min",)
+
+
+def all_reduce_metrics(metrics: Dict[str, Any], env: Optional[DistEnv] = None, *,
+                       sum_keys: Iterable[str] = SUM_KEYS, max_keys: Iterable[str] = MAX_KEYS,
+                       min_keys: Iterable[str] = MIN_KEYS) -> Dict[str, Any]:
+    """One metrics record for the whole step: the mean over ranks of every number, except the sum for
+    ``sum_keys`` (counts, throughput), the maximum for ``max_keys`` (peak memory, times) and the minimum
+    for ``min_keys``.  Non-numeric values (strings, None, booleans) are passed through as given.
+    Every rank must pass the same numeric keys (checked)."""
     env = env or current_env()
     if not env.is_distributed:
         return dict(metrics)
-    keys = sorted(metrics)
+    keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
     device = env.device if env.backend == "nccl" else torch.device("cpu")
     check = torch.tensor([len(keys), zlib.crc32("\0".join(keys).encode())], dtype=torch.int64, device=device)
     low, high = check.clone(), check.clone()
@@ -345,16 +354,35 @@ def all_reduce_metrics(metrics: Dict[str, float], env: Optional[DistEnv] = None,
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
     if not torch.equal(low, high):
         raise ValueError(f"all_reduce_metrics: ranks passed different metric names (rank {env.rank}: {keys})")
-    maxed = set(max_keys)
     values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)
-    summed = values.clone()
-    dist.all_reduce(summed)
-    peaks = values.clone()
-    dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
-    out = {}
+    reduced = {}
+    for op in (dist.ReduceOp.SUM, dist.ReduceOp.MAX, dist.ReduceOp.MIN):
+        reduced[op] = values.clone()
+        dist.all_reduce(reduced[op], op=op)
+    out = dict(metrics)
+    summed, maxed, minned = set(sum_keys), set(max_keys), set(min_keys)
     for j, k in enumerate(keys):
-        out[k] = float(peaks[j]) if k in maxed else float(summed[j]) / env.world_size
+        if k in summed:
+            value = float(reduced[dist.ReduceOp.SUM][j])
+        elif k in maxed:
+            value = float(reduced[dist.ReduceOp.MAX][j])
+        elif k in minned:
+            value = float(reduced[dist.ReduceOp.MIN][j])
+        else:
+            value = float(reduced[dist.ReduceOp.SUM][j]) / env.world_size
+        out[k] = int(value) if isinstance(metrics[k], int) and k in summed else value
     return out
+
+
+def all_gather_list(items: Sequence, env: Optional[DistEnv] = None) -> list:
+    """Every rank's list, concatenated in rank order, on every rank (e.g. evaluation predictions made on
+    each rank's share of the held-out prompts)."""
+    env = env or current_env()
+    if not env.is_distributed:
+        return list(items)
+    gathered: List[Optional[list]] = [None] * env.world_size
+    dist.all_gather_object(gathered, list(items))
+    return [item for part in gathered for item in part]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,10 +391,10 @@ def all_reduce_metrics(metrics: Dict[str, float], env: Optional[DistEnv] = None,
 _ROOT_PREFIX = "model."
 
 
-def _state_dict_options(full: bool, broadcast: bool = False):
+def _state_dict_options(full: bool, broadcast: bool = False, strict: bool = True):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(full_state_dict=full, cpu_offload=full, broadcast_from_rank0=broadcast)
+    return StateDictOptions(full_state_dict=full, cpu_offload=full, broadcast_from_rank0=broadcast, strict=strict)
 
 
 def _strip(key: str) -> str:
@@ -404,17 +432,20 @@ def full_optimizer_state_dict(wrapped: nn.Module, optimizer: torch.optim.Optimiz
 
 def load_full_state(wrapped: nn.Module, model_state: Optional[Dict[str, torch.Tensor]] = None,
                     optimizer: Optional[torch.optim.Optimizer] = None,
-                    optimizer_state: Optional[Dict[str, Any]] = None) -> None:
+                    optimizer_state: Optional[Dict[str, Any]] = None, *, strict: bool = True) -> None:
     """Load full state dicts (as saved by ``full_*_state_dict``) into a wrapped model and its optimizer.
 
-    Under FSDP/DDP only rank 0 needs the dicts (read it from disk there and
-    pass None elsewhere); they are broadcast and resharded for this world size.
+    Under FSDP/DDP only rank 0 needs the dicts (read them from disk there and
+    pass None elsewhere); they are broadcast and resharded for this world
+    size.  ``strict=False`` loads a partial model state (e.g. LoRA adapter
+    weights only).
     """
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     env = current_env()
     distributed = parallel_mode(wrapped) != "none" and env.is_distributed
-    opts = _state_dict_options(full=True, broadcast=True) if distributed else _state_dict_options(full=False)
+    opts = _state_dict_options(full=True, broadcast=True, strict=strict) if distributed else \
+        _state_dict_options(full=False, strict=strict)
     if model_state is not None or distributed:
         prefixed = {_ROOT_PREFIX + k: v for k, v in (model_state or {}).items()}
         if distributed and not env.is_main:

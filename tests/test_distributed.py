@@ -29,8 +29,9 @@ import torch
 import torch.multiprocessing as mp
 
 from real.batching import build_teacher_forced_batch
-from real.distributed import (DistEnv, all_reduce_metrics, clip_grad_norm, full_model_state_dict,
+from real.distributed import (DistEnv, all_gather_list, all_reduce_metrics, clip_grad_norm, full_model_state_dict,
                               full_optimizer_state_dict, load_full_state, shard_for_rank, unwrap_model, wrap_model)
+from real.memory_model import TrainSetup, param_bytes, shape_from_config
 from real.objectives import judge_forward, real_loss
 from real.prompts import resolve_score_token_ids
 from real.synthetic import make_examples
@@ -148,9 +149,13 @@ def _worker(rank: int, world: int, port: int, workdir: str) -> None:
         saved = torch.load(os.path.join(workdir, "single-step2.pt"), weights_only=False) if env.is_main else {}
         load_full_state(wrapped, saved.get("model"), optimizer, saved.get("optim"))
         results["resumed-from-1"] = {"losses": _train(wrapped, optimizer, local, score_ids, 1, env)}
-        gathered = [None] * world
-        torch.distributed.all_gather_object(gathered, results["cots"])
-        results["all_cots"] = gathered
+        results["all_cots"] = all_gather_list(results["cots"], env)
+        results["metrics"] = all_reduce_metrics({"loss": float(rank), "peak_mem_mb": 10.0 * rank, "train_tokens": 5,
+                                                 "advantage_min": -float(rank), "method": "real"}, env)
+        # the planner's per-GPU weight bytes under FSDP are what rank 0 holds
+        model, _ = _build()
+        wrapped = wrap_model(model, "fsdp", env)
+        results["local_weight_bytes"] = sum(p.to_local().numel() * p.element_size() for p in wrapped.parameters())
         if env.is_main:
             torch.save(results, os.path.join(workdir, "results.pt"))
     finally:
@@ -211,7 +216,12 @@ def test_two_ranks_match_one_process(tmp_path):
     assert ref_losses[0] != ref_losses[-1], "the steps did not change the model"
 
     # rollouts through the FSDP root: rank r generated the CoTs of its prompt share
-    assert [c for rank_cots in results["all_cots"] for c in rank_cots] == ref_cots
+    assert results["all_cots"] == ref_cots
+    assert results["metrics"] == {"loss": 0.5, "peak_mem_mb": 10.0, "train_tokens": 10, "advantage_min": -1.0,
+                                  "method": "real"}
+    shape = shape_from_config({**unwrap_model(ref_wrapped).config.to_dict(), "model_type": "qwen3"})
+    planned = param_bytes(shape, TrainSetup(gpus=2, parallel="fsdp", dtype="fp32"))
+    assert results["local_weight_bytes"] == planned.weights
 
     # 2 FSDP ranks -> 1 process: continue from the rank-0 full checkpoint taken after step 2
     model, _ = _build()
