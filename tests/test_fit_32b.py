@@ -13,6 +13,15 @@ from real.objectives import judge_forward, real_loss
 pytest.importorskip("peft")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny shapes: one intra-op thread is as fast, and immune to a busy machine's thread oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_scaled_down_run_reports_both_heads(tmp_path, capsys):
     out = tmp_path / "fit.json"
     assert fit_32b.main(["--scale-down", "--lr", "1e-2", "--json", str(out)]) == 0
