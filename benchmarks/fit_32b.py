@@ -3,9 +3,11 @@
 Builds a Qwen3-32B-shaped ``Qwen3ForCausalLM`` with random weights directly on
 the device in bf16 (nothing is downloaded), adds LoRA rank 64 on every linear
 through peft, turns on gradient checkpointing, picks flash-attn 2 when it is
-installed (else SDPA), and runs one real REAL optimisation step (decoder
+installed (else SDPA), and runs real REAL optimisation steps (decoder
 forward, loss through the judge head, backward, AdamW step) on 8 rollouts of
-2,048 prompt + 1,024 CoT tokens given as ready-made token ids: first with the
+2,048 prompt + 1,024 CoT tokens given as ready-made token ids (``--steps``, 2
+by default: the time is the last step's, since the first one compiles the
+Triton kernels; the peak the highest of them): first with the
 fused head (``real_kernels`` through ``real.objectives.judge_forward``), then
 with the naive head (``[N, V]`` logits for every position, fp32
 log-softmax, as a transformers-style trainer does).  A naive step that runs out
@@ -116,20 +118,24 @@ def make_batch(vocab: int, rollouts: int, prompt_tokens: int, cot_tokens: int, d
 
 
 def naive_judge_forward(model, batch: TeacherForcedBatch, score_ids: List[int], logits_holder: list) -> JudgeForward:
-    """The naive head: ``[B, T, V]`` logits for every position, fp32 log-softmax, gathers.
+    """The naive head, as ``real plan --head naive`` counts it: ``[B, T, V]`` logits for every position
+    (what ``model(...).logits`` returns), an fp32 log-softmax over all of them, one gather of the next
+    tokens; the score distribution from the score rows' logits.
 
     ``logits_holder`` keeps the logits alive through backward, as a trainer
     holding ``model(...).logits`` does.
     """
     hidden = decoder_hidden_states(model, batch.input_ids, batch.attention_mask)
-    logits = hidden @ lm_head_weight(model).T
+    weight = lm_head_weight(model)
+    logits = hidden @ weight.T
     logits_holder.append(logits)
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    b = torch.arange(len(batch), device=logp.device)
     next_tokens = torch.cat([batch.input_ids[:, 1:], batch.input_ids[:, -1:]], dim=1)
+    logp = torch.log_softmax(logits.float(), dim=-1)
     cot_logprobs = logp.gather(2, next_tokens[:, :, None]).squeeze(2) * batch.cot_mask
-    score_logprobs = logp[b, batch.score_pos][:, score_ids]
-    expected = score_logprobs.exp() @ torch.tensor(SCORE_VALUES, device=logp.device)
+    rows = torch.arange(len(batch), device=logits.device)
+    # the score rows again from their hidden states: indexing `logits` would back-propagate a dense [B, T, V]
+    score_logprobs = torch.log_softmax((hidden[rows, batch.score_pos] @ weight.T).float(), dim=-1)[:, score_ids]
+    expected = score_logprobs.exp() @ torch.tensor(SCORE_VALUES, device=logits.device)
     return JudgeForward(
         cot_logprobs=cot_logprobs, cot_mask=batch.cot_mask, score_logprobs=score_logprobs,
         expected_score=expected, sq_error=(expected - batch.targets) ** 2,
@@ -249,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
                       ("--kv-heads", "num_key_value_heads"), ("--head-dim", "head_dim"), ("--vocab", "vocab_size")):
         p.add_argument(flag, type=int, default=None, dest=key, help=f"override the model's {key}")
     p.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate of the step")
+    p.add_argument("--steps", type=int, default=2,
+                   help="REAL steps per head; the time is the last step's (the first compiles the Triton kernels), "
+                        "the peak the highest of all")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     return p
 
@@ -267,8 +276,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     for key in ("rollouts", "prompt_tokens", "cot_tokens", "lora_rank"):
         if getattr(args, key) is not None:
             run[key] = getattr(args, key)
-    if min(run.values()) < 1 or run["cot_tokens"] < 2:
-        print("fit_32b: --rollouts, --prompt-tokens, --lora-rank must be >= 1 and --cot-tokens >= 2", file=sys.stderr)
+    if min(run.values()) < 1 or run["cot_tokens"] < 2 or args.steps < 1:
+        print("fit_32b: --rollouts, --prompt-tokens, --lora-rank, --steps must be >= 1 and --cot-tokens >= 2",
+              file=sys.stderr)
         return 2
     heads = [h.strip() for h in args.heads.split(",") if h.strip()]
     if not heads or set(heads) - {"fused", "naive"}:
@@ -298,11 +308,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         setup = TrainSetup(gpus=1, dtype=dtype_name, lora_rank=run["lora_rank"], prompt_tokens=run["prompt_tokens"],
                            cot_tokens=run["cot_tokens"] - 1, rollouts=run["rollouts"], gradient_checkpointing=True,
                            head=head, attention="flash" if attention == "flash_attention_2" else "sdpa",
-                           rollout_on_gpu=False, reserve_gib=0, fused_tile_bytes=_tile_bytes(device, batch, config))
+                           padded=False, rollout_on_gpu=False, reserve_gib=0, fused_tile_bytes=_tile_bytes(device, batch, config))
         predicted = plan(shape, setup)
-        print(f"[fit_32b] {head} head: one REAL step ...", flush=True)
+        print(f"[fit_32b] {head} head: {args.steps} REAL step(s) ...", flush=True)
         before = _fingerprint(trainable)
-        measured = run_head(model, optimizer, batch, score_ids, head, device)
+        measured = None
+        for _ in range(args.steps):
+            last = run_head(model, optimizer, batch, score_ids, head, device)
+            measured = last if measured is None else {
+                **last, **{k: max(measured[k], last[k]) for k in ("peak_bytes", "step_peak_bytes")
+                           if measured[k] is not None and last[k] is not None}}
+            if last["status"] != "ok":
+                break
         results.append(HeadResult(head=head, predicted_peak_bytes=predicted.train_peak,
                                   predicted_step_bytes=predicted.train_step,
                                   weights_changed=_fingerprint(trainable) != before, **measured))

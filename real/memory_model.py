@@ -246,6 +246,7 @@ class TrainSetup:
     gradient_checkpointing: bool = True
     head: str = "fused"
     attention: str = "sdpa"
+    padded: bool = True  # rollouts of different lengths share a padded batch (an attention mask)
     rollout_on_gpu: bool = True
     generation_batch: Optional[int] = None  # sequences generated at once; default: rollouts
     score_values: int = 5
@@ -319,6 +320,12 @@ def adapter_bytes_per_element(setup: TrainSetup) -> int:
     return 4
 
 
+def adapter_compute_bytes(setup: TrainSetup) -> int:
+    """The dtype LoRA computes in: fp32 adapters cast their input to fp32, except under FSDP, which
+    gathers every parameter of a unit in the compute dtype (``real.distributed``'s MixedPrecisionPolicy)."""
+    return DTYPE_BYTES[setup.dtype] if setup.sharded else adapter_bytes_per_element(setup)
+
+
 @dataclass(frozen=True)
 class ParamBytes:
     weights: int
@@ -375,10 +382,10 @@ def layer_saved_bytes_per_token(shape: ModelShape, setup: TrainSetup) -> int:
     c = DTYPE_BYTES[setup.dtype]
     full = setup.lora_rank == 0
     targets = set(lora_targets(setup))
-    a = adapter_bytes_per_element(setup)
+    a = adapter_compute_bytes(setup)
     # SDPA with a padding mask (rollouts of different lengths) repeats k/v to every head (transformers'
-    # repeat_kv); flash-attn works on the kv heads directly.
-    k_attn = q if setup.attention == "sdpa" else k
+    # repeat_kv); without padding, and with flash-attn, attention works on the kv heads directly.
+    k_attn = q if (setup.attention == "sdpa" and setup.padded) else k
 
     total = 2 * (4 * h + 4 + (c * h if full else 0))  # two RMSNorms
     if shape.qk_norm:
@@ -397,7 +404,7 @@ def layer_saved_bytes_per_token(shape: ModelShape, setup: TrainSetup) -> int:
         if a != c:
             total += sum(a * width for m in modules if m in targets)
     total += sum(a * setup.lora_rank for _ in targets)  # lora_A outputs
-    if setup.attention == "flash":
+    if setup.attention == "flash" and setup.padded:
         total += c * q  # flash-attn's unpadded output is copied back to the padded layout
     return total
 
@@ -417,7 +424,7 @@ def backward_working_bytes_per_token(shape: ModelShape, setup: TrainSetup) -> in
 
 def attention_mask_bytes_per_layer(setup: TrainSetup) -> int:
     """SDPA turns the boolean padding mask into an additive one of the compute dtype, kept per layer."""
-    if setup.attention != "sdpa":
+    if setup.attention != "sdpa" or not setup.padded:
         return 0
     t = setup.sequence_tokens
     return setup.sequences_per_micro_batch * t * t * DTYPE_BYTES[setup.dtype]

@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", choices=ATTENTION, default="sdpa",
                    help="sdpa (padded batch: k/v repeated to every head, additive mask per layer) or flash "
                         "(flash-attn 2)")
+    p.add_argument("--padded", action=argparse.BooleanOptionalAction, default=True,
+                   help="the micro-batch holds sequences of different lengths (a padding mask); --no-padded for "
+                        "equal lengths")
     p.add_argument("--rollout-on-gpu", action=argparse.BooleanOptionalAction, default=True,
                    help="rollouts are generated on the same GPU (transformers generate): count their KV cache")
     p.add_argument("--generation-batch", type=int, default=None,
@@ -83,7 +86,7 @@ def setup_from_args(args: argparse.Namespace) -> TrainSetup:
         lora_rank=args.lora_rank, lora_targets=args.lora_targets, optimizer=args.optimizer,
         prompt_tokens=args.prompt_tokens, cot_tokens=args.cot_tokens, rollouts=args.rollouts,
         micro_batch_tokens=args.micro_batch_tokens, gradient_checkpointing=args.gradient_checkpointing,
-        head=args.head, attention=args.attention, rollout_on_gpu=args.rollout_on_gpu,
+        head=args.head, attention=args.attention, padded=args.padded, rollout_on_gpu=args.rollout_on_gpu,
         generation_batch=args.generation_batch, reserve_gib=args.reserve_gib,
     )
 

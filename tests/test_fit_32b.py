@@ -24,7 +24,7 @@ def _one_thread():
 
 def test_scaled_down_run_reports_both_heads(tmp_path, capsys):
     out = tmp_path / "fit.json"
-    assert fit_32b.main(["--scale-down", "--lr", "1e-2", "--json", str(out)]) == 0
+    assert fit_32b.main(["--scale-down", "--steps", "1", "--lr", "1e-2", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "fused" in printed and "naive" in printed and "plan" in printed
     report = json.loads(out.read_text())
