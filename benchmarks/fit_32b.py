@@ -306,7 +306,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     results: List[HeadResult] = []
     for head in heads:
         setup = TrainSetup(gpus=1, dtype=dtype_name, lora_rank=run["lora_rank"], prompt_tokens=run["prompt_tokens"],
-                           cot_tokens=run["cot_tokens"] - 1, rollouts=run["rollouts"], gradient_checkpointing=True,
+                           cot_tokens=run["cot_tokens"], rollouts=run["rollouts"], gradient_checkpointing=True,
                            head=head, attention="flash" if attention == "flash_attention_2" else "sdpa",
                            padded=False, rollout_on_gpu=False, reserve_gib=0, fused_tile_bytes=_tile_bytes(device, batch, config))
         predicted = plan(shape, setup)

@@ -19,22 +19,27 @@ What is counted, per GPU (c = bytes of the compute/parameter dtype):
 - **activations**: what autograd saves for backward in a transformers
   Llama/Qwen-style decoder layer, enumerated tensor by tensor
   (``layer_saved_bytes_per_token``; exact against a CPU model, see the tests).
-  With gradient checkpointing (transformers' per-layer, non-reentrant) only
-  each layer's input ``[N, H]`` stays, and one layer is recomputed at a time in
-  backward.  A backward working set per token ``(2H + 2I) * g`` (g = 4 if any
-  fp32 path is involved, else c) covers the gradient buffers of the layer
-  being differentiated; it was fitted to measured peaks and overestimates
-  slightly.
+  peft casts each LoRA linear's input to its fp32 adapters (a copy per module).
+  SDPA on a padded batch keeps k/v repeated to every head and an additive mask
+  per layer.  With gradient checkpointing (transformers' per-layer,
+  non-reentrant) only each layer's input ``[N, H]`` stays, and one layer is
+  recomputed at a time in backward.  A backward working set per token
+  ``(2H + 2I) * g`` (g = 4 if any fp32 path is involved, else c) covers the
+  gradient buffers of the layer being differentiated; it was fitted to
+  measured peaks.  The step's peak is the larger of two moments: the loss head
+  (every layer's stash + the head) and the decoder's backward (one layer
+  differentiated while gradients accumulate and the stash shrinks).
 - **loss head**: *naive* is what a transformers-style trainer does:
   ``logits = model(...).logits`` (``[N, V]`` in c bytes, held by the caller
   through backward), ``log_softmax(logits.float())`` (fp32, kept for backward),
   ``gather`` of the target log-probs; backward makes the gather's dense fp32
   gradient and the fp32 gradient of the logits.  Peak ``N * V * (c + 4 + 4 + 4)``
   bytes (14 B per logit for bf16: "the logits, their fp32 upcast, and their
-  gradients").  *fused* (``real_kernels.judge_head``) never builds ``[N, V]``:
-  per row a few fp32 statistics, the fp32 ``dh`` accumulator and ``dh`` itself,
-  plus one vocabulary tile, plus an fp32 ``dW`` ``[V, H]`` accumulator when the
-  LM head is trained.  The naive head runs over every position (``model(...)``
+  gradients").  The logits stay alive through the decoder's backward.  *fused*
+  (``real_kernels.judge_head``) never builds ``[N, V]``: per row fp32 copies of
+  the hidden row, the fp32 ``dh`` accumulator, ``dh`` itself and a few fp32
+  statistics, plus one vocabulary tile, plus an fp32 ``dW`` ``[V, H]``
+  accumulator when the LM head is trained.  The naive head runs over every position (``model(...)``
   returns logits for all of them); the fused head over the CoT rows and one
   score row per sequence (what ``real_kernels.hf.judge_outputs`` sends it).
 - **rollout KV cache** when generation runs on the same GPU (transformers
@@ -48,7 +53,7 @@ What is counted, per GPU (c = bytes of the compute/parameter dtype):
   gradients before their reduce-scatter.
 - **reserve**: CUDA context and allocator slack, a fixed user-settable amount.
 
-Not counted: the attention mask of unpadded batches, rotary tables, CPU-side
+Not counted: rotary tables, position ids and masks other than SDPA's, CPU-side
 tensors, NCCL buffers beyond the gather buffers, fragmentation beyond the reserve.
 """
 from __future__ import annotations
@@ -57,7 +62,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 GIB = 1024 ** 3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -240,7 +245,7 @@ class TrainSetup:
     lora_targets: str = "all-linear"
     optimizer: str = "adamw"
     prompt_tokens: int = 2048
-    cot_tokens: int = 1024
+    cot_tokens: int = 1024  # generated tokens per rollout: the chain of thought, its marker and the score token
     rollouts: int = 8
     micro_batch_tokens: Optional[int] = None  # default: one prompt group, rollouts * (prompt + cot)
     gradient_checkpointing: bool = True
@@ -260,10 +265,10 @@ class TrainSetup:
                 return
             if value < 0 or (value == 0 and not allow_zero):
                 raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-        for name in ("gpus", "gpu_memory_gib", "prompt_tokens", "rollouts", "micro_batch_tokens",
+        for name in ("gpus", "gpu_memory_gib", "prompt_tokens", "cot_tokens", "rollouts", "micro_batch_tokens",
                      "generation_batch", "score_values"):
             positive(name)
-        for name in ("lora_rank", "cot_tokens", "reserve_gib"):
+        for name in ("lora_rank", "reserve_gib"):
             positive(name, allow_zero=True)
         choices = {"parallel": PARALLEL_MODES, "dtype": tuple(DTYPE_BYTES), "optimizer": OPTIMIZERS,
                    "head": HEADS, "attention": ATTENTION, "lora_targets": tuple(LORA_TARGET_SETS)}
@@ -291,8 +296,9 @@ class TrainSetup:
 
     @property
     def head_rows_fused(self) -> int:
-        """Rows the fused head sees: every CoT token and one score row per sequence."""
-        return self.sequences_per_micro_batch * (self.cot_tokens + 1)
+        """Rows the fused head sees: one per CoT token and one score row per sequence, i.e. ``cot_tokens``
+        per sequence (the score token is the last of the CoT's tokens)."""
+        return self.sequences_per_micro_batch * self.cot_tokens
 
     @property
     def sharded(self) -> bool:

@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
                    help="adamw: 2 states per trainable element in its dtype; sgd: 1 momentum buffer")
     p.add_argument("--prompt-tokens", type=int, default=2048, help="prompt length (tokens)")
-    p.add_argument("--cot-tokens", type=int, default=1024, help="chain-of-thought length (tokens)")
+    p.add_argument("--cot-tokens", type=int, default=1024, help="generated tokens per rollout (chain of thought, marker and score token)")
     p.add_argument("--rollouts", type=int, default=8, help="CoTs sampled per prompt (G)")
     p.add_argument("--micro-batch-tokens", type=int, default=None,
                    help="tokens per forward/backward on one GPU (default: one prompt group, "

@@ -138,7 +138,7 @@ def test_fsdp_shards_and_ddp_replicates():
 # --------------------------------------------------------------------------------------------------
 # activations and the loss head: estimate vs measured peak
 
-PROMPT, COT, SEQS = 48, 47, 4  # every sequence: 48 prompt + 47 CoT + 1 score position
+PROMPT, COT, SEQS = 48, 47, 4  # every sequence: 48 prompt + 47 CoT tokens + the score token
 ACTIVATION_CASES = [  # (model type, dtype, LoRA rank, gradient checkpointing, head)
     ("qwen3", "fp32", 0, False, "fused"),
     ("qwen3", "bf16", 8, True, "fused"),
@@ -185,7 +185,7 @@ def test_activation_estimate_matches_measured_peak(kind, dtype, rank, checkpoint
 
     tokens, tile = SEQS * (COT + 1), torch_backend._chunks(SEQS * (COT + 1), config["vocab_size"],
                                                             torch_backend.DEFAULT_TILE_ELEMS)
-    setup = TrainSetup(dtype=dtype, lora_rank=rank, prompt_tokens=PROMPT, cot_tokens=COT, rollouts=SEQS,
+    setup = TrainSetup(dtype=dtype, lora_rank=rank, prompt_tokens=PROMPT, cot_tokens=COT + 1, rollouts=SEQS,
                        gradient_checkpointing=checkpointing, head=head, attention="sdpa", rollout_on_gpu=False,
                        reserve_gib=0, fused_tile_bytes=tile[0] * tile[1] * 4)
     assert setup.head_rows_fused == tokens
