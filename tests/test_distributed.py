@@ -5,9 +5,12 @@ P prompt groups; two spawned ranks train the same model on half the groups
 each, under FSDP2 (full fine-tuning, and LoRA with gradient checkpointing) and
 under DDP.  Their all-reduced losses must match the one-process losses
 (relative 1e-4) and their updated weights must match.  The LM-head weight
-(tied to the embeddings in the tiny model) trains too, so this checks that the
-fused head's direct use of the weight is gathered and reduce-scattered
-correctly.  The same spawn also checks:
+(tied to the embeddings in the tiny model) trains too, so this checks that
+the fused head's direct use of the weight is gathered and reduce-scattered
+correctly.  The fsdp scenario runs the whole step inside ``wrapped(...)``; ddp
+and fsdp-lora run only the forward inside it, compute the loss after it, and
+accumulate gradients over two micro-batches (``gradient_sync``).  The same
+spawn also checks:
 
 - the trap itself: outside ``wrapped(...)`` the head weight is a ``[V/2, H]``
   shard; inside, the whole ``[V, H]`` weight;
@@ -29,7 +32,7 @@ import torch
 import torch.multiprocessing as mp
 
 from real.batching import build_teacher_forced_batch
-from real.distributed import (DistEnv, all_gather_list, all_reduce_metrics, clip_grad_norm, full_model_state_dict,
+from real.distributed import (DistEnv, all_gather_list, all_reduce_metrics, clip_grad_norm, gradient_sync, full_model_state_dict,
                               full_optimizer_state_dict, load_full_state, shard_for_rank, unwrap_model, wrap_model)
 from real.memory_model import TrainSetup, param_bytes, shape_from_config
 from real.objectives import judge_forward, real_loss
@@ -38,7 +41,7 @@ from real.synthetic import make_examples
 from real.tiny import build_tiny_model, build_tiny_tokenizer
 
 GROUP = 2  # rollouts per prompt
-PROMPTS = 2  # prompt groups in the global batch
+PROMPTS = 4  # prompt groups in the global batch: 2 per rank
 STEPS = 3
 LR = 1e-3
 SCORE_VALUES = [1.0, 2.0, 3.0, 4.0, 5.0]
@@ -99,15 +102,27 @@ def _step_fn(model, batch, score_ids):
     return real_loss(fwd, GROUP, beta=1.0)
 
 
-def _train(wrapped, optimizer, batch, score_ids, steps, env=None):
+def _train(wrapped, optimizer, batch, score_ids, steps, env=None, loss_outside=False, micro_batches=1):
+    """``loss_outside``: only the forward (decoder + fused head) runs inside ``wrapped``, the loss after it,
+    as a loop that keeps its loss code unchanged would do; otherwise the whole step runs inside.
+    ``micro_batches``: whole prompt groups per micro-batch, gradients accumulated, synchronised on the last."""
     losses = []
+    size = len(batch) // micro_batches
     for _ in range(steps):
-        loss, terms = wrapped(_step_fn, batch, score_ids)
-        loss.backward()
+        step_loss = 0.0
+        for k in range(micro_batches):
+            mb = _rows(batch, slice(k * size, (k + 1) * size))
+            with gradient_sync(wrapped, enabled=k == micro_batches - 1):
+                if loss_outside:
+                    loss, terms = real_loss(wrapped(judge_forward, mb, score_ids, SCORE_VALUES), GROUP, beta=1.0)
+                else:
+                    loss, terms = wrapped(_step_fn, mb, score_ids)
+                (loss / micro_batches).backward()
+            step_loss += terms["loss"] / micro_batches
         clip_grad_norm(wrapped, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(all_reduce_metrics({"loss": terms["loss"]}, env)["loss"])
+        losses.append(all_reduce_metrics({"loss": step_loss}, env)["loss"])
     return losses
 
 
@@ -142,7 +157,8 @@ def _worker(rank: int, world: int, port: int, workdir: str) -> None:
                 inside = wrapped(lambda m: tuple(lm_head_weight(m).shape))
                 results["head_shapes"] = (tuple(outside.to_local().shape), inside)
                 results["cots"] = _greedy_cots(wrapped, tokenizer, shard_for_rank(prompts, env))
-            losses = _train(wrapped, optimizer, local, score_ids, STEPS if name != "fsdp" else 2, env)
+            losses = _train(wrapped, optimizer, local, score_ids, STEPS if name != "fsdp" else 2, env,
+                            loss_outside=name != "fsdp", micro_batches=1 if name == "fsdp" else 2)
             if name == "fsdp":  # save after 2 steps (full, rank-independent), then take step 3
                 model_state = full_model_state_dict(wrapped)
                 optim_state = full_optimizer_state_dict(wrapped, optimizer)
