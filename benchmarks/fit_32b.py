@@ -89,8 +89,9 @@ def build_model(config: dict, device: torch.device, dtype: torch.dtype, lora_ran
             model = Qwen3ForCausalLM(cfg)
     finally:
         torch.set_default_dtype(previous)
-    model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
-                                             target_modules=LORA_TARGETS))
+    with torch.device(device):  # adapters allocated (fp32, peft's default) where the base layers are
+        model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
+                                                 target_modules=LORA_TARGETS))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     return model.train()
