@@ -31,6 +31,7 @@ to plain PyTorch):
     optimizer = torch.optim.AdamW(wrapped.parameters(), lr=...)   # after wrapping (FSDP shards params)
     my_prompts = shard_for_rank(prompts, env)        # whole prompt groups per rank
     cots = wrapped(generate_cots, tokenizer, my_prompts, n=G, ...)   # under torch.no_grad()
+                                                     # (inside unsharded_for_generation(wrapped) if it fits)
     loss, terms = wrapped(step_fn, batch)            # step_fn(model, batch) -> (loss, terms)
     loss.backward(); clip_grad_norm(wrapped, 1.0); optimizer.step(); optimizer.zero_grad()
     terms = all_reduce_metrics(terms, env)           # mean over ranks
@@ -248,6 +249,7 @@ def wrap_model(model: nn.Module, parallel: str = "fsdp", env: Optional[DistEnv] 
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy)
     # The root unit: embeddings, final norm, LM head (tied or not) and anything else outside the layers.
     fully_shard(root, mesh=mesh, mp_policy=mp_policy)
+    root.layer_reshard_after_forward = reshard_after_forward
     return root
 
 
@@ -267,6 +269,28 @@ def parallel_mode(wrapped: nn.Module) -> str:
     except ImportError:  # pragma: no cover - torch < 2.6
         return "none"
     return "fsdp" if isinstance(wrapped, FSDPModule) else "none"
+
+
+@contextlib.contextmanager
+def unsharded_for_generation(wrapped: nn.Module) -> Iterator[None]:
+    """Keep every FSDP unit gathered while generating: one all-gather per layer for the whole ``generate``
+    instead of one per layer per new token.  Needs the whole model in each GPU's memory; without it,
+    ``wrapped(generate_cots, ...)`` still works, gathering layer by layer.  No-op outside FSDP."""
+    if parallel_mode(wrapped) != "fsdp":
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in wrapped.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for unit in units:
+            if unit is not wrapped:  # the root never reshards after forward in training
+                unit.set_reshard_after_forward(getattr(wrapped, "layer_reshard_after_forward", True), recurse=False)
+            unit.reshard()
 
 
 @contextlib.contextmanager

@@ -32,8 +32,9 @@ import torch
 import torch.multiprocessing as mp
 
 from real.batching import build_teacher_forced_batch
-from real.distributed import (DistEnv, all_gather_list, all_reduce_metrics, clip_grad_norm, gradient_sync, full_model_state_dict,
-                              full_optimizer_state_dict, load_full_state, shard_for_rank, unwrap_model, wrap_model)
+from real.distributed import (DistEnv, all_gather_list, all_reduce_metrics, clip_grad_norm, full_model_state_dict,
+                              full_optimizer_state_dict, gradient_sync, load_full_state, shard_for_rank,
+                              unsharded_for_generation, unwrap_model, wrap_model)
 from real.memory_model import TrainSetup, param_bytes, shape_from_config
 from real.objectives import judge_forward, real_loss
 from real.prompts import resolve_score_token_ids
@@ -157,6 +158,9 @@ def _worker(rank: int, world: int, port: int, workdir: str) -> None:
                 inside = wrapped(lambda m: tuple(lm_head_weight(m).shape))
                 results["head_shapes"] = (tuple(outside.to_local().shape), inside)
                 results["cots"] = _greedy_cots(wrapped, tokenizer, shard_for_rank(prompts, env))
+                with unsharded_for_generation(wrapped):
+                    results["cots_unsharded"] = _greedy_cots(wrapped, tokenizer, shard_for_rank(prompts, env))
+                results["head_shape_after"] = tuple(lm_head_weight(unwrap_model(wrapped)).to_local().shape)
             losses = _train(wrapped, optimizer, local, score_ids, STEPS if name != "fsdp" else 2, env,
                             loss_outside=name != "fsdp", micro_batches=1 if name == "fsdp" else 2)
             if name == "fsdp":  # save after 2 steps (full, rank-independent), then take step 3
@@ -231,6 +235,7 @@ def test_two_ranks_match_one_process(tmp_path):
     # the trap: outside the root forward the head weight is a shard; inside it is whole
     vocab, hidden = unwrap_model(ref_wrapped).get_output_embeddings().weight.shape
     assert results["head_shapes"] == ((vocab // 2 + vocab % 2, hidden), (vocab, hidden))
+    assert results["head_shape_after"] == results["head_shapes"][0]  # resharded after unsharded generation
 
     for name, (_, lora_rank, _) in SCENARIOS.items():
         expected_losses, expected_state = (lora_losses, lora_state) if lora_rank else (ref_losses, ref_state)
@@ -242,6 +247,7 @@ def test_two_ranks_match_one_process(tmp_path):
 
     # rollouts through the FSDP root: rank r generated the CoTs of its prompt share
     assert results["all_cots"] == ref_cots
+    assert results["cots_unsharded"] == results["cots"]
     assert results["metrics"] == {"loss": 0.5, "peak_mem_mb": 10.0, "train_tokens": 10, "advantage_min": -1.0,
                                   "method": "real"}
     shape = shape_from_config({**unwrap_model(ref_wrapped).config.to_dict(), "model_type": "qwen3"})
