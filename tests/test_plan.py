@@ -6,7 +6,7 @@ Tolerance of the activation estimate: the measured peak of one training step
 within 15% of ``plan(...).train_step``.  The per-layer saved tensors are counted
 exactly; the remaining error is the backward working set (a fitted term) and
 allocator timing.  On the configurations below the ratio estimate/measured was
-0.95-1.12 when this test was written.
+0.96-1.08 when this test was written.
 """
 from __future__ import annotations
 
