@@ -51,6 +51,7 @@ Sampling uses ``rank_seed(seed, env)`` so ranks draw different CoTs.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import math
 import os
@@ -99,13 +100,14 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r} must be an integer (set by torchrun)") from None
 
 
-def setup_distributed(device: Optional[str] = None, backend: Optional[str] = None) -> DistEnv:
+def setup_distributed(device: Optional[str] = None, backend: Optional[str] = None,
+                      timeout_s: Optional[float] = None) -> DistEnv:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
 
     Without those variables (a plain ``python`` run) this is a one-process
     environment and no process group is created.  ``device`` defaults to
     ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU; ``backend`` to
-    nccl on CUDA and gloo on the CPU.
+    nccl on CUDA and gloo on the CPU; ``timeout_s`` (collectives) to PyTorch's default.
     """
     global _ENV
     world = _env_int("WORLD_SIZE", 1)
@@ -126,7 +128,8 @@ def setup_distributed(device: Optional[str] = None, backend: Optional[str] = Non
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
-        dist.init_process_group(backend=backend)
+        kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
+        dist.init_process_group(backend=backend, **kwargs)
     elif dist.is_initialized():
         backend = dist.get_backend()
         world, rank = dist.get_world_size(), dist.get_rank()
@@ -245,6 +248,10 @@ def wrap_model(model: nn.Module, parallel: str = "fsdp", env: Optional[DistEnv] 
 
     mesh = init_device_mesh(env.device.type, (env.world_size,))
     mp_policy = _mixed_precision(model)
+    # transformers' generate then runs with synced_gpus: a rank whose sequences are all finished keeps
+    # stepping (and joining the all-gathers) until every rank is done, instead of leaving the others hanging.
+    for module in {id(m): m for m in (model, _unwrap_peft(model))}.values():
+        module._is_fsdp_managed_module = True
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy)
     # The root unit: embeddings, final norm, LM head (tied or not) and anything else outside the layers.

@@ -15,7 +15,9 @@ spawn also checks:
 - the trap itself: outside ``wrapped(...)`` the head weight is a ``[V/2, H]``
   shard; inside, the whole ``[V, H]`` weight;
 - rollouts through the FSDP root: greedy ``generate_cots`` gives the same CoTs
-  as one process;
+  as one process, with layers gathered per step or kept gathered
+  (``unsharded_for_generation``), and ranks whose sequences stop at different
+  lengths do not hang;
 - resuming with another number of ranks: a full state (model + AdamW) saved
   by 2 FSDP ranks after 2 steps continues in 1 process with the same step-3
   loss, and a 1-process state continues on 2 FSDP ranks likewise.
@@ -135,6 +137,31 @@ def _greedy_cots(wrapped, tokenizer, prompts):
                        progress=False)
 
 
+def _uneven_generation(wrapped, tokenizer, env):
+    """Rank 0's sequences finish after 1 new token, rank 1's after 5: under FSDP every decoding step
+    all-gathers the layers, so rank 0 must keep stepping until rank 1 is done (transformers' synced_gpus)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopAfter(StoppingCriteria):
+        def __init__(self, n):
+            self.n, self.start = n, None
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.start = input_ids.shape[1] if self.start is None else self.start
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] - self.start + 1 >= self.n)
+
+    ids = torch.tensor([tokenizer("###Feedback: ")["input_ids"]])
+    new_tokens = 1 if env.rank == 0 else 5
+
+    def generate(model):
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             stopping_criteria=StoppingCriteriaList([StopAfter(new_tokens)]))
+        return out.shape[1] - ids.shape[1]
+
+    with torch.no_grad():
+        return wrapped(generate)
+
+
 def _worker(rank: int, world: int, port: int, workdir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
@@ -142,7 +169,7 @@ def _worker(rank: int, world: int, port: int, workdir: str) -> None:
     from real.distributed import cleanup_distributed, setup_distributed
     from real_kernels.hf import lm_head_weight
 
-    env = setup_distributed(device="cpu")
+    env = setup_distributed(device="cpu", timeout_s=60)  # a hang fails within a minute
     results = {}
     try:
         data = torch.load(os.path.join(workdir, "batch.pt"), weights_only=False)
@@ -161,6 +188,7 @@ def _worker(rank: int, world: int, port: int, workdir: str) -> None:
                 with unsharded_for_generation(wrapped):
                     results["cots_unsharded"] = _greedy_cots(wrapped, tokenizer, shard_for_rank(prompts, env))
                 results["head_shape_after"] = tuple(lm_head_weight(unwrap_model(wrapped)).to_local().shape)
+                results["uneven_lengths"] = _uneven_generation(wrapped, tokenizer, env)
             losses = _train(wrapped, optimizer, local, score_ids, STEPS if name != "fsdp" else 2, env,
                             loss_outside=name != "fsdp", micro_batches=1 if name == "fsdp" else 2)
             if name == "fsdp":  # save after 2 steps (full, rank-independent), then take step 3
@@ -248,6 +276,7 @@ def test_two_ranks_match_one_process(tmp_path):
     # rollouts through the FSDP root: rank r generated the CoTs of its prompt share
     assert results["all_cots"] == ref_cots
     assert results["cots_unsharded"] == results["cots"]
+    assert results["uneven_lengths"] == 1  # rank 0 stopped after one token while rank 1 went on, no hang
     assert results["metrics"] == {"loss": 0.5, "peak_mem_mb": 10.0, "train_tokens": 10, "advantage_min": -1.0,
                                   "method": "real"}
     shape = shape_from_config({**unwrap_model(ref_wrapped).config.to_dict(), "model_type": "qwen3"})
