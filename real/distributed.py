@@ -345,15 +345,24 @@ def _grad_device(grads: Sequence[torch.Tensor]) -> torch.device:
 # Work split and metrics
 
 
-def shard_for_rank(items: Sequence, env: Optional[DistEnv] = None) -> list:
-    """This rank's contiguous, equal share of ``items`` (whole prompts: their rollout groups stay rank-local)."""
+def shard_for_rank(items: Sequence, env: Optional[DistEnv] = None, *, pad: bool = False) -> list:
+    """This rank's contiguous, equal share of ``items`` (whole prompts: their rollout groups stay rank-local).
+
+    Every rank must get as many items as the others (under FSDP every forward
+    is a collective), so an uneven split is an error, or with ``pad=True``
+    (evaluation) the shares are rounded up and filled with copies of the last
+    item; ``all_gather_list(..., total=len(items))`` drops them again.
+    """
     env = env or current_env()
     n = len(items)
-    if n % env.world_size:
+    if n % env.world_size and not pad:
         raise ValueError(f"{n} prompts per step cannot be split evenly over {env.world_size} ranks; "
                          "make prompts_per_step a multiple of the number of processes")
-    share = n // env.world_size
-    return list(items[env.rank * share:(env.rank + 1) * share])
+    if n == 0:
+        return []
+    share = -(-n // env.world_size)
+    mine = list(items[env.rank * share:(env.rank + 1) * share])
+    return mine + [items[-1]] * (share - len(mine))
 
 
 def rank_seed(seed: int, env: Optional[DistEnv] = None) -> int:
@@ -405,15 +414,15 @@ def all_reduce_metrics(metrics: Dict[str, Any], env: Optional[DistEnv] = None, *
     return out
 
 
-def all_gather_list(items: Sequence, env: Optional[DistEnv] = None) -> list:
+def all_gather_list(items: Sequence, env: Optional[DistEnv] = None, total: Optional[int] = None) -> list:
     """Every rank's list, concatenated in rank order, on every rank (e.g. evaluation predictions made on
-    each rank's share of the held-out prompts)."""
+    each rank's share of the held-out prompts); ``total`` drops the padding of ``shard_for_rank(pad=True)``."""
     env = env or current_env()
     if not env.is_distributed:
-        return list(items)
+        return list(items)[:total]
     gathered: List[Optional[list]] = [None] * env.world_size
     dist.all_gather_object(gathered, list(items))
-    return [item for part in gathered for item in part]
+    return [item for part in gathered for item in part][:total]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -207,6 +207,7 @@ def _worker(rank: int, world: int, port: int, workdir: str) -> None:
         load_full_state(wrapped, saved.get("model"), optimizer, saved.get("optim"))
         results["resumed-from-1"] = {"losses": _train(wrapped, optimizer, local, score_ids, 1, env)}
         results["all_cots"] = all_gather_list(results["cots"], env)
+        results["padded_split"] = all_gather_list(shard_for_rank(list("abcde"), env, pad=True), env, total=5)
         results["metrics"] = all_reduce_metrics({"loss": float(rank), "peak_mem_mb": 10.0 * rank, "train_tokens": 5,
                                                  "advantage_min": -float(rank), "method": "real"}, env)
         # the planner's per-GPU weight bytes under FSDP are what rank 0 holds
@@ -276,6 +277,7 @@ def test_two_ranks_match_one_process(tmp_path):
     # rollouts through the FSDP root: rank r generated the CoTs of its prompt share
     assert results["all_cots"] == ref_cots
     assert results["cots_unsharded"] == results["cots"]
+    assert results["padded_split"] == list("abcde")
     assert results["uneven_lengths"] == 1  # rank 0 stopped after one token while rank 1 went on, no hang
     assert results["metrics"] == {"loss": 0.5, "peak_mem_mb": 10.0, "train_tokens": 10, "advantage_min": -1.0,
                                   "method": "real"}
