@@ -2,23 +2,24 @@
 
 Unavailable providers are resolved here, without importing them, and come
 back as ``skipped`` results carrying the reason.  On the CPU each provider's
-cases run in one fresh worker process (``isolation="subprocess"``, the
-default) ordered by operation and then by growing N; ``"inprocess"`` measures
-everything in this process (faster to start, used by the smoke tests; peak
-memory is then less isolated).  On CUDA cases run in this process: the CUDA
-allocator's peak counter is exact per call.
+cases run in one worker process of its own (``isolation="subprocess"``, the
+default); ``"inprocess"`` measures everything in this process (faster to
+start, used by the smoke tests; peak memory is then less isolated).  On CUDA
+cases run in this process: the CUDA allocator's peak counter is exact per
+call.  Providers are interleaved: all of them at one (operation, N), then the
+next N.
 """
 from __future__ import annotations
 
 import sys
-from typing import Dict, Iterable, List, Sequence
+from typing import Dict, List, Sequence
 
 from tqdm.auto import tqdm
 
 from .measure import Case, Result, run_case
 from .providers import get_provider
 from .shapes import Shape
-from .worker import run_in_subprocess
+from .worker import ProviderWorker
 from .workloads import get_op
 
 ISOLATIONS = ("subprocess", "inprocess")
@@ -46,41 +47,50 @@ def _describe(case: Case) -> str:
 
 def run_cases(cases: Sequence[Case], *, isolation: str = "subprocess", timeout_s: float = 3600.0,
               progress: bool = True) -> List[Result]:
-    """Measure every case; one Result per case, in the order given."""
+    """Measure every case; one Result per case, in the order given.
+
+    Measurement order interleaves providers: every provider at one (op, N),
+    then the next N, so a table row is measured within minutes even when the
+    machine's load drifts over a long sweep.
+    """
     if isolation not in ISOLATIONS:
         raise ValueError(f"isolation must be one of {ISOLATIONS}, got {isolation!r}")
-    by_provider: Dict[str, List[Case]] = {}
-    for case in cases:
-        by_provider.setdefault(case.provider, []).append(case)
     results: Dict[int, Result] = {}
-    index = {id(case): i for i, case in enumerate(cases)}
-    bar = tqdm(total=len(cases), desc="bench", unit="run", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    pending: List[int] = []
+    reasons: Dict[str, object] = {}
+    for i, case in enumerate(cases):
+        if case.provider not in reasons:
+            provider = get_provider(case.provider)
+            reason = provider.unavailable_reason(case.device)
+            reasons[case.provider] = (reason, _safe_version(provider)) if reason else None
+        if reasons[case.provider]:
+            reason, version = reasons[case.provider]
+            results[i] = Result(case, "skipped", reason, version=version)
+        else:
+            pending.append(i)
+    provider_order = {name: k for k, name in enumerate(dict.fromkeys(c.provider for c in cases))}
+    op_order = {name: k for k, name in enumerate(dict.fromkeys(c.op for c in cases))}
+    pending.sort(key=lambda i: (op_order[cases[i].op], cases[i].shape.config_key(), cases[i].shape.n,
+                                provider_order[cases[i].provider]))
+
+    workers: Dict[str, ProviderWorker] = {}
+    bar = tqdm(total=len(cases), initial=len(results), desc="bench", unit="run", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
     try:
-        for name, group in by_provider.items():
-            provider = get_provider(name)
-            device = group[0].device
-            reason = provider.unavailable_reason(device)
-            if reason:
-                version = _safe_version(provider)
-                for case in group:
-                    results[index[id(case)]] = Result(case, "skipped", reason, version=version)
-                bar.update(len(group))
-                continue
-            bar.set_postfix_str(_describe(group[0]))
-            for i, (case, result) in enumerate(zip(group, _measure(group, isolation, timeout_s))):
-                results[index[id(case)]] = result
-                bar.update(1)
-                if i + 1 < len(group):
-                    bar.set_postfix_str(_describe(group[i + 1]))
+        for i in pending:
+            case = cases[i]
+            bar.set_postfix_str(_describe(case))
+            if case.device == "cpu" and isolation == "subprocess":
+                worker = workers.setdefault(case.provider, ProviderWorker(timeout_s))
+                results[i] = worker.run(case)
+            else:
+                results[i] = run_case(case)
+            bar.update(1)
     finally:
+        for worker in workers.values():
+            worker.close()
         bar.close()
     return [results[i] for i in range(len(cases))]
-
-
-def _measure(group: List[Case], isolation: str, timeout_s: float) -> Iterable[Result]:
-    if group[0].device == "cpu" and isolation == "subprocess":
-        return run_in_subprocess(group, timeout_s=timeout_s)
-    return (run_case(case) for case in group)
 
 
 def _safe_version(provider) -> str:

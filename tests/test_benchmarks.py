@@ -4,8 +4,8 @@ Covers: every provider computes the same log-probs, judge loss and gradients
 as naive PyTorch (including the peers' judge-head composition, through a
 plain-PyTorch stand-in for a peer's fused cross entropy); the CLI writes the
 CSV / JSON / markdown / PNG outputs and reports skipped providers with their
-reason; the per-provider subprocess measures peak memory that reflects the
-materialised logits; gpu_check fails clearly without CUDA and its shared code
+reason; the per-provider worker process measures peak memory that reflects
+the materialised logits and is restarted after a timeout; gpu_check fails clearly without CUDA and its shared code
 path passes on the CPU.
 """
 import csv
@@ -21,7 +21,8 @@ from benchmarks.measure import Case, Result, is_oom, quantiles
 from benchmarks.providers import CPU_TRITON_REASON, NaiveProvider, PeerProvider, RealKernelsProvider
 from benchmarks.report import CSV_FIELDS
 from benchmarks.shapes import PRESETS, QWEN3_VOCAB, Shape
-from benchmarks.worker import _death_result, run_in_subprocess
+from benchmarks.runner import run_cases
+from benchmarks.worker import ProviderWorker, _death_result
 from benchmarks.workloads import make_inputs
 
 
@@ -131,14 +132,23 @@ def test_presets_match_the_documented_sweeps():
             hidden, QWEN3_VOCAB, "bfloat16", 65536)
 
 
-def test_subprocess_worker_peak_memory_reflects_materialised_logits():
+def test_worker_processes_measure_peak_memory_and_recover_from_a_timeout():
     shape = Shape(n=512, hidden=32, vocab=32768)  # fp32 logits: 64 MiB; naive also holds log_softmax's 64 MiB
     cases = [Case(p, "logprobs-fwd", shape, "cpu", warmup=1, repeats=1) for p in ("naive", "torch")]
-    naive, ours = list(run_in_subprocess(cases[:1])) + list(run_in_subprocess(cases[1:]))
+    naive, ours = run_cases(cases, isolation="subprocess", progress=False)  # one process per provider
     assert naive.ok and ours.ok, (naive.note, ours.note)
     logits_mib = shape.n * shape.vocab * 4 / 2**20
     assert naive.memory_mb >= 1.5 * logits_mib
     assert ours.memory_mb < 0.5 * naive.memory_mb
+
+    worker = ProviderWorker(timeout_s=0.01)  # a child cannot even import torch that fast
+    tiny_case = Case("naive", "logprobs-fwd", Shape(8, 8, 64), "cpu", warmup=0, repeats=1)
+    try:
+        assert worker.run(tiny_case).status == "timeout"
+        worker.timeout_s = 300
+        assert worker.run(tiny_case).ok  # a fresh child takes over
+    finally:
+        worker.close()
 
 
 def test_failures_are_classified_not_raised():
