@@ -21,7 +21,7 @@ SCHEDULES = ("constant", "cosine")
 ROLLOUT_ENGINES = ("hf", "vllm")
 ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+LOSS_AGGREGATIONS = ("token-mean", "sequence-sum", "batch-token-mean")  # real.objectives.AGGREGATIONS
 
 
 def _opt(default, help_: str, choices=None, group: str = "training"):
@@ -49,6 +49,8 @@ class TrainConfig:
     init_from: Optional[str] = _opt(None, "start from the model weights of this checkpoint folder (e.g. a "
                                     "TRACT warm-up) instead of the --model weights", group="run")
     resume: bool = _opt(False, "continue from the newest complete checkpoint in --output-dir", group="run")
+    overwrite: bool = _opt(False, "start afresh in an --output-dir that holds an earlier run (its checkpoints and "
+                           "metrics are deleted)", group="run")
     seed: int = _opt(0, "seed for data order, sampling and initialisation", group="run")
     steps: int = _opt(100, "number of training steps (one rollout batch each)", group="run")
     skip_malformed: bool = _opt(False, "skip malformed data rows (with a count) instead of failing", group="run")
@@ -68,7 +70,8 @@ class TrainConfig:
                         ROLLOUT_ENGINES, "rollout")
     temperature: float = _opt(1.0, "sampling temperature of rollouts", group="rollout")
     top_p: float = _opt(0.9, "nucleus sampling top-p of rollouts", group="rollout")
-    max_new_tokens: int = _opt(256, "longest generated CoT (tokens); generation stops after the score token",
+    max_new_tokens: int = _opt(256, "longest generated CoT (tokens; 32 with --data synthetic); generation stops at "
+                               "the score marker",
                                group="rollout")
     rollout_batch_size: int = _opt(64, "sequences per generate call", group="rollout")
 
@@ -83,7 +86,9 @@ class TrainConfig:
     clip_ratio: float = _opt(0.2, "PPO ratio clip epsilon when a rollout batch is reused", group="objective")
     kl_coef: float = _opt(0.0, "weight of the k3 KL penalty to the initial policy (0 = off, no reference "
                           "model kept)", group="objective")
-    loss_agg: str = _opt("token-mean", "aggregation of the CoT term over tokens", LOSS_AGGREGATIONS,
+    loss_agg: str = _opt("token-mean", "aggregation of the CoT term: token-mean (mean per sequence, then over "
+                         "sequences), sequence-sum, batch-token-mean (every token of the batch weighs the same, "
+                         "per micro-batch)", LOSS_AGGREGATIONS,
                          "objective")
     normalize_scores: bool = _opt(False, "renormalise the score softmax over the score tokens only",
                                   group="objective")
@@ -110,6 +115,8 @@ class TrainConfig:
                                     "installed and the model is on CUDA, else sdpa", ATTENTION, "model")
     dtype: str = _opt("auto", "parameter dtype; auto = bfloat16 on CUDA, float32 on CPU", DTYPES, "model")
     device: str = _opt("auto", "cpu, cuda, cuda:N or auto (cuda when available)", group="model")
+    threads: int = _opt(0, "torch CPU threads; 0 = auto: 1 for --model tiny on the CPU (its ops are too small to "
+                        "split, and one thread does not stall on a shared CPU), else torch's default", group="model")
     head_backend: str = _opt("auto", "judge_head backend: auto, triton, torch or reference", group="model")
     tiny_config: Dict[str, Any] = _opt({}, "overrides of the tiny model's Qwen3Config, KEY=VALUE (only with "
                                        "--model tiny)", group="model")
@@ -142,7 +149,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0; got {getattr(self, name)!r}")
-        non_negative = ("eval_every", "save_every", "keep_checkpoints", "warmup_steps", "lora_rank", "eval_size",
+        non_negative = ("threads", "eval_every", "save_every", "keep_checkpoints", "warmup_steps", "lora_rank", "eval_size",
                         "eval_max_new_tokens", "lr", "weight_decay", "kl_coef", "lora_dropout")
         for name in non_negative:
             if getattr(self, name) < 0:
@@ -160,6 +167,8 @@ class TrainConfig:
             raise ValueError(f"adam_betas must be two numbers; got {self.adam_betas!r}")
         if not self.data:
             raise ValueError("data must name at least one file or 'synthetic'")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: continue a run, or start it afresh")
         if self.tiny_config and self.model != "tiny":
             raise ValueError("tiny_config only applies to --model tiny")
         return self
@@ -311,6 +320,8 @@ def build_parser(prog: str = "real train", description: Optional[str] = None) ->
         elif typing.get_origin(tp) is typing.Union:
             inner = next(a for a in typing.get_args(tp) if a is not type(None))
             group.add_argument(flag, type=inner, metavar=f.name.upper(), **kwargs)
+        elif "choices" in kwargs:
+            group.add_argument(flag, type=tp, metavar="{" + ",".join(kwargs["choices"]) + "}", **kwargs)
         else:
             group.add_argument(flag, type=tp, metavar=f.name.upper(), **kwargs)
     # argparse's own "(default: ...)" would print SUPPRESS; the help strings carry the real default.

@@ -1,0 +1,229 @@
+"""Checkpoints that are either complete or absent, and that resume a run exactly.
+
+``OUTPUT_DIR/checkpoint-STEP/`` holds everything a run needs to continue as if
+it had never stopped:
+
+- ``model.safetensors`` + ``config.json`` (``save_pretrained``; with LoRA the
+  adapter only: ``adapter_model.safetensors`` + ``adapter_config.json``) and the
+  tokenizer, so the folder also loads with ``from_pretrained`` / ``--model``;
+- ``optimizer.pt``, ``scheduler.pt``: their ``state_dict``s;
+- ``rng_state.pt``: the torch (CPU and CUDA), Python and NumPy generators;
+- ``trainer_state.json``: step, data position, and anything the loop adds.
+
+It is written into a hidden temporary folder next to the final one and renamed
+into place (a rename is atomic on one filesystem), and ``trainer_state.json`` is
+written last, so a crash leaves either the old state or a complete checkpoint,
+never half of one; ``latest_checkpoint`` ignores anything without that file.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+PREFIX = "checkpoint-"
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+RNG_FILE = "rng_state.pt"
+CONFIG_FILE = "train_config.json"
+_NAME = re.compile(rf"^{PREFIX}(\d+)$")
+
+
+def checkpoint_path(output_dir: str, step: int) -> str:
+    return os.path.join(output_dir, f"{PREFIX}{step}")
+
+
+def list_checkpoints(output_dir: str) -> List[Tuple[int, str]]:
+    """Complete checkpoints ``(step, path)`` in ``output_dir``, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = _NAME.match(name)
+        path = os.path.join(output_dir, name)
+        if match and os.path.isfile(os.path.join(path, STATE_FILE)):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str) -> Optional[str]:
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def is_peft_model(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+# --- RNG ------------------------------------------------------------------------------
+
+def capture_rng_state() -> Dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np_state = state["numpy"]
+    np.random.set_state((np_state["name"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- model weights --------------------------------------------------------------------
+
+def save_model(model, tokenizer, folder: str) -> None:
+    """Model (or LoRA adapter) as safetensors plus the tokenizer, loadable with from_pretrained."""
+    model.save_pretrained(folder, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def load_model_weights(model, folder: str) -> None:
+    """Load the weights a checkpoint holds into ``model`` in place (full model or LoRA adapter)."""
+    from safetensors.torch import load_file
+
+    if is_peft_model(model):
+        path = os.path.join(folder, "adapter_model.safetensors")
+        if not os.path.isfile(path):
+            raise ValueError(f"checkpoint {folder!r} has no adapter_model.safetensors, but the model being trained "
+                             "is a LoRA model (was the checkpoint written without --lora-rank?)")
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(path, device=str(_device_of(model))))
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise ValueError(f"checkpoint {folder!r}: adapter weights do not match the model: {unexpected[:5]}")
+        return
+    files = sorted(glob.glob(os.path.join(folder, "model*.safetensors")))
+    if not files:
+        if os.path.isfile(os.path.join(folder, "adapter_model.safetensors")):
+            raise ValueError(f"checkpoint {folder!r} holds a LoRA adapter; pass the same --lora-rank to load it")
+        raise ValueError(f"checkpoint {folder!r} has no model*.safetensors weights")
+    state: Dict[str, torch.Tensor] = {}
+    for path in files:
+        state.update(load_file(path, device=str(_device_of(model))))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = _tied_names(model)
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {folder!r} does not match the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+
+
+def _tied_names(model) -> set:
+    """Parameter names that share storage with another parameter (save_pretrained writes one of them)."""
+    seen: Dict[int, str] = {}
+    tied = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        key = tensor.data_ptr()
+        if key in seen:
+            tied.update({name, seen[key]})
+        else:
+            seen[key] = name
+    return tied
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+# --- whole checkpoints ----------------------------------------------------------------
+
+def save_checkpoint(output_dir: str, step: int, *, model, tokenizer, optimizer, scheduler,
+                    trainer_state: Dict[str, Any], config: Optional[Dict[str, Any]] = None) -> str:
+    """Write ``checkpoint-STEP`` atomically (temp folder + rename); returns its path.
+
+    An existing checkpoint of the same step is replaced only once the new one is complete.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    final = checkpoint_path(output_dir, step)
+    tmp = tempfile.mkdtemp(prefix=f".{PREFIX}{step}.tmp-", dir=output_dir)
+    try:
+        save_model(model, tokenizer, tmp)
+        torch.save(optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_FILE))
+        torch.save(scheduler.state_dict(), os.path.join(tmp, SCHEDULER_FILE))
+        torch.save(capture_rng_state(), os.path.join(tmp, RNG_FILE))
+        if config is not None:
+            _write_json(os.path.join(tmp, CONFIG_FILE), config)
+        _write_json(os.path.join(tmp, STATE_FILE), dict(trainer_state, step=step))  # last: marks completeness
+        _fsync_dir(tmp)
+        if os.path.exists(final):
+            trash = tempfile.mkdtemp(prefix=f".{PREFIX}{step}.old-", dir=output_dir)
+            os.rename(final, os.path.join(trash, "old"))
+            os.rename(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def load_checkpoint(folder: str, *, model, optimizer=None, scheduler=None, restore_rng: bool = True) -> Dict[str, Any]:
+    """Load a complete checkpoint into the given objects; returns its trainer state."""
+    state_path = os.path.join(folder, STATE_FILE)
+    if not os.path.isfile(state_path):
+        raise ValueError(f"{folder!r} is not a complete checkpoint (no {STATE_FILE})")
+    load_model_weights(model, folder)
+    device = _device_of(model)
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(os.path.join(folder, OPTIMIZER_FILE), map_location=device,
+                                             weights_only=True))
+    if scheduler is not None:
+        scheduler.load_state_dict(torch.load(os.path.join(folder, SCHEDULER_FILE), weights_only=True))
+    if restore_rng:
+        restore_rng_state(torch.load(os.path.join(folder, RNG_FILE), weights_only=True))
+    with open(state_path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def prune_checkpoints(output_dir: str, keep: int) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints (keep <= 0: keep all) and stale temp folders."""
+    for stale in glob.glob(os.path.join(output_dir, f".{PREFIX}*")):
+        shutil.rmtree(stale, ignore_errors=True)
+    if keep <= 0:
+        return
+    for _, path in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _write_json(path: str, payload: Dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(payload, fh, indent=2, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,760 @@
+"""`real train`: the thin training loop for REAL and its baselines (GRPO, RAFT, TRACT).
+
+One step, readable top to bottom in ``Trainer.train_step``:
+
+1. take the next ``B`` prompts (a seeded permutation per epoch; the position
+   is saved in checkpoints);
+2. REAL / GRPO: sample ``G`` CoTs per prompt (``real.rollout``, seeded by
+   (seed, step)); TRACT: one reference CoT per prompt; RAFT: no CoT;
+3. build the teacher-forced batch (prompt + CoT cut at its marker + marker +
+   true score token, ``real.batching``);
+4. split it into micro-batches under a token budget; for each, run the decoder
+   to hidden states and the fused judge head (``real.objectives.judge_forward``
+   -> ``real_kernels.hf`` -> ``real_kernels.judge_head``: the LM head module is
+   never called, no ``[tokens x vocab]`` logits), the method's loss, backward
+   scaled by the micro-batch's share (gradient accumulation);
+5. clip the gradient norm, AdamW step, schedule step; repeat 4-5 for
+   ``--epochs-per-batch`` epochs (PPO ratio clipping against the first pass's
+   log-probs when > 1);
+6. one JSON line in ``OUTPUT_DIR/metrics.jsonl``; every ``--eval-every`` steps
+   RAIL predictions on held-out prompts and their Pearson/Spearman/Kendall.
+
+Checkpoints (``real.checkpoint``) are atomic and hold everything needed to
+continue exactly: a run stopped after step k and resumed logs the same losses
+as one that never stopped.  Ctrl-C finishes the current step, saves a
+checkpoint and exits (a second Ctrl-C aborts at once).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import signal
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from real import checkpoint as ckpt
+from real.batching import TeacherForcedBatch, build_teacher_forced_batch
+from real.config import TrainConfig, build_parser, config_from_args
+from real.data import JudgeExample, load_judge_data
+from real.metrics import correlations
+from real.objectives import (
+    binary_rewards,
+    group_normalized_advantages,
+    grpo_loss,
+    grpo_token_logprobs,
+    judge_forward,
+    raft_loss,
+    real_advantages,
+    real_loss,
+    regression_reward,
+    rloo_advantages,
+    sampled_score_indices,
+    tract_loss,
+)
+from real.prompts import format_cot, resolve_score_token_ids
+
+SCORE_VALUES = (1, 2, 3, 4, 5)
+METRICS_FILE = "metrics.jsonl"
+ROLLOUT_METHODS = ("real", "grpo")
+SYNTHETIC_DEFAULTS = {"max_new_tokens": 32}  # defaults for --data synthetic, below config file and flags
+
+
+# --- small pieces ---------------------------------------------------------------------
+
+class PromptStream:
+    """A deterministic walk over ``n`` examples: a new seeded permutation every epoch."""
+
+    def __init__(self, n: int, seed: int, position: int = 0):
+        if n <= 0:
+            raise ValueError("the training set is empty")
+        self.n, self.seed, self.position = n, seed, position
+        self._epoch, self._perm = -1, None
+
+    def _order(self, epoch: int) -> List[int]:
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+            self._perm, self._epoch = torch.randperm(self.n, generator=generator).tolist(), epoch
+        return self._perm
+
+    def take(self, k: int) -> List[int]:
+        out = []
+        for _ in range(k):
+            epoch, offset = divmod(self.position, self.n)
+            out.append(self._order(epoch)[offset])
+            self.position += 1
+        return out
+
+
+def plan_micro_batches(lengths: Sequence[int], group_size: int, token_budget: int,
+                       split_groups: bool) -> List[Tuple[int, int]]:
+    """Contiguous row ranges ``[start, end)`` whose rows x longest length fit ``token_budget``.
+
+    Whole groups stay together (the losses normalise within a group); a group
+    too big for the budget is split into rows only when ``split_groups`` (its
+    advantages are then computed beforehand).  A single sequence longer than
+    the budget cannot be trained at all: that is an error.
+    """
+    lengths = [int(x) for x in lengths]
+    longest = max(lengths)
+    if longest > token_budget:
+        raise ValueError(
+            f"a sequence of {longest} tokens does not fit --micro-batch-tokens {token_budget}; raise the budget or "
+            "lower --max-prompt-tokens / --max-cot-tokens / --max-new-tokens")
+    units = [(s, s + group_size) for s in range(0, len(lengths), group_size)]
+    expanded: List[Tuple[int, int]] = []
+    for s, e in units:
+        if (e - s) * max(lengths[s:e]) > token_budget:
+            if not split_groups:
+                raise ValueError(
+                    f"a group of {e - s} sequences of up to {max(lengths[s:e])} tokens does not fit "
+                    f"--micro-batch-tokens {token_budget} and this method needs whole groups per micro-batch; "
+                    "raise the budget, lower --group-size, or shorten the sequences")
+            expanded.extend((r, r + 1) for r in range(s, e))
+        else:
+            expanded.append((s, e))
+    plans: List[Tuple[int, int]] = []
+    start, end, width = expanded[0][0], expanded[0][0], 0
+    for s, e in expanded:
+        new_width = max(width, max(lengths[s:e]))
+        if end > start and (e - start) * new_width > token_budget:
+            plans.append((start, end))
+            start, width = s, max(lengths[s:e])
+        else:
+            width = new_width
+        end = e
+    plans.append((start, end))
+    return plans
+
+
+def slice_batch(batch: TeacherForcedBatch, start: int, end: int) -> TeacherForcedBatch:
+    """Rows ``[start, end)``, columns cut to the longest of them (right padding)."""
+    width = int(batch.attention_mask[start:end].sum(1).max())
+    two_d = {"input_ids", "attention_mask", "cot_mask"}
+    kwargs = {}
+    for name in batch.__dataclass_fields__:
+        value = getattr(batch, name)[start:end]
+        kwargs[name] = value[:, :width] if name in two_d else value
+    return TeacherForcedBatch(**kwargs)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available")
+    return device
+
+
+def peak_memory_mb(device: torch.device) -> Tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_max_rss"
+
+
+def _clean(value):
+    """JSON-safe numbers (NaN/inf -> None)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    return value
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rail_predictions(model, tokenizer, prompts: Sequence[str], score_token_ids, score_values, *,
+                     max_new_tokens: int, batch_size: int, normalize: bool = False, backend: str = "auto",
+                     max_prompt_tokens: int = 2048, max_cot_tokens: int = 1024) -> List[float]:
+    """RAIL with a greedy CoT: the expected score at the position that predicts the score token.
+
+    The position is laid out exactly as in training (``build_teacher_forced_batch`` with targets), so
+    it is the same token the losses read: with tokenizers that keep the space after the marker
+    apart, that is the space token after ``[RESULT]``, not the marker itself.  The placeholder
+    target only fixes that layout; the appended score token comes after the score position and, the
+    model being causal, cannot change the prediction read there.
+    """
+    from real.inference import generate_cots
+    from real_kernels import hf
+
+    cots = [c[0] for c in generate_cots(model, tokenizer, list(prompts), n=1, greedy=True,
+                                         max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                         stop_at_marker=True, progress=False)]
+    device = next(model.parameters()).device
+    out: List[float] = []
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch_size):
+            chunk = slice(start, start + batch_size)
+            n = len(prompts[chunk])
+            batch = build_teacher_forced_batch(
+                tokenizer, prompts[chunk], cots[chunk], [float(score_values[0])] * n, score_token_ids, score_values,
+                max_prompt_tokens=max_prompt_tokens, max_cot_tokens=max_cot_tokens, device=device)
+            head = hf.judge_outputs(model, batch.input_ids, batch.attention_mask, None, score_token_ids,
+                                    score_values, score_pos=batch.score_pos, normalize=normalize, backend=backend)
+            out.extend(float(x) for x in head.expected_score)
+    return out
+
+
+@dataclass
+class TrainResult:
+    output_dir: str
+    last_step: int
+    interrupted: bool
+    checkpoint: Optional[str]
+    final_eval: Optional[Dict[str, Any]]
+    records: List[Dict[str, Any]] = field(default_factory=list)
+
+
+# --- the trainer ----------------------------------------------------------------------
+
+class Trainer:
+    """Holds the model, data, optimiser and rollout engine of one run; ``run()`` trains it."""
+
+    def __init__(self, config: TrainConfig, *, model=None, tokenizer=None,
+                 train_examples: Optional[List[JudgeExample]] = None,
+                 eval_examples: Optional[List[JudgeExample]] = None, log=None):
+        self.config = config
+        self.log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
+        self.device = resolve_device(config.device)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        seed_everything(config.seed)
+        self.output_dir = config.output_dir
+        self.metrics_path = os.path.join(self.output_dir, METRICS_FILE)
+
+        self.model, self.tokenizer = (model, tokenizer) if model is not None else self._load_model()
+        if tokenizer is None and model is not None:
+            raise ValueError("pass the tokenizer together with the model")
+        self.score_values = list(SCORE_VALUES)
+        self.score_token_ids = resolve_score_token_ids(self.tokenizer, self.score_values)
+        if train_examples is None:
+            train_examples, eval_examples = self._load_data()
+        self.train_examples, self.eval_examples = self._check_data(train_examples), list(eval_examples or [])
+
+        if config.init_from:
+            self._init_from(config.init_from)
+        self._prepare_model()
+        self.ref_model = self._reference_model() if config.kl_coef > 0 else None
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if not self.trainable:
+            raise ValueError("the model has no trainable parameters")
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=config.lr, weight_decay=config.weight_decay,
+                                           betas=tuple(config.adam_betas))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
+        self.engine = None
+        if config.method in ROLLOUT_METHODS:
+            from real.rollout import make_rollout_engine
+
+            self.engine = make_rollout_engine(
+                config.rollout, self.model, self.tokenizer, temperature=config.temperature, top_p=config.top_p,
+                max_new_tokens=config.max_new_tokens, batch_size=config.rollout_batch_size,
+                score_values=self.score_values)
+        self.step = 0
+        self.stream = PromptStream(len(self.train_examples), config.seed)
+        self._stop_requested = False
+
+    # --- setup ---------------------------------------------------------------------------
+
+    def _load_model(self):
+        cfg = self.config
+        from real.tiny import build_tiny_model, build_tiny_tokenizer, choose_attn_implementation, load_model_and_tokenizer
+
+        attn = None if cfg.attn_implementation == "auto" else cfg.attn_implementation
+        dtype = None if cfg.dtype == "auto" else cfg.dtype
+        if cfg.model == "tiny":
+            tokenizer = build_tiny_tokenizer()
+            model = build_tiny_model(tokenizer, seed=cfg.seed,
+                                     attn_implementation=choose_attn_implementation(self.device, attn),
+                                     **cfg.tiny_config)
+            torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+                dtype or "", torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+            model = model.to(device=self.device, dtype=torch_dtype)
+        else:
+            model, tokenizer = load_model_and_tokenizer(cfg.model, device=self.device, dtype=dtype,
+                                                        attn_implementation=attn)
+        return model, tokenizer
+
+    def _load_data(self) -> Tuple[List[JudgeExample], List[JudgeExample]]:
+        cfg = self.config
+        if cfg.data == ["synthetic"]:
+            from real.synthetic import SyntheticTask, make_splits
+
+            train, held_out = make_splits(cfg.synthetic_train_size, cfg.synthetic_eval_size, seed=cfg.seed,
+                                          task=SyntheticTask(n_items=cfg.synthetic_items))
+            if cfg.eval_data:
+                held_out = load_judge_data(cfg.eval_data, skip_malformed=cfg.skip_malformed)
+            return train, held_out
+        if "synthetic" in cfg.data:
+            raise ValueError("--data synthetic cannot be mixed with data files")
+        examples = load_judge_data(cfg.data, skip_malformed=cfg.skip_malformed)
+        if cfg.eval_data:
+            return examples, load_judge_data(cfg.eval_data, skip_malformed=cfg.skip_malformed)
+        n_eval = int(len(examples) * cfg.eval_fraction)
+        if n_eval == 0:
+            return examples, []
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        held = set(order[:n_eval])
+        return ([e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)])
+
+    def _check_data(self, examples: List[JudgeExample]) -> List[JudgeExample]:
+        examples = list(examples)
+        if not examples:
+            raise ValueError("the training data is empty")
+        if self.config.method == "tract":
+            usable = [e for e in examples if e.feedback]
+            if not usable:
+                raise ValueError("--method tract trains on reference CoTs, but no training example has feedback")
+            if len(usable) < len(examples):
+                warnings.warn(f"tract: {len(examples) - len(usable)} of {len(examples)} examples have no reference "
+                              "CoT and are left out", stacklevel=2)
+            examples = usable
+        return examples
+
+    def _init_from(self, folder: str) -> None:
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"--init-from {folder!r} does not exist")
+        if os.path.isfile(os.path.join(folder, "adapter_model.safetensors")):
+            self._pending_adapter = folder  # loaded once the LoRA wrapper exists
+            if not self.config.lora_rank:
+                raise ValueError(f"--init-from {folder!r} holds a LoRA adapter; pass --lora-rank to train it further")
+            return
+        ckpt.load_model_weights(self.model, folder)
+        self.log(f"initialised the weights from {folder}")
+
+    def _prepare_model(self) -> None:
+        cfg = self.config
+        model = self.model
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.lora_rank:
+            try:
+                from peft import LoraConfig, get_peft_model
+            except ImportError:
+                raise ValueError("--lora-rank needs the peft package (pip install peft)") from None
+            lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_rank,
+                              lora_dropout=cfg.lora_dropout, target_modules=list(cfg.lora_target_modules),
+                              task_type="CAUSAL_LM")
+            model = get_peft_model(model, lora)
+            if cfg.gradient_checkpointing:
+                model.enable_input_require_grads()
+            pending = getattr(self, "_pending_adapter", None)
+            if pending:
+                ckpt.load_model_weights(model, pending)
+                self.log(f"initialised the LoRA adapter from {pending}")
+        self.model = model.to(self.device)
+        base = ckpt.is_peft_model(model) and model.get_base_model() or model
+        self.attn_implementation = getattr(base.config, "_attn_implementation", None) or "default"
+        n_params = sum(p.numel() for p in self.model.parameters())
+        n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        dtype = next(self.model.parameters()).dtype
+        self.log(f"model {cfg.model}: {type(base).__name__}, {n_params / 1e6:.2f}M parameters "
+                 f"({n_train / 1e6:.2f}M trainable{', LoRA r=%d' % cfg.lora_rank if cfg.lora_rank else ''}), "
+                 f"attention {self.attn_implementation}, dtype {str(dtype).replace('torch.', '')}, "
+                 f"device {self.device}, gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}")
+
+    def _reference_model(self):
+        if ckpt.is_peft_model(self.model):
+            return None  # the adapter is disabled instead (see _ref_forward)
+        import copy
+
+        ref = copy.deepcopy(self.model).eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        return ref
+
+    def _lr_lambda(self, update: int) -> float:
+        cfg = self.config
+        if cfg.warmup_steps and update < cfg.warmup_steps:
+            return (update + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        total = max(cfg.steps * cfg.epochs_per_batch - cfg.warmup_steps, 1)
+        progress = min(max(update - cfg.warmup_steps, 0) / total, 1.0)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    # --- output dir, checkpoints ---------------------------------------------------------
+
+    def _prepare_output_dir(self) -> None:
+        cfg = self.config
+        os.makedirs(self.output_dir, exist_ok=True)
+        existing = ckpt.list_checkpoints(self.output_dir)
+        if cfg.resume:
+            latest = ckpt.latest_checkpoint(self.output_dir)
+            if latest is None:
+                self.log(f"--resume: no complete checkpoint in {self.output_dir}; starting from step 0")
+                self._truncate_metrics(0)
+                return
+            state = ckpt.load_checkpoint(latest, model=self.model, optimizer=self.optimizer,
+                                         scheduler=self.scheduler)
+            self.step = int(state["step"])
+            self.stream.position = int(state["data_position"])
+            self._truncate_metrics(self.step)
+            self.log(f"resumed from {latest} (step {self.step})")
+            return
+        if existing or os.path.exists(self.metrics_path):
+            if not cfg.overwrite:
+                raise ValueError(f"--output-dir {self.output_dir!r} already holds a run "
+                                 f"({len(existing)} checkpoint(s), metrics); pass --resume to continue it, "
+                                 "--overwrite to start afresh, or choose another --output-dir")
+            for _, path in existing:
+                shutil.rmtree(path)
+            if os.path.exists(self.metrics_path):
+                os.remove(self.metrics_path)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop the log lines of steps after ``step`` (they are about to be redone)."""
+        if not os.path.exists(self.metrics_path):
+            return
+        with open(self.metrics_path, encoding="utf-8") as fh:
+            kept = [line for line in fh if line.strip() and json.loads(line).get("step", 0) <= step]
+        with open(self.metrics_path, "w", encoding="utf-8") as fh:
+            fh.writelines(kept)
+
+    def save(self) -> str:
+        state = {"data_position": self.stream.position, "method": self.config.method, "seed": self.config.seed}
+        path = ckpt.save_checkpoint(self.output_dir, self.step, model=self.model, tokenizer=self.tokenizer,
+                                    optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=state,
+                                    config=self.config.to_dict())
+        ckpt.prune_checkpoints(self.output_dir, self.config.keep_checkpoints)
+        return path
+
+    def _write(self, record: Dict[str, Any]) -> None:
+        with open(self.metrics_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(_clean(record)) + "\n")
+
+    # --- one step ------------------------------------------------------------------------
+
+    def _step_seed(self, step: int) -> int:
+        return self.config.seed * 1_000_003 + step
+
+    def _reference_cot(self, example: JudgeExample, rng: random.Random) -> str:
+        j = rng.randrange(len(example.feedback))
+        grade = example.grades[j] if len(example.grades) == len(example.feedback) else example.target
+        return format_cot(example.feedback[j], grade)
+
+    def _batch(self, step: int, examples: List[JudgeExample]):
+        """The teacher-forced batch of this step and what the loss needs besides it."""
+        cfg = self.config
+        extra: Dict[str, Any] = {"generated_tokens": 0}
+        if cfg.method in ROLLOUT_METHODS:
+            rollouts = self.engine.generate(self.model, [e.prompt for e in examples], cfg.group_size,
+                                            seed=self._step_seed(step), with_score=cfg.method == "grpo")
+            prompts, cots = rollouts.prompts, rollouts.cots
+            targets = [e.target for e in examples for _ in range(cfg.group_size)]
+            if cfg.method == "grpo":
+                extra["rewards"] = binary_rewards(rollouts.decoded_scores, targets).to(self.device)
+                extra["sampled_index"] = sampled_score_indices(rollouts.decoded_scores, self.score_values).to(
+                    self.device)
+                extra["decoded_rate"] = sum(d is not None for d in rollouts.decoded_scores) / len(targets)
+        elif cfg.method == "tract":
+            rng = random.Random(self._step_seed(step))
+            prompts = [e.prompt for e in examples]
+            cots = [self._reference_cot(e, rng) for e in examples]
+            targets = [e.target for e in examples]
+        else:  # raft
+            prompts, cots, targets = [e.prompt for e in examples], None, [e.target for e in examples]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore" if cfg.method in ROLLOUT_METHODS else "default")
+            batch = build_teacher_forced_batch(
+                self.tokenizer, prompts, cots, targets, self.score_token_ids, self.score_values,
+                max_prompt_tokens=cfg.max_prompt_tokens, max_cot_tokens=cfg.max_cot_tokens, device=self.device)
+        if cfg.method in ROLLOUT_METHODS:
+            extra["generated_tokens"] = int(batch.cot_lengths.sum())
+        return batch, extra
+
+    def _forward(self, model, mb: TeacherForcedBatch, entropy: bool = True):
+        return judge_forward(model, mb, self.score_token_ids, self.score_values, normalize=self.config.normalize_scores,
+                             return_entropy=entropy, backend=self.config.head_backend)
+
+    def _ref_logprobs(self, mb: TeacherForcedBatch, sampled_index) -> torch.Tensor:
+        with torch.no_grad():
+            if self.ref_model is not None:
+                fwd = self._forward(self.ref_model, mb, entropy=False)
+            else:
+                with self.model.disable_adapter():
+                    fwd = self._forward(self.model, mb, entropy=False)
+        if sampled_index is not None:
+            return grpo_token_logprobs(fwd, sampled_index)[0]
+        return fwd.cot_logprobs
+
+    def _loss(self, fwd, mb_extra: Dict[str, Any]):
+        cfg = self.config
+        clip = cfg.adv_clip if cfg.adv_clip > 0 else None
+        if cfg.method == "real":
+            rows = fwd.targets.shape[0]
+            # A micro-batch holding part of a group carries precomputed advantages; real_loss then only
+            # uses group_size to report the group std, which train_step recomputes over the whole batch.
+            group = cfg.group_size if rows % cfg.group_size == 0 else rows
+            return real_loss(fwd, group, beta=cfg.beta, lam=cfg.lam, mu=cfg.mu, agg=cfg.loss_agg,
+                             normalize_advantages=cfg.normalize_adv, advantage_clip=clip,
+                             advantages=mb_extra["advantages"], old_logprobs=mb_extra.get("old_logprobs"),
+                             ppo_clip=cfg.clip_ratio, ref_logprobs=mb_extra.get("ref_logprobs"),
+                             kl_coef=cfg.kl_coef)
+        if cfg.method == "grpo":
+            return grpo_loss(fwd, mb_extra["rewards"], cfg.group_size, sampled_score_index=mb_extra["sampled_index"],
+                             agg=cfg.loss_agg, old_logprobs=mb_extra.get("old_logprobs"), ppo_clip=cfg.clip_ratio,
+                             ref_logprobs=mb_extra.get("ref_logprobs"), kl_coef=cfg.kl_coef)
+        if cfg.method == "tract":
+            return tract_loss(fwd, lam=cfg.beta)
+        return raft_loss(fwd)
+
+    def train_step(self, step: int) -> Dict[str, Any]:
+        cfg = self.config
+        t_start = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        examples = [self.train_examples[i] for i in self.stream.take(cfg.prompts_per_step)]
+        batch, extra = self._batch(step, examples)
+        t_rollout = time.perf_counter() - t_start
+
+        rl = cfg.method in ROLLOUT_METHODS
+        group = cfg.group_size if rl else 1
+        lengths = batch.attention_mask.sum(1).tolist()
+        plan = plan_micro_batches(lengths, group, cfg.micro_batch_tokens, split_groups=cfg.method == "real")
+        n_rows = len(batch)
+        split = any((e - s) % group for s, e in plan)
+        prepass = rl and (cfg.epochs_per_batch > 1 or split or cfg.kl_coef > 0)
+
+        # Per-micro-batch inputs that must come from the pre-update policy (no grad).
+        mb_extras: List[Dict[str, Any]] = [{} for _ in plan]
+        all_rewards = torch.zeros(n_rows, device=self.device)
+        self.model.train()
+        for k, (s, e) in enumerate(plan):
+            if cfg.method == "grpo":
+                mb_extras[k]["rewards"] = extra["rewards"][s:e]
+                mb_extras[k]["sampled_index"] = extra["sampled_index"][s:e]
+            if not prepass:
+                continue
+            mb = slice_batch(batch, s, e)
+            sampled = mb_extras[k].get("sampled_index")
+            with torch.no_grad():
+                fwd = self._forward(self.model, mb, entropy=False)
+                if cfg.method == "real":
+                    all_rewards[s:e] = regression_reward(fwd.expected_score, fwd.targets, fwd.log_pi_star,
+                                                         lam=cfg.lam, mu=cfg.mu)
+                if cfg.epochs_per_batch > 1:
+                    mb_extras[k]["old_logprobs"] = (grpo_token_logprobs(fwd, sampled)[0] if sampled is not None
+                                                    else fwd.cot_logprobs).detach()
+            if cfg.kl_coef > 0:
+                mb_extras[k]["ref_logprobs"] = self._ref_logprobs(mb, sampled)
+        if prepass and cfg.method == "real":
+            clip = cfg.adv_clip if cfg.adv_clip > 0 else None
+            adv = rloo_advantages(all_rewards.view(-1, group), normalize=cfg.normalize_adv, clip=clip).reshape(-1)
+            for k, (s, e) in enumerate(plan):
+                mb_extras[k]["advantages"] = adv[s:e]
+
+        record: Dict[str, Any] = {}
+        grad_norms, last_loss = [], None
+        advantages_seen = torch.zeros(n_rows, device=self.device)
+        rewards_seen = torch.zeros(n_rows, device=self.device)
+        for epoch in range(cfg.epochs_per_batch):
+            sums: Dict[str, float] = {}
+            for k, (s, e) in enumerate(plan):
+                mb = slice_batch(batch, s, e)
+                fwd = self._forward(self.model, mb)
+                if cfg.method == "real" and "advantages" not in mb_extras[k]:
+                    clip = cfg.adv_clip if cfg.adv_clip > 0 else None
+                    mb_extras[k]["advantages"] = real_advantages(fwd, group, lam=cfg.lam, mu=cfg.mu,
+                                                                 normalize=cfg.normalize_adv, clip=clip)
+                loss, terms = self._loss(fwd, mb_extras[k])
+                if "entropy" not in terms and fwd.cot_entropy is not None:  # the SFT losses do not report it
+                    mask = fwd.cot_mask
+                    terms["entropy"] = float((fwd.cot_entropy.detach() * mask).sum() / mask.sum().clamp(min=1))
+                (loss * ((e - s) / n_rows)).backward()
+                for name, value in terms.items():
+                    sums[name] = sums.get(name, 0.0) + value * (e - s) / n_rows
+                if epoch == 0:
+                    with torch.no_grad():
+                        if cfg.method == "real":
+                            advantages_seen[s:e] = mb_extras[k]["advantages"]
+                            rewards_seen[s:e] = regression_reward(fwd.expected_score, fwd.targets,
+                                                                  fwd.log_pi_star, lam=cfg.lam, mu=cfg.mu)
+                        elif cfg.method == "grpo":
+                            rewards_seen[s:e] = mb_extras[k]["rewards"]
+            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)))
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if epoch == 0:
+                record = dict(sums)
+            last_loss = sums.get("loss")
+
+        elapsed = time.perf_counter() - t_start
+        train_tokens = int(batch.attention_mask.sum()) * (cfg.epochs_per_batch + int(prepass))
+        peak, peak_kind = peak_memory_mb(self.device)
+        out: Dict[str, Any] = {"type": "train", "step": step, "method": cfg.method}
+        out.update(record)
+        if cfg.epochs_per_batch > 1:
+            out["loss_last_epoch"] = last_loss
+        if rl:
+            if cfg.method == "grpo":
+                rewards_seen = extra["rewards"].float()
+                advantages_seen = group_normalized_advantages(rewards_seen.view(-1, group)).reshape(-1)
+                out["decoded_rate"] = extra["decoded_rate"]
+            out.update({
+                "reward_group_std": float(rewards_seen.view(-1, group).std(dim=1, unbiased=False).mean()),
+                "reward_mean": float(rewards_seen.mean()),
+                "reward_std": float(rewards_seen.std(unbiased=False)),
+                "advantage_mean": float(advantages_seen.mean()),
+                "advantage_std": float(advantages_seen.std(unbiased=False)),
+                "advantage_abs": float(advantages_seen.abs().mean()),
+                "advantage_min": float(advantages_seen.min()),
+                "advantage_max": float(advantages_seen.max()),
+            })
+        out.update({
+            "mse": record.get("sq_error"),
+            "entropy": record.get("entropy"),
+            "grad_norm": grad_norms[0] if len(grad_norms) == 1 else float(np.mean(grad_norms)),
+            "lr": self.scheduler.get_last_lr()[0],
+            "micro_batches": len(plan),
+            "sequences": n_rows,
+            "train_tokens": train_tokens,
+            "generated_tokens": extra["generated_tokens"],
+            "rollout_s": t_rollout,
+            "step_s": elapsed,
+            "tokens_per_s": (train_tokens + extra["generated_tokens"]) / max(elapsed, 1e-9),
+            "peak_mem_mb": peak,
+            "peak_mem_kind": peak_kind,
+            "data_position": self.stream.position,
+        })
+        return out
+
+    # --- evaluation ----------------------------------------------------------------------
+
+    def evaluate(self, step: int) -> Optional[Dict[str, Any]]:
+        """RAIL (greedy CoT, expected score) on the held-out prompts: correlations with the targets."""
+        cfg = self.config
+        if not self.eval_examples:
+            return None
+        examples = self.eval_examples[: cfg.eval_size] if cfg.eval_size else self.eval_examples
+        t0 = time.perf_counter()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            predictions = rail_predictions(
+                self.model, self.tokenizer, [e.prompt for e in examples], self.score_token_ids, self.score_values,
+                max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
+                normalize=cfg.normalize_scores, backend=cfg.head_backend,
+                max_prompt_tokens=cfg.max_prompt_tokens, max_cot_tokens=cfg.max_cot_tokens)
+        finally:
+            self.model.train(was_training)
+        targets = [e.target for e in examples]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            corr = correlations(predictions, targets)
+        record = {"type": "eval", "step": step, "method": cfg.method, **corr,
+                  "mse": float(np.mean([(p - t) ** 2 for p, t in zip(predictions, targets)])),
+                  "prediction_mean": float(np.mean(predictions)), "prediction_std": float(np.std(predictions)),
+                  "eval_s": time.perf_counter() - t0}
+        if caught:
+            record["note"] = "; ".join(str(w.message) for w in caught)
+        return record
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def _on_sigint(self, signum, frame):
+        if self._stop_requested:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self._stop_requested = True
+        self.log("Ctrl-C: finishing this step, then saving a checkpoint (Ctrl-C again aborts without saving)")
+
+    def run(self) -> TrainResult:
+        cfg = self.config
+        self._prepare_output_dir()
+        with open(os.path.join(self.output_dir, ckpt.CONFIG_FILE), "w", encoding="utf-8") as fh:
+            json.dump(dict(cfg.to_dict(), attn_implementation_used=self.attn_implementation), fh, indent=2)
+        records: List[Dict[str, Any]] = []
+        last_saved: Optional[str] = None
+        final_eval = None
+        handler_installed = False
+        try:
+            previous = signal.signal(signal.SIGINT, self._on_sigint)
+            handler_installed = True
+        except ValueError:  # not the main thread: Ctrl-C cannot reach us anyway
+            previous = None
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.method} steps", unit="step",
+                   disable=not cfg.progress, file=sys.stderr)
+        interrupted = False
+        try:
+            while self.step < cfg.steps:
+                step = self.step + 1
+                record = self.train_step(step)
+                self.step = step
+                if step == 1 or (cfg.steps and step == cfg.steps):
+                    record["attn_implementation"] = self.attn_implementation
+                self._write(record)
+                records.append(record)
+                bar.update(1)
+                bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "reward_mean", "mse")
+                                 if isinstance(record.get(k), float)})
+                if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+                    final_eval = self.evaluate(step)
+                    if final_eval is not None:
+                        self._write(final_eval)
+                        records.append(final_eval)
+                        self.log(f"step {step} eval: pearson {final_eval['pearson']:.3f}  spearman "
+                                 f"{final_eval['spearman']:.3f}  kendall {final_eval['kendall']:.3f}  "
+                                 f"mse {final_eval['mse']:.3f}  (n={final_eval['n']})")
+                if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+                    last_saved = self.save()
+                if self._stop_requested:
+                    interrupted = True
+                    if last_saved is None or not last_saved.endswith(f"{ckpt.PREFIX}{step}"):
+                        last_saved = self.save()
+                    self.log(f"stopped after step {step}; checkpoint {last_saved}; continue with --resume")
+                    break
+        finally:
+            bar.close()
+            if handler_installed:
+                signal.signal(signal.SIGINT, previous)
+            if self.engine is not None:
+                self.engine.close()
+        return TrainResult(self.output_dir, self.step, interrupted, last_saved, final_eval, records)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(prog="real train", description=(
+        "Train an LLM judge with REAL (regression-aware RL) or a baseline (GRPO, RAFT, TRACT). Settings come from "
+        "--config FILE (YAML or TOML, keys = the flag names with underscores) and/or flags; flags win. "
+        "Example: real train --method real --model tiny --data synthetic --steps 3 --output-dir runs/smoke"))
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+        if config.data == ["synthetic"]:  # the synthetic task's CoTs are ~15 tokens: do not sample 256
+            config = config_from_args(args, base=SYNTHETIC_DEFAULTS)
+        if config.threads == 0 and config.model == "tiny" and resolve_device(config.device).type == "cpu":
+            torch.set_num_threads(1)  # see --threads: tiny ops do not split well, and one thread never stalls
+        result = Trainer(config).run()
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"real train: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("real train: aborted (no checkpoint written for the unfinished step)", file=sys.stderr)
+        return 130
+    if result.interrupted:
+        return 130
+    print(f"done: {result.last_step} steps; metrics in {os.path.join(result.output_dir, METRICS_FILE)}; "
+          f"checkpoint {result.checkpoint}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
