@@ -10,8 +10,9 @@ What it runs (every phase is a plain ``real train`` run, its folder under
    score head: the warm-up every method below starts from;
 3. ``real/``        REAL (rollouts, regression reward, prediction term);
 4. ``grpo/``        binary-reward GRPO, same prompts and rollout budget;
-5. ``tract/``       the warm-up continued for as many steps (a control: is a
-   gain from the labels, or just from more training?).
+5. ``tract/``       a control: the warm-up continued with the same labelled
+   prompts per step, steps and learning rate as REAL (the same label budget;
+   is a gain from RL, or just from more supervised training?).
 
 The synthetic task (``real.synthetic``) is built so that a CoT helps, labels
 are noisy means of three grades, and the reference CoTs over-count near
@@ -37,12 +38,12 @@ import torch
 
 DEFAULTS = dict(
     cot_steps=400, score_steps=100, warmup_batch=128, warmup_lr=3e-3, score_lr=1e-3, cot_beta=0.02,
-    rl_steps=400, rl_prompts=8, group_size=8, rl_lr=3e-4, rl_beta=1.0,
+    rl_steps=300, rl_prompts=16, group_size=8, rl_lr=1e-4, rl_beta=1.0,
     eval_every=50, eval_size=256, train_size=4096, max_new_tokens=32,
 )
 QUICK = dict(
     cot_steps=8, score_steps=4, warmup_batch=16, warmup_lr=3e-3, score_lr=1e-3, cot_beta=0.02,
-    rl_steps=3, rl_prompts=2, group_size=4, rl_lr=3e-4, rl_beta=1.0,
+    rl_steps=3, rl_prompts=2, group_size=4, rl_lr=1e-4, rl_beta=1.0,
     eval_every=3, eval_size=16, train_size=128, max_new_tokens=20,
 )
 ROWS = (("untrained", "untrained (random tiny Qwen3)"), ("warmup", "after warm-up (TRACT)"),
@@ -73,12 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
                    f"calibrate the score (default: {d['score_steps']})")
     p.add_argument("--warmup-batch", type=int, help=f"prompts per warm-up step (default: {d['warmup_batch']})")
     p.add_argument("--warmup-lr", type=float, help=f"learning rate of warm-up stage 1 (default: {d['warmup_lr']})")
-    p.add_argument("--score-lr", type=float, help=f"learning rate of warm-up stage 2 and of the TRACT control "
-                   f"(default: {d['score_lr']})")
+    p.add_argument("--score-lr", type=float, help=f"learning rate of warm-up stage 2 (default: {d['score_lr']})")
     p.add_argument("--rl-steps", type=int, help=f"REAL / GRPO / control steps (default: {d['rl_steps']})")
-    p.add_argument("--rl-prompts", type=int, help=f"prompts per REAL / GRPO step (default: {d['rl_prompts']})")
+    p.add_argument("--rl-prompts", type=int, help=f"prompts per REAL / GRPO / control step (default: "
+                   f"{d['rl_prompts']})")
     p.add_argument("--group-size", type=int, help=f"sampled CoTs per prompt (default: {d['group_size']})")
-    p.add_argument("--rl-lr", type=float, help=f"REAL / GRPO learning rate (default: {d['rl_lr']})")
+    p.add_argument("--rl-lr", type=float, help=f"REAL / GRPO / control learning rate (default: {d['rl_lr']})")
     p.add_argument("--rl-beta", type=float, help=f"weight of REAL's prediction term (default: {d['rl_beta']})")
     p.add_argument("--eval-every", type=int, help=f"held-out evaluation every N steps, for the curves "
                    f"(default: {d['eval_every']})")
@@ -122,9 +123,10 @@ def phase_configs(s: Dict[str, Any], out: str, seed: int, control: bool = True):
         ("real", make_config(method="real", beta=s["rl_beta"], output_dir=os.path.join(out, "real"), **rl), warm_total),
         ("grpo", make_config(method="grpo", output_dir=os.path.join(out, "grpo"), **rl), warm_total),
     ]
-    if control:
-        phases.append(("tract", make_config(steps=s["rl_steps"], lr=s["score_lr"], beta=1.0, init_from=warm_ckpt,
-                                            output_dir=os.path.join(out, "tract"), **sft), warm_total))
+    if control:  # the same labelled prompts per step, steps and learning rate as REAL: the same label budget
+        control_cfg = dict(sft, prompts_per_step=s["rl_prompts"])
+        phases.append(("tract", make_config(steps=s["rl_steps"], lr=s["rl_lr"], beta=1.0, init_from=warm_ckpt,
+                                            output_dir=os.path.join(out, "tract"), **control_cfg), warm_total))
     return phases
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -36,7 +35,6 @@ from real.prompts import SCORE_MARKER
 
 logger = logging.getLogger(__name__)
 
-_SCORE_AFTER_MARKER = re.compile(re.escape(SCORE_MARKER) + r"\s*(-?\d+(?:\.\d+)?)")
 
 
 @dataclass
@@ -49,17 +47,27 @@ class Rollouts:
     group_size: int
 
 
-def decoded_score(text: str, score_values: Sequence[float]) -> Optional[float]:
-    """The number right after the first score marker if it is one of ``score_values``, else None.
+def _value_text(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
-    The first marker is where the teacher-forced batch puts the score position,
-    so this is the value of the very token whose probability GRPO reinforces.
+
+def decoded_score(text: str, score_values: Sequence[float]) -> Optional[float]:
+    """The score value written right after the first score marker, else None.
+
+    Score values are single tokens, so the score is the value whose text starts
+    what follows the marker (the longest one, should "1" and "10" both be
+    values): ``"[RESULT] 35"`` reads 3, since the token after the marker is "3"
+    and GRPO reinforces that token.  The first marker is where the
+    teacher-forced batch puts the score position.
     """
-    match = _SCORE_AFTER_MARKER.search(text)
-    if match is None:
+    cut = text.find(SCORE_MARKER)
+    if cut < 0:
         return None
-    value = float(match.group(1))
-    return value if value in {float(v) for v in score_values} else None
+    rest = text[cut + len(SCORE_MARKER):].lstrip()
+    for value in sorted(score_values, key=lambda v: -len(_value_text(v))):
+        if rest.startswith(_value_text(value)):
+            return float(value)
+    return None
 
 
 def _group(prompts: Sequence[str], per_prompt: Sequence[Sequence[str]], group_size: int, with_score: bool,
@@ -173,20 +181,13 @@ class VLLMRollout:
         per_prompt = []
         for out in outputs:
             texts = [c.text for c in out.outputs]
-            if with_score:
-                texts = [_cut_after_score(t) for t in texts]
-            else:
+            if not with_score:
                 texts = [t if SCORE_MARKER in t else f"{t.rstrip()} {SCORE_MARKER}" for t in texts]
             per_prompt.append(texts)
         return _group(prompts, per_prompt, group_size, with_score, self.score_values)
 
     def close(self) -> None:
         shutil.rmtree(self._folder, ignore_errors=True)
-
-
-def _cut_after_score(text: str) -> str:
-    match = _SCORE_AFTER_MARKER.search(text)
-    return text[: match.end()] if match else text
 
 
 def _merged_state_model(model):

@@ -238,3 +238,16 @@ def test_tokenizer_without_single_token_scores_is_refused(tmp_path):
     model = build_tiny_model(build_tiny_tokenizer())  # any model: the tokenizer is refused first
     with pytest.raises(ValueError, match="'5'"):
         Trainer(_cfg(tmp_path, method="raft", steps=1), model=model, tokenizer=tok, log=lambda m: None)
+
+
+def test_grpo_reads_the_score_token_after_the_first_marker():
+    from real.rollout import decoded_score
+
+    values = [1, 2, 3, 4, 5]
+    assert decoded_score("Feedback: yes 2 [RESULT] 3", values) == 3.0
+    assert decoded_score("Feedback: yes 2 [RESULT] 35 no", values) == 3.0  # the token after the marker is "3"
+    assert decoded_score("Feedback: yes 2 [RESULT]4", values) == 4.0
+    assert decoded_score("[RESULT] 2 [RESULT] 5", values) == 2.0
+    assert decoded_score("Feedback: yes 2 no 2", values) is None
+    assert decoded_score("[RESULT] 7", values) is None and decoded_score("[RESULT] yes", values) is None
+    assert decoded_score("[RESULT] 10", [1, 10]) == 10.0  # the longest value wins
