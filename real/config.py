@@ -149,8 +149,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0; got {getattr(self, name)!r}")
-        non_negative = ("threads", "eval_every", "save_every", "keep_checkpoints", "warmup_steps", "lora_rank", "eval_size",
-                        "eval_max_new_tokens", "lr", "weight_decay", "kl_coef", "lora_dropout")
+        non_negative = ("threads", "eval_every", "save_every", "keep_checkpoints", "warmup_steps", "lora_rank",
+                        "eval_size", "eval_max_new_tokens", "lr", "weight_decay", "kl_coef", "lora_dropout")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)!r}")

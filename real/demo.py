@@ -162,11 +162,19 @@ def plot_curves(path: str, histories: Dict[str, List[Dict[str, Any]]], offsets: 
     import matplotlib.pyplot as plt
 
     fig, (ax_eval, ax_mse) = plt.subplots(1, 2, figsize=(13, 4.8))
+    def last_eval(name):
+        evals = [r for r in histories.get(name, []) if r.get("type") == "eval" and r.get("pearson") is not None]
+        return evals[-1] if evals else None
+
     for name, records in histories.items():
         offset = offsets[name]
         evals = [r for r in records if r.get("type") == "eval" and r.get("pearson") is not None]
         if name == "warmup_cot" and untrained and untrained.get("pearson") is not None:
             evals = [dict(untrained, step=0)] + evals
+        else:  # each later run starts where the one it was initialised from ended
+            start = last_eval("warmup_cot" if name == "warmup" else "warmup")
+            if start is not None:
+                evals = [dict(start, step=0)] + evals
         if evals:
             ax_eval.plot([offset + r["step"] for r in evals], [r["pearson"] for r in evals], marker="o",
                          markersize=3, color=COLOURS[name], label=LABELS[name])
@@ -205,6 +213,7 @@ def run_demo(args) -> Dict[str, Any]:
     histories: Dict[str, List[Dict[str, Any]]] = {}
     offsets: Dict[str, int] = {}
     timings: Dict[str, float] = {}
+    best: Dict[str, Optional[float]] = {}  # best held-out Pearson along each curve (picked on held-out data)
     untrained = None
     t_total = time.perf_counter()
     say = lambda msg: print(msg, flush=True)  # noqa: E731
@@ -225,10 +234,14 @@ def run_demo(args) -> Dict[str, Any]:
         histories[name], offsets[name] = result.records, offset
         if name != "warmup_cot":
             table[name] = _row(result.final_eval)
+            pearsons = [r["pearson"] for r in result.records
+                        if r.get("type") == "eval" and r.get("pearson") is not None]
+            best[name] = max(pearsons) if pearsons else None
         say(f"[demo]   {timings[name]:.0f}s, held-out Pearson {_fmt(result.final_eval['pearson']).strip()}")
     timings["total"] = time.perf_counter() - t_total
     summary = {
         "table": table,
+        "best_pearson_along_curve": best,
         "timings_s": timings,
         "seed": args.seed,
         "settings": settings,
@@ -241,6 +254,8 @@ def run_demo(args) -> Dict[str, Any]:
         plot_curves(os.path.join(out, "curves.png"), histories, offsets, untrained)
     print()
     print(format_table(table))
+    print("best held-out Pearson along the curves (optimistic: picked on the held-out set): "
+          + ", ".join(f"{k} {_fmt(v).strip()}" for k, v in best.items() if k != "warmup"))
     print(f"\ntotal {timings['total']:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in timings.items() if k != 'total')})"
           f"; {os.path.join(out, 'results.json')}" + ("" if args.no_plot else f", {os.path.join(out, 'curves.png')}"))
     return summary

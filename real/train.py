@@ -180,8 +180,12 @@ def seed_everything(seed: int) -> None:
 
 def rail_predictions(model, tokenizer, prompts: Sequence[str], score_token_ids, score_values, *,
                      max_new_tokens: int, batch_size: int, normalize: bool = False, backend: str = "auto",
-                     max_prompt_tokens: int = 2048, max_cot_tokens: int = 1024) -> List[float]:
+                     max_prompt_tokens: int = 2048, max_cot_tokens: int = 1024,
+                     with_cot: bool = True) -> List[float]:
     """RAIL with a greedy CoT: the expected score at the position that predicts the score token.
+
+    ``with_cot=False`` reads it right after the prompt instead (how a RAFT judge, trained without a
+    CoT, is meant to be used).
 
     The position is laid out exactly as in training (``build_teacher_forced_batch`` with targets), so
     it is the same token the losses read: with tokenizers that keep the space after the marker
@@ -192,9 +196,12 @@ def rail_predictions(model, tokenizer, prompts: Sequence[str], score_token_ids, 
     from real.inference import generate_cots
     from real_kernels import hf
 
-    cots = [c[0] for c in generate_cots(model, tokenizer, list(prompts), n=1, greedy=True,
-                                         max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                         stop_at_marker=True, progress=False)]
+    if with_cot:
+        cots = [c[0] for c in generate_cots(model, tokenizer, list(prompts), n=1, greedy=True,
+                                             max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                             stop_at_marker=True, progress=False)]
+    else:
+        cots = [None] * len(prompts)
     device = next(model.parameters()).device
     out: List[float] = []
     with torch.no_grad():
@@ -272,7 +279,8 @@ class Trainer:
 
     def _load_model(self):
         cfg = self.config
-        from real.tiny import build_tiny_model, build_tiny_tokenizer, choose_attn_implementation, load_model_and_tokenizer
+        from real.tiny import (build_tiny_model, build_tiny_tokenizer, choose_attn_implementation,
+                               load_model_and_tokenizer)
 
         attn = None if cfg.attn_implementation == "auto" else cfg.attn_implementation
         dtype = None if cfg.dtype == "auto" else cfg.dtype
@@ -642,7 +650,7 @@ class Trainer:
     # --- evaluation ----------------------------------------------------------------------
 
     def evaluate(self, step: int) -> Optional[Dict[str, Any]]:
-        """RAIL (greedy CoT, expected score) on the held-out prompts: correlations with the targets."""
+        """RAIL (greedy CoT, expected score; no CoT for raft) on the held-out prompts: correlations with the targets."""
         cfg = self.config
         if not self.eval_examples:
             return None
@@ -655,7 +663,8 @@ class Trainer:
                 self.model, self.tokenizer, [e.prompt for e in examples], self.score_token_ids, self.score_values,
                 max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
                 normalize=cfg.normalize_scores, backend=cfg.head_backend,
-                max_prompt_tokens=cfg.max_prompt_tokens, max_cot_tokens=cfg.max_cot_tokens)
+                max_prompt_tokens=cfg.max_prompt_tokens, max_cot_tokens=cfg.max_cot_tokens,
+                with_cot=cfg.method != "raft")
         finally:
             self.model.train(was_training)
         targets = [e.target for e in examples]

@@ -251,3 +251,15 @@ def test_grpo_reads_the_score_token_after_the_first_marker():
     assert decoded_score("Feedback: yes 2 no 2", values) is None
     assert decoded_score("[RESULT] 7", values) is None and decoded_score("[RESULT] yes", values) is None
     assert decoded_score("[RESULT] 10", [1, 10]) == 10.0  # the longest value wins
+
+
+def test_raft_is_evaluated_without_a_cot(tmp_path, monkeypatch):
+    import real.inference
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("a RAFT judge reads its score right after the prompt; nothing is generated")
+
+    monkeypatch.setattr(real.inference, "generate_cots", no_generation)
+    trainer = Trainer(_cfg(tmp_path, method="raft", steps=1), log=lambda m: None)
+    record = trainer.evaluate(0)
+    assert record["n"] == 8 and record["type"] == "eval"
