@@ -134,8 +134,7 @@ class TrainConfig:
     # --- the synthetic task --------------------------------------------------------
     synthetic_train_size: int = _opt(4096, "training examples of --data synthetic", group="synthetic")
     synthetic_eval_size: int = _opt(256, "held-out examples of --data synthetic", group="synthetic")
-    synthetic_items: int = _opt(4, "items to check per synthetic example (score = 1 + correct items)",
-                                group="synthetic")
+    synthetic_items: int = _opt(6, "questions per synthetic example (see real.synthetic)", group="synthetic")
 
     def validate(self) -> "TrainConfig":
         for f in fields(self):

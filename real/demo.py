@@ -14,15 +14,20 @@ What it runs (every phase is a plain ``real train`` run, its folder under
    prompts per step, steps and learning rate as REAL (the same label budget;
    is a gain from RL, or just from more supervised training?).
 
-The synthetic task (``real.synthetic``) is built so that a CoT helps, labels
-are noisy means of three grades, and the reference CoTs over-count near
-misses while the labels do not: imitation learns the flaw, training on labels
-through the model's own CoTs can unlearn it.
+Steps 3-5 start from the same checkpoint and run side by side (``--jobs``
+processes, one thread each by default: the tiny model's ops are too small to
+split across threads).
+
+The synthetic task (``real.synthetic``) is built so that a CoT helps (the grade
+is a clipped running score, which depends on the order of right and wrong
+answers), labels are noisy means of three grades, and the reference CoTs
+over-score near misses while the labels do not: imitation learns the flaw,
+training on the labels through the model's own CoTs can unlearn it.
 
 It prints held-out Pearson / Spearman / Kendall (RAIL: expected score after a
 greedy CoT) for the untrained model and after each phase, and writes
 ``results.json`` (the table, timings, settings) and ``curves.png`` (held-out
-Pearson and training reward over steps).
+Pearson and training regression error over steps).
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 DEFAULTS = dict(
-    cot_steps=400, score_steps=100, warmup_batch=128, warmup_lr=3e-3, score_lr=1e-3, cot_beta=0.02,
+    cot_steps=600, score_steps=100, warmup_batch=128, warmup_lr=3e-3, score_lr=1e-3, cot_beta=0.02,
     rl_steps=300, rl_prompts=16, group_size=8, rl_lr=1e-4, rl_beta=1.0,
     eval_every=50, eval_size=256, train_size=4096, max_new_tokens=32,
 )
@@ -85,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"(default: {d['eval_every']})")
     p.add_argument("--eval-size", type=int, help=f"held-out examples (default: {d['eval_size']})")
     p.add_argument("--train-size", type=int, help=f"training examples (default: {d['train_size']})")
+    p.add_argument("--jobs", type=int, default=2, help="processes for the runs that start from the warm-up (REAL, "
+                   "GRPO, control), each on --threads threads (default: 2)")
     p.add_argument("--no-control", action="store_true", help="skip the 'warm-up continued (TRACT)' control run")
     p.add_argument("--no-plot", action="store_true", help="do not write curves.png")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1: the tiny model's ops are "
@@ -112,7 +119,7 @@ def phase_configs(s: Dict[str, Any], out: str, seed: int, control: bool = True):
     cot_dir, warm_dir = os.path.join(out, "warmup_cot"), os.path.join(out, "warmup")
     warm_ckpt = os.path.join(warm_dir, f"checkpoint-{s['score_steps']}")
     rl = dict(steps=s["rl_steps"], prompts_per_step=s["rl_prompts"], group_size=s["group_size"], lr=s["rl_lr"],
-              init_from=warm_ckpt, **common)
+              init_from=warm_ckpt, rollout_batch_size=s["rl_prompts"] * s["group_size"], **common)
     warm_total = s["cot_steps"] + s["score_steps"]
     phases = [
         ("warmup_cot", make_config(steps=s["cot_steps"], lr=s["warmup_lr"], beta=s["cot_beta"], output_dir=cot_dir,
@@ -202,6 +209,22 @@ def plot_curves(path: str, histories: Dict[str, List[Dict[str, Any]]], offsets: 
     plt.close(fig)
 
 
+def run_phase(config: Dict[str, Any], threads: int):
+    """One ``real train`` run from a config dict: ``(records, final eval, seconds)`` (also in a worker process)."""
+    from real.config import make_config
+    from real.train import Trainer
+
+    from transformers.utils import logging as hf_logging
+
+    if threads:
+        torch.set_num_threads(threads)
+    warnings.simplefilter("ignore")
+    hf_logging.disable_progress_bar()  # save_pretrained's shard bars
+    t0 = time.perf_counter()
+    result = Trainer(make_config(**config), log=lambda msg: None).run()
+    return result.records, result.final_eval, time.perf_counter() - t0
+
+
 def run_demo(args) -> Dict[str, Any]:
     from real.train import Trainer
 
@@ -219,25 +242,50 @@ def run_demo(args) -> Dict[str, Any]:
     say = lambda msg: print(msg, flush=True)  # noqa: E731
     what = {"warmup_cot": "warm-up stage 1 (TRACT, learn the CoT)", "warmup": "warm-up stage 2 (TRACT, calibrate "
             "the score)", "real": "REAL", "grpo": "GRPO (binary reward)", "tract": "TRACT continued (control)"}
-    for name, cfg, offset in phases:
+    def record(name, offset, records, final_eval, seconds):
+        timings[name] = seconds
+        histories[name], offsets[name] = records, offset
+        if name != "warmup_cot":
+            table[name] = _row(final_eval)
+            pearsons = [r["pearson"] for r in records if r.get("type") == "eval" and r.get("pearson") is not None]
+            best[name] = max(pearsons) if pearsons else None
+        say(f"[demo]   {what[name]}: done in {seconds:.0f}s, held-out Pearson {_fmt(final_eval['pearson']).strip()}")
+
+    def announce(name, cfg):
+        shape = f"{cfg.steps} steps x {cfg.prompts_per_step} prompts" + (
+            f" x {cfg.group_size} sampled CoTs" if cfg.method in ("real", "grpo") else " (reference CoTs)")
+        say(f"[demo] {what[name]}: {shape}")
+
+    # The warm-up runs here; the branches that start from it are independent and run side by side.
+    warmups = [p for p in phases if p[0].startswith("warmup")]
+    branches = [p for p in phases if not p[0].startswith("warmup")]
+    for name, cfg, offset in warmups:
         t0 = time.perf_counter()
         trainer = Trainer(cfg, log=lambda msg: None)
         if untrained is None:
             untrained = trainer.evaluate(0)
             table["untrained"] = _row(untrained)
             say(f"[demo] untrained model: held-out Pearson {_fmt(untrained['pearson']).strip()}")
-        shape = f"{cfg.steps} steps x {cfg.prompts_per_step} prompts" + (
-            f" x {cfg.group_size} sampled CoTs" if cfg.method in ("real", "grpo") else " (reference CoTs)")
-        say(f"[demo] {what[name]}: {shape}")
+        announce(name, cfg)
         result = trainer.run()
-        timings[name] = time.perf_counter() - t0
-        histories[name], offsets[name] = result.records, offset
-        if name != "warmup_cot":
-            table[name] = _row(result.final_eval)
-            pearsons = [r["pearson"] for r in result.records
-                        if r.get("type") == "eval" and r.get("pearson") is not None]
-            best[name] = max(pearsons) if pearsons else None
-        say(f"[demo]   {timings[name]:.0f}s, held-out Pearson {_fmt(result.final_eval['pearson']).strip()}")
+        record(name, offset, result.records, result.final_eval, time.perf_counter() - t0)
+    for name, cfg, _ in branches:
+        announce(name, cfg)
+    jobs = max(1, min(args.jobs, len(branches)))
+    if jobs == 1:
+        for name, cfg, offset in branches:
+            record(name, offset, *run_phase(cfg.to_dict(), args.threads))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        say(f"[demo] running the {len(branches)} branches in {jobs} processes")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(run_phase, cfg.to_dict(), args.threads): (name, offset)
+                       for name, cfg, offset in branches}
+            for future in as_completed(futures):
+                name, offset = futures[future]
+                record(name, offset, *future.result())
     timings["total"] = time.perf_counter() - t_total
     summary = {
         "table": table,
@@ -246,6 +294,7 @@ def run_demo(args) -> Dict[str, Any]:
         "seed": args.seed,
         "settings": settings,
         "threads": torch.get_num_threads(),
+        "jobs": args.jobs,
         "metric": "RAIL: expected score after a greedy CoT, on the held-out synthetic split",
     }
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as fh:
@@ -255,7 +304,7 @@ def run_demo(args) -> Dict[str, Any]:
     print()
     print(format_table(table))
     print("best held-out Pearson along the curves (optimistic: picked on the held-out set): "
-          + ", ".join(f"{k} {_fmt(v).strip()}" for k, v in best.items() if k != "warmup"))
+          + ", ".join(f"{k} {_fmt(best[k]).strip()}" for k, _ in ROWS if k in best and k != "warmup"))
     print(f"\ntotal {timings['total']:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in timings.items() if k != 'total')})"
           f"; {os.path.join(out, 'results.json')}" + ("" if args.no_plot else f", {os.path.join(out, 'curves.png')}"))
     return summary

@@ -753,6 +753,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         config = config_from_args(args)
         if config.data == ["synthetic"]:  # the synthetic task's CoTs are ~15 tokens: do not sample 256
             config = config_from_args(args, base=SYNTHETIC_DEFAULTS)
+        if not config.progress:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # save_pretrained's shard bars
         if config.threads == 0 and config.model == "tiny" and resolve_device(config.device).type == "cpu":
             torch.set_num_threads(1)  # see --threads: tiny ops do not split well, and one thread never stalls
         result = Trainer(config).run()
