@@ -26,13 +26,7 @@ from benchmarks.worker import ProviderWorker, _death_result
 from benchmarks.workloads import make_inputs
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one intra-op thread is faster, and immune to a busy second core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class PlainCrossEntropyPeer(PeerProvider):

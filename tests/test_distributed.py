@@ -55,13 +55,7 @@ SCENARIOS = {  # name -> (parallel mode, LoRA rank, gradient checkpointing)
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one intra-op thread is as fast, and immune to a busy machine's thread oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _build(lora_rank: int = 0, checkpointing: bool = False):

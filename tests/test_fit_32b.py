@@ -13,13 +13,7 @@ from real.objectives import judge_forward, real_loss
 pytest.importorskip("peft")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one intra-op thread is as fast, and immune to a busy machine's thread oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_scaled_down_run_reports_both_heads(tmp_path, capsys):

@@ -11,13 +11,7 @@ from real.config import make_config
 from real.train import PromptStream, Trainer, main, plan_micro_batches
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny model's ops are too small to split; one thread is faster and does not stall on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(out, **overrides):
