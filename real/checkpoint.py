@@ -91,9 +91,17 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
 
 # --- model weights --------------------------------------------------------------------
 
-def save_model(model, tokenizer, folder: str) -> None:
-    """Model (or LoRA adapter) as safetensors plus the tokenizer, loadable with from_pretrained."""
-    model.save_pretrained(folder, safe_serialization=True)
+def save_model(model, tokenizer, folder: str, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
+    """Model (or LoRA adapter) as safetensors plus the tokenizer, loadable with from_pretrained.
+
+    ``state_dict``: the full weights to write instead of the model's own (under
+    FSDP the model holds shards; ``real.distributed.full_model_state_dict``
+    gathers them); keyed like ``model.state_dict()``.
+    """
+    if state_dict is not None:
+        model.save_pretrained(folder, safe_serialization=True, state_dict=_without_tied_head(model, state_dict))
+    else:
+        model.save_pretrained(folder, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
 
@@ -130,6 +138,20 @@ def load_model_weights(model, folder: str) -> None:
                          f"unexpected {unexpected[:5]}")
 
 
+def _without_tied_head(model, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A gathered state dict holds a tied LM head as a separate copy; write it the way ``save_pretrained`` writes
+    the model's own (the embeddings only), so both kinds of checkpoint have the same keys."""
+    config = getattr(model, "config", None)
+    if is_peft_model(model) or not getattr(config, "tie_word_embeddings", False):
+        return state_dict
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    names = {id(m): n for n, m in model.named_modules()}
+    head_key, embed_key = f"{names.get(id(head))}.weight", f"{names.get(id(embed))}.weight"
+    if head_key in state_dict and embed_key in state_dict and head_key != embed_key:
+        return {k: v for k, v in state_dict.items() if k != head_key}
+    return state_dict
+
+
 def _tied_names(model) -> set:
     """Parameter names that share storage with another parameter (save_pretrained writes one of them)."""
     seen: Dict[int, str] = {}
@@ -150,17 +172,24 @@ def _device_of(model) -> torch.device:
 # --- whole checkpoints ----------------------------------------------------------------
 
 def save_checkpoint(output_dir: str, step: int, *, model, tokenizer, optimizer, scheduler,
-                    trainer_state: Dict[str, Any], config: Optional[Dict[str, Any]] = None) -> str:
+                    trainer_state: Dict[str, Any], config: Optional[Dict[str, Any]] = None,
+                    model_state: Optional[Dict[str, torch.Tensor]] = None,
+                    optimizer_state: Optional[Dict[str, Any]] = None) -> str:
     """Write ``checkpoint-STEP`` atomically (temp folder + rename); returns its path.
 
-    An existing checkpoint of the same step is replaced only once the new one is complete.
+    ``model_state`` / ``optimizer_state``: full state dicts to write instead of
+    ``model`` / ``optimizer``'s own (the training loop passes the gathered,
+    parameter-name keyed ones of ``real.distributed``, which load on any
+    number of ranks).  An existing checkpoint of the same step is replaced
+    only once the new one is complete.
     """
     os.makedirs(output_dir, exist_ok=True)
     final = checkpoint_path(output_dir, step)
     tmp = tempfile.mkdtemp(prefix=f".{PREFIX}{step}.tmp-", dir=output_dir)
     try:
-        save_model(model, tokenizer, tmp)
-        torch.save(optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_FILE))
+        save_model(model, tokenizer, tmp, state_dict=model_state)
+        torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state,
+                   os.path.join(tmp, OPTIMIZER_FILE))
         torch.save(scheduler.state_dict(), os.path.join(tmp, SCHEDULER_FILE))
         torch.save(capture_rng_state(), os.path.join(tmp, RNG_FILE))
         if config is not None:
@@ -197,6 +226,26 @@ def load_checkpoint(folder: str, *, model, optimizer=None, scheduler=None, resto
         restore_rng_state(torch.load(os.path.join(folder, RNG_FILE), weights_only=True))
     with open(state_path, encoding="utf-8") as fh:
         return json.load(fh)
+
+
+def read_trainer_state(folder: str) -> Dict[str, Any]:
+    state_path = os.path.join(folder, STATE_FILE)
+    if not os.path.isfile(state_path):
+        raise ValueError(f"{folder!r} is not a complete checkpoint (no {STATE_FILE})")
+    with open(state_path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def read_optimizer_state(folder: str) -> Dict[str, Any]:
+    return torch.load(os.path.join(folder, OPTIMIZER_FILE), map_location="cpu", weights_only=True)
+
+
+def read_scheduler_state(folder: str) -> Dict[str, Any]:
+    return torch.load(os.path.join(folder, SCHEDULER_FILE), weights_only=True)
+
+
+def read_rng_state(folder: str) -> Dict[str, Any]:
+    return torch.load(os.path.join(folder, RNG_FILE), weights_only=True)
 
 
 def prune_checkpoints(output_dir: str, keep: int) -> None:

@@ -21,6 +21,7 @@ SCHEDULES = ("constant", "cosine")
 ROLLOUT_ENGINES = ("hf", "vllm")
 ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+PARALLEL = ("fsdp", "ddp", "none")  # real.distributed.PARALLEL_MODES
 LOSS_AGGREGATIONS = ("token-mean", "sequence-sum", "batch-token-mean")  # real.objectives.AGGREGATIONS
 
 
@@ -115,6 +116,10 @@ class TrainConfig:
                                     "installed and the model is on CUDA, else sdpa", ATTENTION, "model")
     dtype: str = _opt("auto", "parameter dtype; auto = bfloat16 on CUDA, float32 on CPU", DTYPES, "model")
     device: str = _opt("auto", "cpu, cuda, cuda:N or auto (cuda when available)", group="model")
+    parallel: str = _opt("fsdp", "how the processes of a torchrun launch share the work: fsdp (FSDP2 "
+                         "fully_shard: weights, gradients and AdamW states sharded over the ranks), ddp (a full "
+                         "replica per rank, gradients all-reduced) or none; a plain one-process run ignores it",
+                         PARALLEL, "model")
     threads: int = _opt(0, "torch CPU threads; 0 = auto: 1 for --model tiny on the CPU (its ops are too small to "
                         "split, and one thread does not stall on a shared CPU), else torch's default", group="model")
     head_backend: str = _opt("auto", "judge_head backend: auto, triton, torch or reference", group="model")

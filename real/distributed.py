@@ -159,6 +159,27 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_object(obj: Any, env: Optional[DistEnv] = None) -> Any:
+    """Rank 0's ``obj`` on every rank (pickled); the object itself in one process."""
+    env = env or current_env()
+    if not env.is_distributed:
+        return obj
+    box = [obj if env.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def max_over_ranks(value: int, env: Optional[DistEnv] = None) -> int:
+    """The largest of the ranks' ``value`` (e.g. micro-batches per step, so every rank runs as many)."""
+    env = env or current_env()
+    if not env.is_distributed:
+        return int(value)
+    device = env.device if env.backend == "nccl" else torch.device("cpu")
+    t = torch.tensor([int(value)], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def cleanup_distributed() -> None:
     """Leave the process group (at the end of a run)."""
     global _ENV
@@ -480,7 +501,7 @@ def load_full_state(wrapped: nn.Module, model_state: Optional[Dict[str, torch.Te
     size.  ``strict=False`` loads a partial model state (e.g. LoRA adapter
     weights only).
     """
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
     env = current_env()
     distributed = parallel_mode(wrapped) != "none" and env.is_distributed
@@ -492,10 +513,25 @@ def load_full_state(wrapped: nn.Module, model_state: Optional[Dict[str, torch.Te
             prefixed = {}
         set_model_state_dict(wrapped, prefixed, options=opts)
     if optimizer is not None and (optimizer_state is not None or distributed):
-        state = _map_optimizer_keys(optimizer_state, lambda k: _ROOT_PREFIX + k) if optimizer_state else {}
-        if distributed and not env.is_main:
-            state = {}
-        set_optimizer_state_dict(wrapped, optimizer, state, options=opts)
+        load_full_optimizer_state(wrapped, optimizer, optimizer_state)
+
+
+def load_full_optimizer_state(wrapped: nn.Module, optimizer: torch.optim.Optimizer,
+                              optimizer_state: Optional[Dict[str, Any]]) -> None:
+    """Load an optimizer state saved by ``full_optimizer_state_dict`` (parameter-name keys) for this world size.
+
+    Under FSDP/DDP only rank 0's ``optimizer_state`` is used (broadcast and
+    resharded); every rank must call it.
+    """
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    env = current_env()
+    distributed = parallel_mode(wrapped) != "none" and env.is_distributed
+    opts = _state_dict_options(full=True, broadcast=True) if distributed else _state_dict_options(full=False)
+    state = _map_optimizer_keys(optimizer_state, lambda k: _ROOT_PREFIX + k) if optimizer_state else {}
+    if distributed and not env.is_main:
+        state = {}
+    set_optimizer_state_dict(wrapped, optimizer, state, options=opts)
 
 
 def _map_optimizer_keys(state: Dict[str, Any], fn: Callable[[str], str]) -> Dict[str, Any]:

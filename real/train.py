@@ -44,6 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from real import checkpoint as ckpt
+from real import distributed as dist_utils
 from real.batching import TeacherForcedBatch, build_teacher_forced_batch
 from real.config import TrainConfig, build_parser, config_from_args
 from real.data import JudgeExample, load_judge_data
@@ -217,6 +218,18 @@ def rail_predictions(model, tokenizer, prompts: Sequence[str], score_token_ids, 
     return out
 
 
+def _generate_with(model, engine, *args, **kwargs):
+    """``engine.generate`` on ``model``: called as ``wrapped(_generate_with, engine, ...)`` so that under
+    FSDP the sampling runs inside the root module's forward, with its parameters gathered."""
+    return engine.generate(model, *args, **kwargs)
+
+
+def _is_legacy_optimizer_state(state: Dict[str, Any]) -> bool:
+    """``optimizer.state_dict()`` (integer parameter ids) rather than a parameter-name keyed full state."""
+    groups = state.get("param_groups") or [{}]
+    return any(isinstance(p, int) for p in groups[0].get("params", []))
+
+
 @dataclass
 class TrainResult:
     output_dir: str
@@ -236,8 +249,14 @@ class Trainer:
                  train_examples: Optional[List[JudgeExample]] = None,
                  eval_examples: Optional[List[JudgeExample]] = None, log=None):
         self.config = config
-        self.log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
-        self.device = resolve_device(config.device)
+        device = resolve_device(config.device)
+        # torchrun: join the process group; one process: a one-rank environment, nothing to join.
+        self.env = dist_utils.setup_distributed(device=None if config.device == "auto" else str(device))
+        self.device = self.env.device
+        self.is_main = self.env.is_main
+        self.log = (log or (lambda msg: tqdm.write(msg, file=sys.stderr))) if self.is_main else (lambda msg: None)
+        if self.env.is_distributed:
+            self._check_distributed()
         if config.threads:
             torch.set_num_threads(config.threads)
         seed_everything(config.seed)
@@ -257,7 +276,19 @@ class Trainer:
             self._init_from(config.init_from)
         self._prepare_model()
         self.ref_model = self._reference_model() if config.kl_coef > 0 else None
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.resume_from = self._find_resume_checkpoint()
+        if self.resume_from:  # the weights go in before sharding; optimizer etc. after it
+            ckpt.load_model_weights(self.model, self.resume_from)
+        # Everything the loop does with the model runs as self.wrapped(fn, ...) (real.distributed): under
+        # FSDP that gathers the LM-head weight the fused head reads and reduce-scatters its gradient.
+        self.wrapped = dist_utils.wrap_model(self.model, config.parallel, self.env)
+        # FSDP warns that the root returns views (the head's outputs); the loop never writes into them in place.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+        self.ref_wrapped = None
+        if self.ref_model is not None:
+            self.ref_wrapped = dist_utils.wrap_model(self.ref_model, "fsdp" if config.parallel == "fsdp" else "none",
+                                                     self.env)
+        self.trainable = [p for p in self.wrapped.parameters() if p.requires_grad]
         if not self.trainable:
             raise ValueError("the model has no trainable parameters")
         self.optimizer = torch.optim.AdamW(self.trainable, lr=config.lr, weight_decay=config.weight_decay,
@@ -274,8 +305,22 @@ class Trainer:
         self.step = 0
         self.stream = PromptStream(len(self.train_examples), config.seed)
         self._stop_requested = False
+        if self.resume_from:
+            self._load_training_state(self.resume_from)
 
     # --- setup ---------------------------------------------------------------------------
+
+    def _check_distributed(self) -> None:
+        cfg, world = self.config, self.env.world_size
+        if cfg.prompts_per_step % world:
+            raise ValueError(f"--prompts-per-step {cfg.prompts_per_step} cannot be split evenly over {world} ranks; "
+                             f"make it a multiple of {world} (each rank takes whole prompt groups)")
+        if cfg.rollout == "vllm" and cfg.method in ROLLOUT_METHODS:
+            raise ValueError("--rollout vllm runs one engine per process and is not supported under torchrun yet; "
+                             "use --rollout hf (it samples through the sharded model)")
+        if cfg.parallel == "none":
+            raise ValueError(f"--parallel none under torchrun would train {world} unsynchronised copies; "
+                             "use --parallel fsdp or ddp")
 
     def _load_model(self):
         cfg = self.config
@@ -401,22 +446,52 @@ class Trainer:
 
     # --- output dir, checkpoints ---------------------------------------------------------
 
+    def _find_resume_checkpoint(self) -> Optional[str]:
+        """The newest complete checkpoint to resume from (rank 0 decides; every rank reads the files, so
+        several nodes need the output directory on a shared filesystem)."""
+        if not self.config.resume:
+            return None
+        return dist_utils.broadcast_object(ckpt.latest_checkpoint(self.output_dir) if self.is_main else None,
+                                           self.env)
+
+    def _load_training_state(self, folder: str) -> None:
+        """Optimizer, schedule, RNG and data position of a checkpoint (the weights are already in)."""
+        optimizer_state = ckpt.read_optimizer_state(folder) if self.is_main else None
+        if self.is_main and _is_legacy_optimizer_state(optimizer_state):  # checkpoints before name-keyed states
+            if self.env.is_distributed:
+                raise ValueError(f"{folder!r} holds an optimizer state in the old one-process format; resume it "
+                                 "in one process (it is rewritten in the new format at the next checkpoint)")
+            self.optimizer.load_state_dict(optimizer_state)
+        else:
+            dist_utils.load_full_optimizer_state(self.wrapped, self.optimizer, optimizer_state)
+        self.scheduler.load_state_dict(ckpt.read_scheduler_state(folder))
+        ckpt.restore_rng_state(ckpt.read_rng_state(folder))
+        state = ckpt.read_trainer_state(folder)
+        self.step = int(state["step"])
+        self.stream.position = int(state["data_position"])
+
     def _prepare_output_dir(self) -> None:
+        """Rank 0 checks and prepares the output directory; every rank gets its verdict."""
+        error = None
+        if self.is_main:
+            try:
+                self._prepare_output_dir_main()
+            except (ValueError, OSError) as exc:
+                error = f"{type(exc).__name__}: {exc}"
+        error = dist_utils.broadcast_object(error, self.env)
+        if error:
+            raise ValueError(error.split(": ", 1)[1] if error.startswith("ValueError") else error)
+
+    def _prepare_output_dir_main(self) -> None:
         cfg = self.config
         os.makedirs(self.output_dir, exist_ok=True)
         existing = ckpt.list_checkpoints(self.output_dir)
         if cfg.resume:
-            latest = ckpt.latest_checkpoint(self.output_dir)
-            if latest is None:
+            if self.resume_from is None:
                 self.log(f"--resume: no complete checkpoint in {self.output_dir}; starting from step 0")
-                self._truncate_metrics(0)
-                return
-            state = ckpt.load_checkpoint(latest, model=self.model, optimizer=self.optimizer,
-                                         scheduler=self.scheduler)
-            self.step = int(state["step"])
-            self.stream.position = int(state["data_position"])
+            else:
+                self.log(f"resumed from {self.resume_from} (step {self.step})")
             self._truncate_metrics(self.step)
-            self.log(f"resumed from {latest} (step {self.step})")
             return
         if existing or os.path.exists(self.metrics_path):
             if not cfg.overwrite:
@@ -438,14 +513,28 @@ class Trainer:
             fh.writelines(kept)
 
     def save(self) -> str:
-        state = {"data_position": self.stream.position, "method": self.config.method, "seed": self.config.seed}
-        path = ckpt.save_checkpoint(self.output_dir, self.step, model=self.model, tokenizer=self.tokenizer,
-                                    optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=state,
-                                    config=self.config.to_dict())
-        ckpt.prune_checkpoints(self.output_dir, self.config.keep_checkpoints)
+        """A checkpoint of full, parameter-name keyed states (collective: every rank calls it; rank 0 writes).
+
+        Full states do not depend on the number of ranks: a run saved on K ranks resumes on any number.
+        """
+        distributed = self.env.is_distributed
+        model_state = dist_utils.full_model_state_dict(self.wrapped) if distributed else None
+        optimizer_state = dist_utils.full_optimizer_state_dict(self.wrapped, self.optimizer)
+        path = ckpt.checkpoint_path(self.output_dir, self.step)
+        if self.is_main:
+            state = {"data_position": self.stream.position, "method": self.config.method, "seed": self.config.seed,
+                     "world_size": self.env.world_size}
+            path = ckpt.save_checkpoint(self.output_dir, self.step, model=self.model, tokenizer=self.tokenizer,
+                                        optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=state,
+                                        config=self.config.to_dict(), model_state=model_state,
+                                        optimizer_state=optimizer_state)
+            ckpt.prune_checkpoints(self.output_dir, self.config.keep_checkpoints)
+        dist_utils.barrier()
         return path
 
     def _write(self, record: Dict[str, Any]) -> None:
+        if not self.is_main:
+            return
         with open(self.metrics_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(_clean(record)) + "\n")
 
@@ -460,12 +549,19 @@ class Trainer:
         return format_cot(example.feedback[j], grade)
 
     def _batch(self, step: int, examples: List[JudgeExample]):
-        """The teacher-forced batch of this step and what the loss needs besides it."""
+        """This rank's teacher-forced batch of the step (all of it in one process) and what the loss needs
+        besides it.  ``examples`` are the whole step's prompts; each rank takes its contiguous share."""
         cfg = self.config
         extra: Dict[str, Any] = {"generated_tokens": 0}
+        if cfg.method == "tract":  # drawn for the whole step, then shared out: the same CoTs on any number of ranks
+            rng = random.Random(self._step_seed(step))
+            all_cots = [self._reference_cot(e, rng) for e in examples]
+            all_cots = dist_utils.shard_for_rank(all_cots, self.env)
+        examples = dist_utils.shard_for_rank(examples, self.env)
         if cfg.method in ROLLOUT_METHODS:
-            rollouts = self.engine.generate(self.model, [e.prompt for e in examples], cfg.group_size,
-                                            seed=self._step_seed(step), with_score=cfg.method == "grpo")
+            rollouts = self.wrapped(_generate_with, self.engine, [e.prompt for e in examples], cfg.group_size,
+                                    seed=dist_utils.rank_seed(self._step_seed(step), self.env),
+                                    with_score=cfg.method == "grpo")
             prompts, cots = rollouts.prompts, rollouts.cots
             targets = [e.target for e in examples for _ in range(cfg.group_size)]
             if cfg.method == "grpo":
@@ -474,10 +570,7 @@ class Trainer:
                     self.device)
                 extra["decoded_rate"] = sum(d is not None for d in rollouts.decoded_scores) / len(targets)
         elif cfg.method == "tract":
-            rng = random.Random(self._step_seed(step))
-            prompts = [e.prompt for e in examples]
-            cots = [self._reference_cot(e, rng) for e in examples]
-            targets = [e.target for e in examples]
+            prompts, cots, targets = [e.prompt for e in examples], all_cots, [e.target for e in examples]
         else:  # raft
             prompts, cots, targets = [e.prompt for e in examples], None, [e.target for e in examples]
         with warnings.catch_warnings():
@@ -489,17 +582,23 @@ class Trainer:
             extra["generated_tokens"] = int(batch.cot_lengths.sum())
         return batch, extra
 
-    def _forward(self, model, mb: TeacherForcedBatch, entropy: bool = True):
+    def _judge_forward(self, model, mb: TeacherForcedBatch, entropy: bool = True, adapter: bool = True):
+        if not adapter:  # the LoRA model's reference policy: its base model
+            with model.disable_adapter():
+                return self._judge_forward(model, mb, entropy)
         return judge_forward(model, mb, self.score_token_ids, self.score_values, normalize=self.config.normalize_scores,
                              return_entropy=entropy, backend=self.config.head_backend)
 
+    def _forward(self, mb: TeacherForcedBatch, entropy: bool = True):
+        """Decoder + fused head on the policy, inside the wrapper (see real.distributed)."""
+        return self.wrapped(self._judge_forward, mb, entropy)
+
     def _ref_logprobs(self, mb: TeacherForcedBatch, sampled_index) -> torch.Tensor:
         with torch.no_grad():
-            if self.ref_model is not None:
-                fwd = self._forward(self.ref_model, mb, entropy=False)
+            if self.ref_wrapped is not None:
+                fwd = self.ref_wrapped(self._judge_forward, mb, False)
             else:
-                with self.model.disable_adapter():
-                    fwd = self._forward(self.model, mb, entropy=False)
+                fwd = self.wrapped(self._judge_forward, mb, False, False)
         if sampled_index is not None:
             return grpo_token_logprobs(fwd, sampled_index)[0]
         return fwd.cot_logprobs
@@ -525,28 +624,49 @@ class Trainer:
             return tract_loss(fwd, lam=cfg.beta)
         return raft_loss(fwd)
 
+    def _dummy_forward(self, batch: TeacherForcedBatch, grad: bool) -> None:
+        """A forward (and backward) that changes nothing, on a rank with fewer micro-batches than another:
+        under FSDP every forward and backward is a collective, so all ranks must run as many.  The zero
+        loss still reaches every parameter, so the gradient reduce-scatter runs too."""
+        mb = slice_batch(batch, 0, 1)
+        if not grad:
+            with torch.no_grad():
+                self._forward(mb, entropy=False)
+            return
+        fwd = self._forward(mb, entropy=False)
+        (0.0 * (fwd.expected_score.sum() + fwd.cot_logprobs.sum())).backward()
+
     def train_step(self, step: int) -> Dict[str, Any]:
         cfg = self.config
         t_start = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         examples = [self.train_examples[i] for i in self.stream.take(cfg.prompts_per_step)]
-        batch, extra = self._batch(step, examples)
+        batch, extra = self._batch(step, examples)  # this rank's share
         t_rollout = time.perf_counter() - t_start
 
         rl = cfg.method in ROLLOUT_METHODS
         group = cfg.group_size if rl else 1
         lengths = batch.attention_mask.sum(1).tolist()
         plan = plan_micro_batches(lengths, group, cfg.micro_batch_tokens, split_groups=cfg.method == "real")
+        n_slots = dist_utils.max_over_ranks(len(plan), self.env)  # every rank runs as many micro-batches
         n_rows = len(batch)
         split = any((e - s) % group for s, e in plan)
-        prepass = rl and (cfg.epochs_per_batch > 1 or split or cfg.kl_coef > 0)
+        # Every rank must agree whether the pre-pass (more forwards) runs.
+        prepass = rl and (cfg.epochs_per_batch > 1 or cfg.kl_coef > 0
+                          or dist_utils.max_over_ranks(int(split), self.env) > 0)
 
         # Per-micro-batch inputs that must come from the pre-update policy (no grad).
         mb_extras: List[Dict[str, Any]] = [{} for _ in plan]
         all_rewards = torch.zeros(n_rows, device=self.device)
         self.model.train()
-        for k, (s, e) in enumerate(plan):
+        for k in range(n_slots if prepass else len(plan)):
+            if k >= len(plan):
+                self._dummy_forward(batch, grad=False)
+                if cfg.kl_coef > 0:
+                    self._dummy_forward(batch, grad=False)
+                continue
+            s, e = plan[k]
             if cfg.method == "grpo":
                 mb_extras[k]["rewards"] = extra["rewards"][s:e]
                 mb_extras[k]["sampled_index"] = extra["sampled_index"][s:e]
@@ -555,7 +675,7 @@ class Trainer:
             mb = slice_batch(batch, s, e)
             sampled = mb_extras[k].get("sampled_index")
             with torch.no_grad():
-                fwd = self._forward(self.model, mb, entropy=False)
+                fwd = self._forward(mb, entropy=False)
                 if cfg.method == "real":
                     all_rewards[s:e] = regression_reward(fwd.expected_score, fwd.targets, fwd.log_pi_star,
                                                          lam=cfg.lam, mu=cfg.mu)
@@ -576,18 +696,24 @@ class Trainer:
         rewards_seen = torch.zeros(n_rows, device=self.device)
         for epoch in range(cfg.epochs_per_batch):
             sums: Dict[str, float] = {}
-            for k, (s, e) in enumerate(plan):
-                mb = slice_batch(batch, s, e)
-                fwd = self._forward(self.model, mb)
-                if cfg.method == "real" and "advantages" not in mb_extras[k]:
-                    clip = cfg.adv_clip if cfg.adv_clip > 0 else None
-                    mb_extras[k]["advantages"] = real_advantages(fwd, group, lam=cfg.lam, mu=cfg.mu,
-                                                                 normalize=cfg.normalize_adv, clip=clip)
-                loss, terms = self._loss(fwd, mb_extras[k])
-                if "entropy" not in terms and fwd.cot_entropy is not None:  # the SFT losses do not report it
-                    mask = fwd.cot_mask
-                    terms["entropy"] = float((fwd.cot_entropy.detach() * mask).sum() / mask.sum().clamp(min=1))
-                (loss * ((e - s) / n_rows)).backward()
+            for k in range(n_slots):
+                # Gradient accumulation: ranks exchange gradients only after the last micro-batch.
+                with dist_utils.gradient_sync(self.wrapped, enabled=k == n_slots - 1):
+                    if k >= len(plan):
+                        self._dummy_forward(batch, grad=True)
+                        continue
+                    s, e = plan[k]
+                    mb = slice_batch(batch, s, e)
+                    fwd = self._forward(mb)
+                    if cfg.method == "real" and "advantages" not in mb_extras[k]:
+                        clip = cfg.adv_clip if cfg.adv_clip > 0 else None
+                        mb_extras[k]["advantages"] = real_advantages(fwd, group, lam=cfg.lam, mu=cfg.mu,
+                                                                     normalize=cfg.normalize_adv, clip=clip)
+                    loss, terms = self._loss(fwd, mb_extras[k])
+                    if "entropy" not in terms and fwd.cot_entropy is not None:  # the SFT losses do not report it
+                        mask = fwd.cot_mask
+                        terms["entropy"] = float((fwd.cot_entropy.detach() * mask).sum() / mask.sum().clamp(min=1))
+                    (loss * ((e - s) / n_rows)).backward()
                 for name, value in terms.items():
                     sums[name] = sums.get(name, 0.0) + value * (e - s) / n_rows
                 if epoch == 0:
@@ -598,8 +724,8 @@ class Trainer:
                                                                   fwd.log_pi_star, lam=cfg.lam, mu=cfg.mu)
                         elif cfg.method == "grpo":
                             rewards_seen[s:e] = mb_extras[k]["rewards"]
-            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)))
+            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else 0.0
+            grad_norms.append(dist_utils.clip_grad_norm(self.wrapped, max_norm))
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -645,6 +771,12 @@ class Trainer:
             "peak_mem_kind": peak_kind,
             "data_position": self.stream.position,
         })
+        if self.env.is_distributed:
+            # Means over ranks (each rank's terms are means over its equal share of rows), sums for counts
+            # and throughput, maxima for memory and times.
+            out = dist_utils.all_reduce_metrics(out, self.env)
+            out.update(step=step, data_position=self.stream.position, micro_batches=n_slots,
+                       ranks=self.env.world_size)
         return out
 
     # --- evaluation ----------------------------------------------------------------------
@@ -658,15 +790,18 @@ class Trainer:
         t0 = time.perf_counter()
         was_training = self.model.training
         self.model.eval()
+        mine = dist_utils.shard_for_rank([e.prompt for e in examples], self.env, pad=True)  # each rank a share
         try:
-            predictions = rail_predictions(
-                self.model, self.tokenizer, [e.prompt for e in examples], self.score_token_ids, self.score_values,
-                max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
-                normalize=cfg.normalize_scores, backend=cfg.head_backend,
-                max_prompt_tokens=cfg.max_prompt_tokens, max_cot_tokens=cfg.max_cot_tokens,
-                with_cot=cfg.method != "raft")
+            with torch.no_grad():
+                predictions = self.wrapped(
+                    rail_predictions, self.tokenizer, mine, self.score_token_ids, self.score_values,
+                    max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
+                    normalize=cfg.normalize_scores, backend=cfg.head_backend,
+                    max_prompt_tokens=cfg.max_prompt_tokens, max_cot_tokens=cfg.max_cot_tokens,
+                    with_cot=cfg.method != "raft")
         finally:
             self.model.train(was_training)
+        predictions = dist_utils.all_gather_list(predictions, self.env, total=len(examples))
         targets = [e.target for e in examples]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -691,19 +826,22 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg = self.config
         self._prepare_output_dir()
-        with open(os.path.join(self.output_dir, ckpt.CONFIG_FILE), "w", encoding="utf-8") as fh:
-            json.dump(dict(cfg.to_dict(), attn_implementation_used=self.attn_implementation), fh, indent=2)
+        if self.is_main:
+            with open(os.path.join(self.output_dir, ckpt.CONFIG_FILE), "w", encoding="utf-8") as fh:
+                json.dump(dict(cfg.to_dict(), attn_implementation_used=self.attn_implementation,
+                               world_size=self.env.world_size, parallel=dist_utils.parallel_mode(self.wrapped)),
+                          fh, indent=2)
         records: List[Dict[str, Any]] = []
         last_saved: Optional[str] = None
         final_eval = None
         handler_installed = False
-        try:
+        try:  # (under torchrun, Ctrl-C reaches every rank: each finishes the step, and the save is collective)
             previous = signal.signal(signal.SIGINT, self._on_sigint)
             handler_installed = True
         except ValueError:  # not the main thread: Ctrl-C cannot reach us anyway
             previous = None
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.method} steps", unit="step",
-                   disable=not cfg.progress, file=sys.stderr)
+                   disable=not (cfg.progress and self.is_main), file=sys.stderr)
         interrupted = False
         try:
             while self.step < cfg.steps:
@@ -727,7 +865,7 @@ class Trainer:
                                  f"mse {final_eval['mse']:.3f}  (n={final_eval['n']})")
                 if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
                     last_saved = self.save()
-                if self._stop_requested:
+                if dist_utils.max_over_ranks(int(self._stop_requested), self.env):  # all ranks stop together
                     interrupted = True
                     if last_saved is None or not last_saved.endswith(f"{ckpt.PREFIX}{step}"):
                         last_saved = self.save()
@@ -766,8 +904,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("real train: aborted (no checkpoint written for the unfinished step)", file=sys.stderr)
         return 130
+    finally:
+        dist_utils.cleanup_distributed()
     if result.interrupted:
         return 130
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 speaks for the run
+        return 0
     print(f"done: {result.last_step} steps; metrics in {os.path.join(result.output_dir, METRICS_FILE)}; "
           f"checkpoint {result.checkpoint}")
     return 0
