@@ -74,6 +74,9 @@ class TrainConfig:
     max_new_tokens: int = _opt(256, "longest generated CoT (tokens; 32 with --data synthetic); generation stops at "
                                "the score marker",
                                group="rollout")
+    unsharded_rollouts: bool = _opt(False, "under --parallel fsdp, keep every layer gathered for the whole rollout "
+                                    "(one all-gather per layer instead of one per layer per new token; needs "
+                                    "the whole model in each GPU's memory)", group="rollout")
     rollout_batch_size: int = _opt(64, "sequences per generate call", group="rollout")
 
     # --- objective -----------------------------------------------------------------

@@ -36,6 +36,7 @@ import signal
 import sys
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -559,9 +560,11 @@ class Trainer:
             all_cots = dist_utils.shard_for_rank(all_cots, self.env)
         examples = dist_utils.shard_for_rank(examples, self.env)
         if cfg.method in ROLLOUT_METHODS:
-            rollouts = self.wrapped(_generate_with, self.engine, [e.prompt for e in examples], cfg.group_size,
-                                    seed=dist_utils.rank_seed(self._step_seed(step), self.env),
-                                    with_score=cfg.method == "grpo")
+            gathered = dist_utils.unsharded_for_generation(self.wrapped) if cfg.unsharded_rollouts else nullcontext()
+            with gathered:
+                rollouts = self.wrapped(_generate_with, self.engine, [e.prompt for e in examples], cfg.group_size,
+                                        seed=dist_utils.rank_seed(self._step_seed(step), self.env),
+                                        with_score=cfg.method == "grpo")
             prompts, cots = rollouts.prompts, rollouts.cots
             targets = [e.target for e in examples for _ in range(cfg.group_size)]
             if cfg.method == "grpo":
@@ -877,6 +880,7 @@ class Trainer:
                 signal.signal(signal.SIGINT, previous)
             if self.engine is not None:
                 self.engine.close()
+        dist_utils.barrier()  # no rank leaves (and tears the process group down) while another still needs it
         return TrainResult(self.output_dir, self.step, interrupted, last_saved, final_eval, records)
 
 

@@ -44,7 +44,7 @@ REAL_SCENARIOS = {  # name -> overrides of the REAL run
     "fsdp": dict(parallel="fsdp"),
     "ddp": dict(parallel="ddp"),
     "fsdp-lora-ckpt-microbatches": dict(parallel="fsdp", lora_rank=4, gradient_checkpointing=True,
-                                        micro_batch_tokens=160),
+                                        micro_batch_tokens=160, unsharded_rollouts=True),
 }
 REAL_STEPS = 2
 
@@ -128,6 +128,20 @@ def test_torchrun_fsdp_and_ddp_match_one_process_and_resume_across_rank_counts(t
         _assert_same_losses(expected, _losses(folder), [1, 2, 3, 4], name)
         _assert_same_weights(_weights(os.path.join(one, "checkpoint-4")), _weights(os.path.join(folder, "checkpoint-4")),
                              name)
+
+
+def test_torchrun_real_samples_through_the_sharded_model(tmp_path):
+    """REAL with real sampling (transformers generate inside the FSDP root) on 2 ranks: runs, evaluates, saves."""
+    out = str(tmp_path / "real")
+    _torchrun(["--method", "real", *CLI, "--steps", "1", "--group-size", "2", "--parallel", "fsdp",
+               "--unsharded-rollouts", "--output-dir", out], tmp_path)
+    with open(os.path.join(out, "metrics.jsonl")) as fh:
+        records = [json.loads(line) for line in fh]
+    train, evals = [r for r in records if r["type"] == "train"], [r for r in records if r["type"] == "eval"]
+    assert len(train) == 1 and train[0]["ranks"] == 2 and train[0]["sequences"] == 8  # 4 prompts x 2, both ranks
+    assert train[0]["generated_tokens"] > 0 and train[0]["loss"] == train[0]["loss"]  # sampled, not NaN
+    assert len(evals) == 1 and evals[0]["n"] == 6
+    assert os.path.isfile(os.path.join(out, "checkpoint-1", "model.safetensors"))
 
 
 # --- REAL with a deterministic stand-in for sampling --------------------------------------
