@@ -222,3 +222,22 @@ def test_real_on_two_ranks_matches_one_process(tmp_path):
         assert got_eval["pearson"] == pytest.approx(final_eval["pearson"], abs=1e-4), name
         if "micro_batch_tokens" in overrides:
             assert min(micro) > 1 and min(got_micro) > 1, "the token budget should split the step"
+
+
+def test_launch_settings_that_cannot_work_on_several_ranks_are_clear_errors(tmp_path):
+    from types import SimpleNamespace
+
+    from real.distributed import DistEnv
+    from real.train import Trainer
+
+    def check(world, **overrides):
+        cfg = _real_config(tmp_path, **overrides)
+        Trainer._check_distributed(SimpleNamespace(config=cfg, env=DistEnv(rank=0, world_size=world)))
+
+    check(2)  # 4 prompts over 2 ranks: fine
+    with pytest.raises(ValueError, match="multiple of 3"):
+        check(3)
+    with pytest.raises(ValueError, match="unsynchronised"):
+        check(2, parallel="none")
+    with pytest.raises(ValueError, match="vllm"):
+        check(2, rollout="vllm")
