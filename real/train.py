@@ -666,8 +666,8 @@ class Trainer:
         for k in range(n_slots if prepass else len(plan)):
             if k >= len(plan):
                 self._dummy_forward(batch, grad=False)
-                if cfg.kl_coef > 0:
-                    self._dummy_forward(batch, grad=False)
+                if cfg.kl_coef > 0:  # the reference policy's forward: the same collectives as a real slot
+                    self._ref_logprobs(slice_batch(batch, 0, 1), None)
                 continue
             s, e = plan[k]
             if cfg.method == "grpo":

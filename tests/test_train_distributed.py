@@ -45,6 +45,8 @@ REAL_SCENARIOS = {  # name -> overrides of the REAL run
     "ddp": dict(parallel="ddp"),
     "fsdp-lora-ckpt-microbatches": dict(parallel="fsdp", lora_rank=4, gradient_checkpointing=True,
                                         micro_batch_tokens=160, unsharded_rollouts=True),
+    # a second FSDP root (the frozen reference policy) and a pre-pass, with split micro-batches
+    "fsdp-kl-microbatches": dict(parallel="fsdp", kl_coef=0.05, micro_batch_tokens=160),
 }
 REAL_STEPS = 2
 
