@@ -23,6 +23,13 @@ Checkpoints (``real.checkpoint``) are atomic and hold everything needed to
 continue exactly: a run stopped after step k and resumed logs the same losses
 as one that never stopped.  Ctrl-C finishes the current step, saves a
 checkpoint and exits (a second Ctrl-C aborts at once).
+
+Under ``torchrun`` the same loop runs on every rank (``--parallel fsdp|ddp``,
+``real.distributed``): each rank takes its share of the step's prompts (whole
+groups), every model call runs as ``self.wrapped(fn, ...)`` so FSDP gathers
+the LM-head weight the fused head reads, ranks run equally many micro-batches,
+metrics are reduced over ranks, and rank 0 alone logs and writes checkpoints
+(full states, which resume on any number of ranks).
 """
 from __future__ import annotations
 
