@@ -180,6 +180,17 @@ def max_over_ranks(value: int, env: Optional[DistEnv] = None) -> int:
     return int(t.item())
 
 
+def sum_over_ranks(value: float, env: Optional[DistEnv] = None) -> float:
+    """The sum of the ranks' ``value`` (e.g. the step's CoT tokens, for a loss normalised by all of them)."""
+    env = env or current_env()
+    if not env.is_distributed:
+        return float(value)
+    device = env.device if env.backend == "nccl" else torch.device("cpu")
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
 def cleanup_distributed() -> None:
     """Leave the process group (at the end of a run)."""
     global _ENV
@@ -343,8 +354,9 @@ def clip_grad_norm(wrapped: nn.Module, max_norm: float) -> float:
     grads = [p.grad for p in wrapped.parameters() if p.grad is not None]
     sq = torch.zeros((), dtype=torch.float64, device=_grad_device(grads))
     for g in grads:
-        local = g.to_local() if hasattr(g, "to_local") else g
-        sq += local.detach().double().pow(2).sum()
+        local = (g.to_local() if hasattr(g, "to_local") else g).detach().reshape(-1)
+        for chunk in local.split(1 << 24):  # fp64 sums, one bounded temporary (not a copy of a 152k x H gradient)
+            sq += chunk.double().pow(2).sum()
     if parallel_mode(wrapped) == "fsdp":
         dist.all_reduce(sq)
     norm = float(sq.sqrt())

@@ -280,13 +280,22 @@ def raft_loss(fwd: JudgeForward) -> Tuple[torch.Tensor, Dict[str, float]]:
                   "expected_score": float(fwd.expected_score.detach().mean())}
 
 
-def tract_loss(fwd: JudgeForward, *, lam: float = 1.0) -> Tuple[torch.Tensor, Dict[str, float]]:
+def tract_loss(fwd: JudgeForward, *, lam: float = 1.0,
+               tokens_per_row: Optional[float] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
     """TRACT / CoT-RAFT: ``CE(c_gt | x) + lam * (yhat(x, c_gt) - y*)^2``, teacher-forced on reference CoTs.
 
     CE is the mean over all reference-CoT tokens of the batch (the score token
     is not a CoT token, so it is excluded); the regression term is the batch mean.
+    ``fwd`` may be one micro-batch (or one rank's share) of a larger batch whose
+    mean CoT tokens per row is ``tokens_per_row``: CE is then the micro-batch's
+    token sum over ``rows x tokens_per_row``, so that micro-batch losses weighted
+    by their share of rows add up to the whole batch's token mean.
     """
-    ce = -_aggregate(fwd.cot_logprobs, fwd.cot_mask, "batch-token-mean")
+    if tokens_per_row is None:
+        ce = -_aggregate(fwd.cot_logprobs, fwd.cot_mask, "batch-token-mean")
+    else:
+        rows = fwd.cot_mask.shape[0]
+        ce = -(fwd.cot_logprobs * fwd.cot_mask).sum() / max(rows * tokens_per_row, 1e-12)
     regression = fwd.sq_error.mean()
     loss = ce + lam * regression
     return loss, {"loss": float(loss.detach()), "ce": float(ce.detach()), "sq_error": float(regression.detach()),

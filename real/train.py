@@ -22,7 +22,9 @@ One step, readable top to bottom in ``Trainer.train_step``:
 Checkpoints (``real.checkpoint``) are atomic and hold everything needed to
 continue exactly: a run stopped after step k and resumed logs the same losses
 as one that never stopped.  Ctrl-C finishes the current step, saves a
-checkpoint and exits (a second Ctrl-C aborts at once).
+checkpoint and exits (a second Ctrl-C aborts at once); so does creating the file
+``OUTPUT_DIR/STOP``, which also works under torchrun, whose launcher does not
+pass Ctrl-C on to the ranks and kills them soon after.
 
 Under ``torchrun`` the same loop runs on every rank (``--parallel fsdp|ddp``,
 ``real.distributed``): each rank takes its share of the step's prompts (whole
@@ -75,6 +77,7 @@ from real.prompts import format_cot, resolve_score_token_ids
 
 SCORE_VALUES = (1, 2, 3, 4, 5)
 METRICS_FILE = "metrics.jsonl"
+STOP_FILE = "STOP"  # create OUTPUT_DIR/STOP to stop after the current step with a checkpoint (any launcher)
 ROLLOUT_METHODS = ("real", "grpo")
 SYNTHETIC_DEFAULTS = {"max_new_tokens": 32}  # defaults for --data synthetic, below config file and flags
 
@@ -465,7 +468,8 @@ class Trainer:
     def _load_training_state(self, folder: str) -> None:
         """Optimizer, schedule, RNG and data position of a checkpoint (the weights are already in)."""
         optimizer_state = ckpt.read_optimizer_state(folder) if self.is_main else None
-        if self.is_main and _is_legacy_optimizer_state(optimizer_state):  # checkpoints before name-keyed states
+        legacy = dist_utils.broadcast_object(self.is_main and _is_legacy_optimizer_state(optimizer_state), self.env)
+        if legacy:  # checkpoints written before optimizer states were keyed by parameter name
             if self.env.is_distributed:
                 raise ValueError(f"{folder!r} holds an optimizer state in the old one-process format; resume it "
                                  "in one process (it is rewritten in the new format at the next checkpoint)")
@@ -493,6 +497,10 @@ class Trainer:
     def _prepare_output_dir_main(self) -> None:
         cfg = self.config
         os.makedirs(self.output_dir, exist_ok=True)
+        stale_stop = os.path.join(self.output_dir, STOP_FILE)
+        if os.path.exists(stale_stop):
+            os.remove(stale_stop)
+            self.log(f"removed a stale {stale_stop} (it asks a running job to stop)")
         existing = ckpt.list_checkpoints(self.output_dir)
         if cfg.resume:
             if self.resume_from is None:
@@ -568,7 +576,7 @@ class Trainer:
         examples = dist_utils.shard_for_rank(examples, self.env)
         if cfg.method in ROLLOUT_METHODS:
             gathered = dist_utils.unsharded_for_generation(self.wrapped) if cfg.unsharded_rollouts else nullcontext()
-            with gathered:
+            with gathered, torch.no_grad():  # (no grad: DDP would otherwise prepare a gradient all-reduce)
                 rollouts = self.wrapped(_generate_with, self.engine, [e.prompt for e in examples], cfg.group_size,
                                         seed=dist_utils.rank_seed(self._step_seed(step), self.env),
                                         with_score=cfg.method == "grpo")
@@ -631,7 +639,7 @@ class Trainer:
                              agg=cfg.loss_agg, old_logprobs=mb_extra.get("old_logprobs"), ppo_clip=cfg.clip_ratio,
                              ref_logprobs=mb_extra.get("ref_logprobs"), kl_coef=cfg.kl_coef)
         if cfg.method == "tract":
-            return tract_loss(fwd, lam=cfg.beta)
+            return tract_loss(fwd, lam=cfg.beta, tokens_per_row=mb_extra.get("tokens_per_row"))
         return raft_loss(fwd)
 
     def _dummy_forward(self, batch: TeacherForcedBatch, grad: bool) -> None:
@@ -668,6 +676,12 @@ class Trainer:
 
         # Per-micro-batch inputs that must come from the pre-update policy (no grad).
         mb_extras: List[Dict[str, Any]] = [{} for _ in plan]
+        if cfg.method == "tract" and (len(plan) > 1 or self.env.is_distributed):
+            # TRACT's CE is a mean over all CoT tokens of the step: normalise every micro-batch (and rank) by it
+            per_row = (dist_utils.sum_over_ranks(float(batch.cot_mask.sum()), self.env)
+                       / dist_utils.sum_over_ranks(float(n_rows), self.env))
+            for extra_k in mb_extras:
+                extra_k["tokens_per_row"] = per_row
         all_rewards = torch.zeros(n_rows, device=self.device)
         self.model.train()
         for k in range(n_slots if prepass else len(plan)):
@@ -875,10 +889,14 @@ class Trainer:
                                  f"mse {final_eval['mse']:.3f}  (n={final_eval['n']})")
                 if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
                     last_saved = self.save()
-                if dist_utils.max_over_ranks(int(self._stop_requested), self.env):  # all ranks stop together
+                stop_file = os.path.join(self.output_dir, STOP_FILE)
+                asked = self._stop_requested or (self.is_main and os.path.exists(stop_file))
+                if dist_utils.max_over_ranks(int(asked), self.env):  # all ranks stop together
                     interrupted = True
                     if last_saved is None or not last_saved.endswith(f"{ckpt.PREFIX}{step}"):
                         last_saved = self.save()
+                    if self.is_main and os.path.exists(stop_file):
+                        os.remove(stop_file)
                     self.log(f"stopped after step {step}; checkpoint {last_saved}; continue with --resume")
                     break
         finally:
@@ -896,6 +914,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser(prog="real train", description=(
         "Train an LLM judge with REAL (regression-aware RL) or a baseline (GRPO, RAFT, TRACT). Settings come from "
         "--config FILE (YAML or TOML, keys = the flag names with underscores) and/or flags; flags win. "
+        "Ctrl-C, or creating OUTPUT_DIR/STOP (under torchrun), stops after the current step with a checkpoint; "
+        "--resume continues. "
         "Example: real train --method real --model tiny --data synthetic --steps 3 --output-dir runs/smoke"))
     args = parser.parse_args(argv)
     try:

@@ -146,6 +146,47 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(tmp_path, method, b
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_tract_micro_batches_of_unequal_cot_lengths_match_the_full_batch(tmp_path):
+    """TRACT's CE is a mean over every CoT token of the step, so micro-batches holding CoTs of different
+    lengths must still add up to it (each is normalised by the step's tokens per row, not its own)."""
+    import dataclasses
+
+    from real.synthetic import make_splits
+
+    train, held = make_splits(12, 4, seed=0)
+    train = [dataclasses.replace(e, feedback=[f + " and so" * (3 * i) for f in e.feedback])
+             for i, e in enumerate(train)]
+    results = []
+    for name, tokens in (("one", 100_000), ("many", 150)):
+        trainer = Trainer(_cfg(tmp_path / name, method="tract", steps=1, micro_batch_tokens=tokens,
+                               prompts_per_step=4), train_examples=train, eval_examples=held, log=lambda m: None)
+        record = trainer.train_step(1)
+        results.append((record, [p.detach().clone() for p in trainer.trainable]))
+    (one, w_one), (many, w_many) = results
+    assert one["micro_batches"] == 1 and many["micro_batches"] > 1
+    assert many["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    assert many["ce"] == pytest.approx(one["ce"], rel=1e-5)
+    for a, b in zip(w_one, w_many):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_stop_file_stops_after_the_step_with_a_checkpoint(tmp_path):
+    trainer = Trainer(_cfg(tmp_path, method="raft", steps=5, eval_every=0), log=lambda m: None)
+    step_once = trainer.train_step
+
+    def step_then_ask_to_stop(step):
+        record = step_once(step)
+        if step == 2:
+            (tmp_path / "STOP").write_text("")
+        return record
+
+    trainer.train_step = step_then_ask_to_stop
+    result = trainer.run()
+    assert result.interrupted and result.last_step == 2
+    assert ckpt.latest_checkpoint(str(tmp_path)).endswith("checkpoint-2")
+    assert not (tmp_path / "STOP").exists()  # consumed: --resume does not stop again at once
+
+
 def test_a_sequence_longer_than_the_token_budget_is_a_clear_error(tmp_path):
     trainer = Trainer(_cfg(tmp_path, method="tract", steps=1, micro_batch_tokens=8), log=lambda m: None)
     with pytest.raises(ValueError, match="does not fit --micro-batch-tokens 8"):
