@@ -169,26 +169,24 @@ def broadcast_object(obj: Any, env: Optional[DistEnv] = None) -> Any:
     return box[0]
 
 
-def max_over_ranks(value: int, env: Optional[DistEnv] = None) -> int:
-    """The largest of the ranks' ``value`` (e.g. micro-batches per step, so every rank runs as many)."""
+def _reduce_scalar(value, op, dtype: torch.dtype, env: Optional[DistEnv]) -> float:
     env = env or current_env()
     if not env.is_distributed:
-        return int(value)
+        return value
     device = env.device if env.backend == "nccl" else torch.device("cpu")
-    t = torch.tensor([int(value)], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+    t = torch.tensor([value], dtype=dtype, device=device)
+    dist.all_reduce(t, op=op)
+    return t.item()
+
+
+def max_over_ranks(value: int, env: Optional[DistEnv] = None) -> int:
+    """The largest of the ranks' ``value`` (e.g. micro-batches per step, so every rank runs as many)."""
+    return int(_reduce_scalar(int(value), dist.ReduceOp.MAX, torch.int64, env))
 
 
 def sum_over_ranks(value: float, env: Optional[DistEnv] = None) -> float:
     """The sum of the ranks' ``value`` (e.g. the step's CoT tokens, for a loss normalised by all of them)."""
-    env = env or current_env()
-    if not env.is_distributed:
-        return float(value)
-    device = env.device if env.backend == "nccl" else torch.device("cpu")
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t.item())
+    return float(_reduce_scalar(float(value), dist.ReduceOp.SUM, torch.float64, env))
 
 
 def cleanup_distributed() -> None:
