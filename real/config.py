@@ -180,6 +180,11 @@ class TrainConfig:
             raise ValueError("tiny_config only applies to --model tiny")
         return self
 
+    @property
+    def advantage_clip(self) -> Optional[float]:
+        """``adv_clip`` as real.objectives takes it: None when clipping is off."""
+        return self.adv_clip if self.adv_clip > 0 else None
+
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
 

@@ -169,11 +169,16 @@ def broadcast_object(obj: Any, env: Optional[DistEnv] = None) -> Any:
     return box[0]
 
 
+def _collective_device(env: DistEnv) -> torch.device:
+    """Where small tensors for collectives live: the GPU under nccl, the CPU under gloo."""
+    return env.device if env.backend == "nccl" else torch.device("cpu")
+
+
 def _reduce_scalar(value, op, dtype: torch.dtype, env: Optional[DistEnv]) -> float:
     env = env or current_env()
     if not env.is_distributed:
         return value
-    device = env.device if env.backend == "nccl" else torch.device("cpu")
+    device = _collective_device(env)
     t = torch.tensor([value], dtype=dtype, device=device)
     dist.all_reduce(t, op=op)
     return t.item()
@@ -418,7 +423,7 @@ def all_reduce_metrics(metrics: Dict[str, Any], env: Optional[DistEnv] = None, *
     if not env.is_distributed:
         return dict(metrics)
     keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
-    device = env.device if env.backend == "nccl" else torch.device("cpu")
+    device = _collective_device(env)
     check = torch.tensor([len(keys), zlib.crc32("\0".join(keys).encode())], dtype=torch.int64, device=device)
     low, high = check.clone(), check.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN)

@@ -623,14 +623,13 @@ class Trainer:
 
     def _loss(self, fwd, mb_extra: Dict[str, Any]):
         cfg = self.config
-        clip = cfg.adv_clip if cfg.adv_clip > 0 else None
         if cfg.method == "real":
             rows = fwd.targets.shape[0]
             # A micro-batch holding part of a group carries precomputed advantages; real_loss then only
             # uses group_size to report the group std, which train_step recomputes over the whole batch.
             group = cfg.group_size if rows % cfg.group_size == 0 else rows
             return real_loss(fwd, group, beta=cfg.beta, lam=cfg.lam, mu=cfg.mu, agg=cfg.loss_agg,
-                             normalize_advantages=cfg.normalize_adv, advantage_clip=clip,
+                             normalize_advantages=cfg.normalize_adv, advantage_clip=cfg.advantage_clip,
                              advantages=mb_extra["advantages"], old_logprobs=mb_extra.get("old_logprobs"),
                              ppo_clip=cfg.clip_ratio, ref_logprobs=mb_extra.get("ref_logprobs"),
                              kl_coef=cfg.kl_coef)
@@ -709,8 +708,8 @@ class Trainer:
             if cfg.kl_coef > 0:
                 mb_extras[k]["ref_logprobs"] = self._ref_logprobs(mb, sampled)
         if prepass and cfg.method == "real":
-            clip = cfg.adv_clip if cfg.adv_clip > 0 else None
-            adv = rloo_advantages(all_rewards.view(-1, group), normalize=cfg.normalize_adv, clip=clip).reshape(-1)
+            adv = rloo_advantages(all_rewards.view(-1, group), normalize=cfg.normalize_adv,
+                                  clip=cfg.advantage_clip).reshape(-1)
             for k, (s, e) in enumerate(plan):
                 mb_extras[k]["advantages"] = adv[s:e]
 
@@ -730,9 +729,9 @@ class Trainer:
                     mb = slice_batch(batch, s, e)
                     fwd = self._forward(mb)
                     if cfg.method == "real" and "advantages" not in mb_extras[k]:
-                        clip = cfg.adv_clip if cfg.adv_clip > 0 else None
                         mb_extras[k]["advantages"] = real_advantages(fwd, group, lam=cfg.lam, mu=cfg.mu,
-                                                                     normalize=cfg.normalize_adv, clip=clip)
+                                                                     normalize=cfg.normalize_adv,
+                                                                     clip=cfg.advantage_clip)
                     loss, terms = self._loss(fwd, mb_extras[k])
                     if "entropy" not in terms and fwd.cot_entropy is not None:  # the SFT losses do not report it
                         mask = fwd.cot_mask
@@ -748,8 +747,7 @@ class Trainer:
                                                                   fwd.log_pi_star, lam=cfg.lam, mu=cfg.mu)
                         elif cfg.method == "grpo":
                             rewards_seen[s:e] = mb_extras[k]["rewards"]
-            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else 0.0
-            grad_norms.append(dist_utils.clip_grad_norm(self.wrapped, max_norm))
+            grad_norms.append(dist_utils.clip_grad_norm(self.wrapped, cfg.grad_clip))  # <= 0: measured, not clipped
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)

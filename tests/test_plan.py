@@ -15,11 +15,11 @@ import math
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 import real_kernels.torch_backend as torch_backend
+from benchmarks.fit_32b import cpu_peak_bytes as measured_peak  # profiler allocation events, CPU
 from real import plan as plan_cli
 from real.memory_model import (GIB, LORA_TARGET_SETS, PRESETS, TrainSetup, fused_head_bytes, load_shape,
                                naive_head_bytes, param_bytes, plan, shape_from_config)
@@ -34,19 +34,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def measured_peak(fn) -> int:
-    """Peak bytes allocated on the CPU while ``fn`` runs, from the profiler's allocation events."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    current = peak = 0
-    for _, nbytes in events:
-        current += nbytes
-        peak = max(peak, current)
-    return peak
 
 
 def small_config(kind: str, **overrides) -> dict:

@@ -109,20 +109,26 @@ def test_stop_and_resume_gives_the_same_losses(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_stops_cleanly(tmp_path):
-    trainer = Trainer(_cfg(tmp_path, method="tract", steps=5, eval_every=0), log=lambda m: None)
-    step_fn = trainer.train_step
+def _run_asking_to_stop_at_step_2(trainer, ask_to_stop, out_dir):
+    """Run ``trainer``, calling ``ask_to_stop()`` once step 2 is done; it must stop there with checkpoint-2."""
+    step_once = trainer.train_step
 
-    def step_then_interrupt(step):
-        record = step_fn(step)
+    def step_then_ask(step):
+        record = step_once(step)
         if step == 2:
-            signal.raise_signal(signal.SIGINT)  # what Ctrl-C sends
+            ask_to_stop()
         return record
 
-    trainer.train_step = step_then_interrupt
+    trainer.train_step = step_then_ask
     result = trainer.run()
     assert result.interrupted and result.last_step == 2
-    assert ckpt.latest_checkpoint(str(tmp_path)).endswith("checkpoint-2")
+    assert ckpt.latest_checkpoint(str(out_dir)).endswith("checkpoint-2")
+    return result
+
+
+def test_ctrl_c_saves_a_checkpoint_and_stops_cleanly(tmp_path):
+    trainer = Trainer(_cfg(tmp_path, method="tract", steps=5, eval_every=0), log=lambda m: None)
+    _run_asking_to_stop_at_step_2(trainer, lambda: signal.raise_signal(signal.SIGINT), tmp_path)  # what Ctrl-C sends
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     resumed = Trainer(_cfg(tmp_path, method="tract", steps=5, eval_every=0, resume=True), log=lambda m: None).run()
     assert not resumed.interrupted and resumed.last_step == 5
@@ -172,18 +178,7 @@ def test_tract_micro_batches_of_unequal_cot_lengths_match_the_full_batch(tmp_pat
 
 def test_a_stop_file_stops_after_the_step_with_a_checkpoint(tmp_path):
     trainer = Trainer(_cfg(tmp_path, method="raft", steps=5, eval_every=0), log=lambda m: None)
-    step_once = trainer.train_step
-
-    def step_then_ask_to_stop(step):
-        record = step_once(step)
-        if step == 2:
-            (tmp_path / "STOP").write_text("")
-        return record
-
-    trainer.train_step = step_then_ask_to_stop
-    result = trainer.run()
-    assert result.interrupted and result.last_step == 2
-    assert ckpt.latest_checkpoint(str(tmp_path)).endswith("checkpoint-2")
+    _run_asking_to_stop_at_step_2(trainer, lambda: (tmp_path / "STOP").write_text(""), tmp_path)
     assert not (tmp_path / "STOP").exists()  # consumed: --resume does not stop again at once
 
 
