@@ -212,21 +212,24 @@ def save_checkpoint(output_dir: str, step: int, *, model, tokenizer, optimizer, 
 
 
 def load_checkpoint(folder: str, *, model, optimizer=None, scheduler=None, restore_rng: bool = True) -> Dict[str, Any]:
-    """Load a complete checkpoint into the given objects; returns its trainer state."""
-    state_path = os.path.join(folder, STATE_FILE)
-    if not os.path.isfile(state_path):
-        raise ValueError(f"{folder!r} is not a complete checkpoint (no {STATE_FILE})")
+    """Load a complete checkpoint into the given objects (one process); returns its trainer state."""
+    state = read_trainer_state(folder)
     load_model_weights(model, folder)
-    device = _device_of(model)
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(os.path.join(folder, OPTIMIZER_FILE), map_location=device,
-                                             weights_only=True))
+        # either format: load_state_dict pairs saved entries with parameters by position, not by key
+        optimizer.load_state_dict(read_optimizer_state(folder))
     if scheduler is not None:
-        scheduler.load_state_dict(torch.load(os.path.join(folder, SCHEDULER_FILE), weights_only=True))
+        scheduler.load_state_dict(read_scheduler_state(folder))
     if restore_rng:
-        restore_rng_state(torch.load(os.path.join(folder, RNG_FILE), weights_only=True))
-    with open(state_path, encoding="utf-8") as fh:
-        return json.load(fh)
+        restore_rng_state(read_rng_state(folder))
+    return state
+
+
+def is_legacy_optimizer_state(state: Dict[str, Any]) -> bool:
+    """``optimizer.state_dict()`` (integer parameter ids) rather than the parameter-name keyed full state that
+    ``real.distributed.full_optimizer_state_dict`` gives (what the training loop writes)."""
+    groups = state.get("param_groups") or [{}]
+    return any(isinstance(p, int) for p in groups[0].get("params", []))
 
 
 def read_trainer_state(folder: str) -> Dict[str, Any]:

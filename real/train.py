@@ -235,12 +235,6 @@ def _generate_with(model, engine, *args, **kwargs):
     return engine.generate(model, *args, **kwargs)
 
 
-def _is_legacy_optimizer_state(state: Dict[str, Any]) -> bool:
-    """``optimizer.state_dict()`` (integer parameter ids) rather than a parameter-name keyed full state."""
-    groups = state.get("param_groups") or [{}]
-    return any(isinstance(p, int) for p in groups[0].get("params", []))
-
-
 @dataclass
 class TrainResult:
     output_dir: str
@@ -468,7 +462,7 @@ class Trainer:
     def _load_training_state(self, folder: str) -> None:
         """Optimizer, schedule, RNG and data position of a checkpoint (the weights are already in)."""
         optimizer_state = ckpt.read_optimizer_state(folder) if self.is_main else None
-        legacy = dist_utils.broadcast_object(self.is_main and _is_legacy_optimizer_state(optimizer_state), self.env)
+        legacy = dist_utils.broadcast_object(self.is_main and ckpt.is_legacy_optimizer_state(optimizer_state), self.env)
         if legacy:  # checkpoints written before optimizer states were keyed by parameter name
             if self.env.is_distributed:
                 raise ValueError(f"{folder!r} holds an optimizer state in the old one-process format; resume it "

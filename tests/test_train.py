@@ -126,6 +126,20 @@ def _run_asking_to_stop_at_step_2(trainer, ask_to_stop, out_dir):
     return result
 
 
+def test_a_training_checkpoint_loads_with_load_checkpoint(tmp_path):
+    """The loop writes parameter-name keyed optimizer states; the one-process loader reads them too."""
+    trained = Trainer(_cfg(tmp_path / "run", method="tract", steps=2, eval_every=0), log=lambda m: None)
+    result = trained.run()
+    fresh = Trainer(_cfg(tmp_path / "fresh", method="tract", steps=2, eval_every=0), log=lambda m: None)
+    state = ckpt.load_checkpoint(result.checkpoint, model=fresh.model, optimizer=fresh.optimizer,
+                                 scheduler=fresh.scheduler)
+    assert state["step"] == 2 and fresh.scheduler.last_epoch == trained.scheduler.last_epoch
+    for p_trained, p_fresh in zip(trained.trainable, fresh.trainable):
+        assert torch.equal(p_trained, p_fresh)
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(trained.optimizer.state[p_trained][key], fresh.optimizer.state[p_fresh][key])
+
+
 def test_ctrl_c_saves_a_checkpoint_and_stops_cleanly(tmp_path):
     trainer = Trainer(_cfg(tmp_path, method="tract", steps=5, eval_every=0), log=lambda m: None)
     _run_asking_to_stop_at_step_2(trainer, lambda: signal.raise_signal(signal.SIGINT), tmp_path)  # what Ctrl-C sends
