@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 import time
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from rank_utils import assert_same_weights, free_port
 
 from real.batching import build_teacher_forced_batch
 from real.distributed import (DistEnv, all_gather_list, all_reduce_metrics, clip_grad_norm, full_model_state_dict,
@@ -214,12 +214,6 @@ def _worker(rank: int, world: int, port: int, workdir: str) -> None:
         cleanup_distributed()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _single(lora_rank=0, ckpt=False, steps=STEPS, batch=None, score_ids=None, save_after=None, workdir=None):
     model, tokenizer = _build(lora_rank, ckpt)
     wrapped = wrap_model(model, "none", DistEnv())
@@ -231,13 +225,6 @@ def _single(lora_rank=0, ckpt=False, steps=STEPS, batch=None, score_ids=None, sa
             torch.save({"model": full_model_state_dict(wrapped), "optim": full_optimizer_state_dict(wrapped, optimizer)},
                        os.path.join(workdir, "single-step2.pt"))
     return losses, full_model_state_dict(wrapped), wrapped, tokenizer
-
-
-def _assert_same_weights(reference, other, what, atol=2e-5):
-    assert set(reference) == set(other), f"{what}: state-dict keys differ"
-    for key, value in reference.items():
-        diff = (value.float() - other[key].float()).abs().max().item()
-        assert diff <= atol, f"{what}: {key} differs by {diff:.3g} after the steps"
 
 
 def test_two_ranks_match_one_process(tmp_path):
@@ -252,7 +239,7 @@ def test_two_ranks_match_one_process(tmp_path):
     lora_losses, lora_state, _, _ = _single(4, True, batch=batch, score_ids=score_ids)
     ref_cots = _greedy_cots(wrap_model(_build()[0], "none", DistEnv()), tok, prompts)
 
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     results = torch.load(tmp_path / "results.pt", weights_only=False)
 
     # the trap: outside the root forward the head weight is a shard; inside it is whole
@@ -265,7 +252,7 @@ def test_two_ranks_match_one_process(tmp_path):
         got = results[name]
         torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(expected_losses), rtol=1e-4, atol=0,
                                    msg=lambda m, name=name: f"{name}: losses differ from one process: {m}")
-        _assert_same_weights(expected_state, got["state"], name)
+        assert_same_weights(expected_state, got["state"], name)
     assert ref_losses[0] != ref_losses[-1], "the steps did not change the model"
 
     # rollouts through the FSDP root: rank r generated the CoTs of its prompt share
@@ -287,7 +274,7 @@ def test_two_ranks_match_one_process(tmp_path):
     load_full_state(wrapped, saved["model"], optimizer, saved["optim"])
     step3 = _train(wrapped, optimizer, batch, score_ids, 1)
     assert step3[0] == pytest.approx(ref_losses[2], rel=1e-4)
-    _assert_same_weights(ref_state, full_model_state_dict(wrapped), "resumed 2 -> 1")
+    assert_same_weights(ref_state, full_model_state_dict(wrapped), "resumed 2 -> 1")
     # 1 process -> 2 FSDP ranks
     assert results["resumed-from-1"]["losses"][0] == pytest.approx(ref_losses[2], rel=1e-4)
     assert time.time() - start < 90

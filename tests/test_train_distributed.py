@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import zlib
@@ -29,6 +28,7 @@ import zlib
 import pytest
 import torch
 import torch.multiprocessing as mp
+from rank_utils import assert_same_weights, free_port
 from safetensors.torch import load_file
 
 from real.config import make_config
@@ -51,12 +51,6 @@ REAL_SCENARIOS = {  # name -> overrides of the REAL run
 REAL_STEPS = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -73,7 +67,7 @@ ABORT = "SIGABRT"
 def _torchrun(args, cwd, reset=None):
     for attempt in (1, 2):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               f"--master_port={_free_port()}", "-m", "real.train", *args]
+               f"--master_port={free_port()}", "-m", "real.train", *args]
         done = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
         if done.returncode != 0 and ABORT in done.stderr and attempt == 1:
             if reset is not None:
@@ -101,15 +95,6 @@ def _weights(folder):
     return load_file(os.path.join(folder, name))
 
 
-def _assert_same_weights(expected, got, what, atol=2e-5):
-    """Within 2% of one AdamW step (lr 1e-3): Adam divides by sqrt(v), so an element whose gradient is ~0
-    moves by an amount that fp32 summation order (ranks vs one process) can change in its last digits."""
-    assert expected.keys() == got.keys(), what
-    for key in expected:
-        diff = (got[key].float() - expected[key].float()).abs().max().item()
-        assert diff <= atol, f"{what}: {key} differs by {diff:.3g}"
-
-
 def _assert_same_losses(expected, got, steps, what):
     for step in steps:
         assert got[step] == pytest.approx(expected[step], rel=1e-4), f"{what}: step {step}"
@@ -127,7 +112,7 @@ def test_torchrun_fsdp_and_ddp_match_one_process_and_resume_across_rank_counts(t
                      reset=lambda: shutil.rmtree(fsdp, ignore_errors=True))
     assert done.stdout.count("done: 2 steps") == 1  # rank 0 alone reports
     _assert_same_losses(expected, _losses(fsdp), [1, 2], "fsdp")
-    _assert_same_weights(_weights(os.path.join(one, "checkpoint-2")), _weights(os.path.join(fsdp, "checkpoint-2")),
+    assert_same_weights(_weights(os.path.join(one, "checkpoint-2")), _weights(os.path.join(fsdp, "checkpoint-2")),
                          "fsdp, 2 ranks")
     state = json.loads(open(os.path.join(fsdp, "checkpoint-2", "trainer_state.json")).read())
     assert state["world_size"] == 2
@@ -141,7 +126,7 @@ def test_torchrun_fsdp_and_ddp_match_one_process_and_resume_across_rank_counts(t
     _one_process([*args, "--steps", "4", "--output-dir", single, "--resume"], tmp_path)
     for name, folder in (("fsdp -> ddp", ddp), ("fsdp -> one process", single)):
         _assert_same_losses(expected, _losses(folder), [1, 2, 3, 4], name)
-        _assert_same_weights(_weights(os.path.join(one, "checkpoint-4")), _weights(os.path.join(folder, "checkpoint-4")),
+        assert_same_weights(_weights(os.path.join(one, "checkpoint-4")), _weights(os.path.join(folder, "checkpoint-4")),
                              name)
 
 
@@ -222,7 +207,7 @@ def _worker(rank: int, world: int, port: int, workdir: str) -> None:
 def test_real_on_two_ranks_matches_one_process(tmp_path):
     for attempt in (1, 2):  # see ABORT
         try:
-            mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+            mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
             break
         except mp.ProcessExitedException as exc:
             if attempt == 2 or exc.signal_name != ABORT:
@@ -238,7 +223,7 @@ def test_real_on_two_ranks_matches_one_process(tmp_path):
         assert losses[0] != losses[-1], name
         torch.testing.assert_close(torch.tensor(got_losses), torch.tensor(losses), rtol=1e-4, atol=0,
                                    msg=lambda m, name=name: f"{name}: losses differ from one process: {m}")
-        _assert_same_weights(_weights(one_dir / f"checkpoint-{REAL_STEPS}"),
+        assert_same_weights(_weights(one_dir / f"checkpoint-{REAL_STEPS}"),
                              _weights(tmp_path / name / f"checkpoint-{REAL_STEPS}"), name)
         # evaluation splits the held-out prompts over the ranks and gathers the predictions
         assert got_eval["n"] == final_eval["n"] == 6
