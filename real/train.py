@@ -483,10 +483,12 @@ class Trainer:
             try:
                 self._prepare_output_dir_main()
             except (ValueError, OSError) as exc:
-                error = f"{type(exc).__name__}: {exc}"
+                error = exc
         error = dist_utils.broadcast_object(error, self.env)
-        if error:
-            raise ValueError(error.split(": ", 1)[1] if error.startswith("ValueError") else error)
+        if isinstance(error, ValueError):
+            raise error
+        if error is not None:
+            raise ValueError(f"{type(error).__name__}: {error}")
 
     def _prepare_output_dir_main(self) -> None:
         cfg = self.config
