@@ -127,7 +127,7 @@ def build_trainer(*, model_name: str = "tiny", output_dir: str, max_steps: int =
     from datasets import Dataset
 
     from real.prompts import render_prompt
-    from real.tiny import load_model_and_tokenizer
+    from real.models import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(model_name, device="cuda" if torch.cuda.is_available() else "cpu")
     items = [

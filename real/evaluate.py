@@ -246,9 +246,9 @@ def run_model(benchmarks: Dict[str, List[JudgeExample]], args) -> Dict[str, Dict
 
     from real.inference import predict_decode, predict_rail
     from real.prompts import resolve_score_token_ids
-    from real.tiny import load_model_and_tokenizer
+    from real.models import load_model_and_tokenizer, resolve_device
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = resolve_device(args.device)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     model, tokenizer = load_model_and_tokenizer(args.model, device=device, dtype=dtype)
     model.eval()

@@ -1,4 +1,4 @@
-"""A tiny judge (tokenizer + random Qwen3) made on the spot, and the model loader.
+"""A tiny judge (tokenizer + random Qwen3) made on the spot.
 
 Tests, the demo and CPU smoke runs need a causal LM and a tokenizer without
 downloading anything.  ``build_tiny_tokenizer`` trains a small byte-level BPE
@@ -7,22 +7,16 @@ every string tokenises (unknown words fall back to bytes) and the grading
 template is cheap; digits are always single tokens (no merges across digits
 or with a leading space) and the score marker ``[RESULT]`` is one token.
 ``build_tiny_model`` makes a random ``Qwen3ForCausalLM`` of a few small layers
-for that vocabulary.  ``load_model_and_tokenizer`` is what the CLIs call:
-``"tiny"`` builds the pair, anything else is a local ``from_pretrained`` path.
+for that vocabulary.  ``real.models.load_model_and_tokenizer`` builds this pair
+for ``--model tiny``.
 """
 from __future__ import annotations
 
-import logging
-import os
-from typing import Optional, Union
-
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from real.prompts import SCORE_MARKER
-
-logger = logging.getLogger(__name__)
 
 TINY_NAME = "tiny"
 PAD_TOKEN = "<|pad|>"
@@ -138,74 +132,3 @@ def build_tiny_model(tokenizer, seed: int = 0, **config_overrides) -> Qwen3ForCa
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model.eval()
-
-
-def _flash_attn_importable() -> bool:
-    try:
-        import flash_attn  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def choose_attn_implementation(device: Union[str, torch.device], requested: Optional[str] = None) -> str:
-    """``requested`` if given, else flash_attention_2 when flash-attn imports and the device is CUDA, else sdpa."""
-    if requested:
-        return requested
-    if torch.device(device).type == "cuda" and _flash_attn_importable():
-        return "flash_attention_2"
-    return "sdpa"
-
-
-def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
-        raise ValueError(f"dtype must be one of {sorted(names)} or a torch.dtype, got {dtype!r}")
-    return names[dtype]
-
-
-def load_model_and_tokenizer(
-    name_or_path: str,
-    *,
-    device: Union[str, torch.device] = "cpu",
-    dtype=None,
-    attn_implementation: Optional[str] = None,
-):
-    """Return ``(model, tokenizer)`` in eval mode on ``device``.
-
-    ``"tiny"`` builds the random tiny pair; anything else must be a local
-    directory holding a transformers causal LM and its tokenizer (nothing is
-    downloaded).  dtype defaults to bf16 on CUDA and fp32 on the CPU.  The
-    tokenizer gets a pad token (eos) if it has none.
-    """
-    device = torch.device(device)
-    torch_dtype = _resolve_dtype(dtype, device)
-    attn = choose_attn_implementation(device, attn_implementation)
-    if name_or_path == TINY_NAME:
-        tokenizer = build_tiny_tokenizer()
-        model = build_tiny_model(tokenizer, attn_implementation=attn)
-        logger.info("built the tiny random judge: vocab %d, attention %s, dtype %s", len(tokenizer), attn, torch_dtype)
-        return model.to(device=device, dtype=torch_dtype).eval(), tokenizer
-    path = os.fspath(name_or_path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"model path {path!r} does not exist (give a local directory saved with save_pretrained, or 'tiny'; "
-            "nothing is downloaded)"
-        )
-    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"model path {path!r} is not a transformers model directory (no config.json in it)")
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token_id is None:
-            raise ValueError(f"the tokenizer in {path!r} has neither a pad nor an eos token")
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch_dtype, attn_implementation=attn, local_files_only=True
-    )
-    logger.info("loaded %s: attention %s, dtype %s, device %s", path, attn, torch_dtype, device)
-    return model.to(device).eval(), tokenizer

@@ -59,6 +59,7 @@ from real.batching import TeacherForcedBatch, build_teacher_forced_batch
 from real.config import TrainConfig, build_parser, config_from_args
 from real.data import JudgeExample, load_judge_data
 from real.metrics import correlations
+from real.models import load_model_and_tokenizer, resolve_device
 from real.objectives import (
     binary_rewards,
     group_normalized_advantages,
@@ -158,15 +159,6 @@ def slice_batch(batch: TeacherForcedBatch, start: int, end: int) -> TeacherForce
         value = getattr(batch, name)[start:end]
         kwargs[name] = value[:, :width] if name in two_d else value
     return TeacherForcedBatch(**kwargs)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available")
-    return device
 
 
 def peak_memory_mb(device: torch.device) -> Tuple[float, str]:
@@ -329,23 +321,10 @@ class Trainer:
 
     def _load_model(self):
         cfg = self.config
-        from real.tiny import (build_tiny_model, build_tiny_tokenizer, choose_attn_implementation,
-                               load_model_and_tokenizer)
-
-        attn = None if cfg.attn_implementation == "auto" else cfg.attn_implementation
-        dtype = None if cfg.dtype == "auto" else cfg.dtype
-        if cfg.model == "tiny":
-            tokenizer = build_tiny_tokenizer()
-            model = build_tiny_model(tokenizer, seed=cfg.seed,
-                                     attn_implementation=choose_attn_implementation(self.device, attn),
-                                     **cfg.tiny_config)
-            torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-                dtype or "", torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-            model = model.to(device=self.device, dtype=torch_dtype)
-        else:
-            model, tokenizer = load_model_and_tokenizer(cfg.model, device=self.device, dtype=dtype,
-                                                        attn_implementation=attn)
-        return model, tokenizer
+        return load_model_and_tokenizer(
+            cfg.model, device=self.device, dtype=None if cfg.dtype == "auto" else cfg.dtype,
+            attn_implementation=None if cfg.attn_implementation == "auto" else cfg.attn_implementation,
+            seed=cfg.seed, tiny_config=cfg.tiny_config)
 
     def _load_data(self) -> Tuple[List[JudgeExample], List[JudgeExample]]:
         cfg = self.config

@@ -1,0 +1,107 @@
+"""Loading a judge: the device, the dtype, the attention kernel, and the (model, tokenizer) pair.
+
+``load_model_and_tokenizer`` is what every command calls: ``"tiny"`` builds the
+random tiny pair of ``real.tiny`` on the spot, anything else is a local
+``from_pretrained`` folder (nothing is downloaded).  ``resolve_device`` turns
+``--device auto|cpu|cuda[:N]`` into a ``torch.device``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Dict, Optional, Union
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from real.tiny import TINY_NAME, build_tiny_model, build_tiny_tokenizer
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is cuda when available, else cpu; asking for cuda without CUDA is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available")
+    return device
+
+
+def _flash_attn_importable() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def choose_attn_implementation(device: Union[str, torch.device], requested: Optional[str] = None) -> str:
+    """``requested`` if given, else flash_attention_2 when flash-attn imports and the device is CUDA, else sdpa."""
+    if requested:
+        return requested
+    if torch.device(device).type == "cuda" and _flash_attn_importable():
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    """None: bf16 on CUDA, fp32 on the CPU; else a torch.dtype or one of its names (float32, bf16, ...)."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or a torch.dtype, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def load_model_and_tokenizer(
+    name_or_path: str,
+    *,
+    device: Union[str, torch.device] = "cpu",
+    dtype=None,
+    attn_implementation: Optional[str] = None,
+    seed: int = 0,
+    tiny_config: Optional[Dict[str, Any]] = None,
+):
+    """Return ``(model, tokenizer)`` in eval mode on ``device``.
+
+    ``"tiny"`` builds the random tiny pair (``seed`` and ``tiny_config``, overrides
+    of its Qwen3Config, apply to it only); anything else must be a local
+    directory holding a transformers causal LM and its tokenizer (nothing is
+    downloaded).  dtype defaults to bf16 on CUDA and fp32 on the CPU.  The
+    tokenizer gets a pad token (eos) if it has none.
+    """
+    device = torch.device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    attn = choose_attn_implementation(device, attn_implementation)
+    if name_or_path == TINY_NAME:
+        tokenizer = build_tiny_tokenizer()
+        model = build_tiny_model(tokenizer, seed=seed, attn_implementation=attn, **(tiny_config or {}))
+        logger.info("built the tiny random judge: vocab %d, attention %s, dtype %s", len(tokenizer), attn, torch_dtype)
+        return model.to(device=device, dtype=torch_dtype).eval(), tokenizer
+    if tiny_config:
+        raise ValueError("tiny_config only applies to the tiny model")
+    path = os.fspath(name_or_path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"model path {path!r} does not exist (give a local directory saved with save_pretrained, or 'tiny'; "
+            "nothing is downloaded)"
+        )
+    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"model path {path!r} is not a transformers model directory (no config.json in it)")
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"the tokenizer in {path!r} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch_dtype, attn_implementation=attn, local_files_only=True
+    )
+    logger.info("loaded %s: attention %s, dtype %s, device %s", path, attn, torch_dtype, device)
+    return model.to(device).eval(), tokenizer
