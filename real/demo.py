@@ -41,6 +41,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from real.metrics import json_safe
+
 DEFAULTS = dict(
     cot_steps=600, score_steps=100, warmup_batch=128, warmup_lr=3e-3, score_lr=1e-3, cot_beta=0.02,
     rl_steps=300, rl_prompts=16, group_size=8, rl_lr=1e-4, rl_beta=0.3,
@@ -300,7 +302,7 @@ def run_demo(args) -> Dict[str, Any]:
         "metric": "RAIL: expected score after a greedy CoT, on the held-out synthetic split",
     }
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as fh:
-        json.dump(_json_safe(summary), fh, indent=2)
+        json.dump(json_safe(summary), fh, indent=2)
     if not args.no_plot:
         plot_curves(os.path.join(out, "curves.png"), histories, offsets, untrained)
     print()
@@ -310,16 +312,6 @@ def run_demo(args) -> Dict[str, Any]:
     print(f"\ntotal {timings['total']:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in timings.items() if k != 'total')})"
           f"; {os.path.join(out, 'results.json')}" + ("" if args.no_plot else f", {os.path.join(out, 'curves.png')}"))
     return summary
-
-
-def _json_safe(obj):
-    if isinstance(obj, float) and obj != obj:
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from real.data import JudgeExample, group_by_source, load_prometheus
-from real.metrics import average_correlations, correlations, format_table, with_average
+from real.metrics import average_correlations, correlations, format_table, json_safe, with_average
 
 BASELINES = ("gpt4-loo",)
 METHODS = ("rail", "decode")
@@ -285,16 +285,6 @@ def save_predictions(path: str, predictions: Dict[str, Dict[Tuple[str, int], Opt
 
 # --- output -----------------------------------------------------------------------
 
-def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def report(results: Results, args, mode: str) -> dict:
     return {
         "command": "real eval",
@@ -332,7 +322,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         with open(args.output, "w", encoding="utf-8") as handle:
-            json.dump(_json_safe(report(results, args, mode)), handle, indent=2, allow_nan=False)
+            json.dump(json_safe(report(results, args, mode)), handle, indent=2, allow_nan=False)
             handle.write("\n")
         print(f"real eval: wrote {args.output}", file=sys.stderr)
     return 0

@@ -25,6 +25,17 @@ _FOOTER_NAMES = {"pearson": "Pearson r", "spearman": "Spearman rho", "kendall": 
 MIN_PAIRS = 2
 
 
+def json_safe(value):
+    """``value`` as JSON can hold it: NaN and infinities become None, inside dicts, lists and tuples too."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def _nan_result(n: int, dropped: int) -> Dict[str, float]:
     return {"pearson": math.nan, "spearman": math.nan, "kendall": math.nan, "n": n, "dropped": dropped}
 

@@ -35,12 +35,10 @@ metrics are reduced over ranks, and rank 0 alone logs and writes checkpoints
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
 import resource
-import shutil
 import signal
 import sys
 import time
@@ -75,10 +73,9 @@ from real.objectives import (
     tract_loss,
 )
 from real.prompts import format_cot, resolve_score_token_ids
+from real.run_dir import METRICS_FILE, RunDir
 
 SCORE_VALUES = (1, 2, 3, 4, 5)
-METRICS_FILE = "metrics.jsonl"
-STOP_FILE = "STOP"  # create OUTPUT_DIR/STOP to stop after the current step with a checkpoint (any launcher)
 ROLLOUT_METHODS = ("real", "grpo")
 SYNTHETIC_DEFAULTS = {"max_new_tokens": 32}  # defaults for --data synthetic, below config file and flags
 
@@ -167,15 +164,6 @@ def peak_memory_mb(device: torch.device) -> Tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_max_rss"
 
 
-def _clean(value):
-    """JSON-safe numbers (NaN/inf -> None)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    return value
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -258,7 +246,7 @@ class Trainer:
             torch.set_num_threads(config.threads)
         seed_everything(config.seed)
         self.output_dir = config.output_dir
-        self.metrics_path = os.path.join(self.output_dir, METRICS_FILE)
+        self.run_dir = RunDir(config.output_dir, self.env, self.log)
 
         self.model, self.tokenizer = (model, tokenizer) if model is not None else self._load_model()
         if tokenizer is None and model is not None:
@@ -273,7 +261,7 @@ class Trainer:
             self._init_from(config.init_from)
         self._prepare_model()
         self.ref_model = self._reference_model() if config.kl_coef > 0 else None
-        self.resume_from = self._find_resume_checkpoint()
+        self.resume_from = self.run_dir.resume_checkpoint(config.resume)
         if self.resume_from:  # the weights go in before sharding; optimizer etc. after it
             ckpt.load_model_weights(self.model, self.resume_from)
         # Everything the loop does with the model runs as self.wrapped(fn, ...) (real.distributed): under
@@ -430,14 +418,6 @@ class Trainer:
 
     # --- output dir, checkpoints ---------------------------------------------------------
 
-    def _find_resume_checkpoint(self) -> Optional[str]:
-        """The newest complete checkpoint to resume from (rank 0 decides; every rank reads the files, so
-        several nodes need the output directory on a shared filesystem)."""
-        if not self.config.resume:
-            return None
-        return dist_utils.broadcast_object(ckpt.latest_checkpoint(self.output_dir) if self.is_main else None,
-                                           self.env)
-
     def _load_training_state(self, folder: str) -> None:
         """Optimizer, schedule, RNG and data position of a checkpoint (the weights are already in)."""
         optimizer_state = ckpt.read_optimizer_state(folder) if self.is_main else None
@@ -454,54 +434,6 @@ class Trainer:
         state = ckpt.read_trainer_state(folder)
         self.step = int(state["step"])
         self.stream.position = int(state["data_position"])
-
-    def _prepare_output_dir(self) -> None:
-        """Rank 0 checks and prepares the output directory; every rank gets its verdict."""
-        error = None
-        if self.is_main:
-            try:
-                self._prepare_output_dir_main()
-            except (ValueError, OSError) as exc:
-                error = exc
-        error = dist_utils.broadcast_object(error, self.env)
-        if isinstance(error, ValueError):
-            raise error
-        if error is not None:
-            raise ValueError(f"{type(error).__name__}: {error}")
-
-    def _prepare_output_dir_main(self) -> None:
-        cfg = self.config
-        os.makedirs(self.output_dir, exist_ok=True)
-        stale_stop = os.path.join(self.output_dir, STOP_FILE)
-        if os.path.exists(stale_stop):
-            os.remove(stale_stop)
-            self.log(f"removed a stale {stale_stop} (it asks a running job to stop)")
-        existing = ckpt.list_checkpoints(self.output_dir)
-        if cfg.resume:
-            if self.resume_from is None:
-                self.log(f"--resume: no complete checkpoint in {self.output_dir}; starting from step 0")
-            else:
-                self.log(f"resumed from {self.resume_from} (step {self.step})")
-            self._truncate_metrics(self.step)
-            return
-        if existing or os.path.exists(self.metrics_path):
-            if not cfg.overwrite:
-                raise ValueError(f"--output-dir {self.output_dir!r} already holds a run "
-                                 f"({len(existing)} checkpoint(s), metrics); pass --resume to continue it, "
-                                 "--overwrite to start afresh, or choose another --output-dir")
-            for _, path in existing:
-                shutil.rmtree(path)
-            if os.path.exists(self.metrics_path):
-                os.remove(self.metrics_path)
-
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop the log lines of steps after ``step`` (they are about to be redone)."""
-        if not os.path.exists(self.metrics_path):
-            return
-        with open(self.metrics_path, encoding="utf-8") as fh:
-            kept = [line for line in fh if line.strip() and json.loads(line).get("step", 0) <= step]
-        with open(self.metrics_path, "w", encoding="utf-8") as fh:
-            fh.writelines(kept)
 
     def save(self) -> str:
         """A checkpoint of full, parameter-name keyed states (collective: every rank calls it; rank 0 writes).
@@ -522,12 +454,6 @@ class Trainer:
             ckpt.prune_checkpoints(self.output_dir, self.config.keep_checkpoints)
         dist_utils.barrier()
         return path
-
-    def _write(self, record: Dict[str, Any]) -> None:
-        if not self.is_main:
-            return
-        with open(self.metrics_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(_clean(record)) + "\n")
 
     # --- one step ------------------------------------------------------------------------
 
@@ -822,12 +748,11 @@ class Trainer:
 
     def run(self) -> TrainResult:
         cfg = self.config
-        self._prepare_output_dir()
-        if self.is_main:
-            with open(os.path.join(self.output_dir, ckpt.CONFIG_FILE), "w", encoding="utf-8") as fh:
-                json.dump(dict(cfg.to_dict(), attn_implementation_used=self.attn_implementation,
-                               world_size=self.env.world_size, parallel=dist_utils.parallel_mode(self.wrapped)),
-                          fh, indent=2)
+        self.run_dir.prepare(resume=cfg.resume, overwrite=cfg.overwrite, resumed_from=self.resume_from,
+                             step=self.step)
+        self.run_dir.write_config(dict(cfg.to_dict(), attn_implementation_used=self.attn_implementation,
+                                       world_size=self.env.world_size,
+                                       parallel=dist_utils.parallel_mode(self.wrapped)))
         records: List[Dict[str, Any]] = []
         last_saved: Optional[str] = None
         final_eval = None
@@ -847,7 +772,7 @@ class Trainer:
                 self.step = step
                 if step == 1 or (cfg.steps and step == cfg.steps):
                     record["attn_implementation"] = self.attn_implementation
-                self._write(record)
+                self.run_dir.write(record)
                 records.append(record)
                 bar.update(1)
                 bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "reward_mean", "mse")
@@ -855,21 +780,18 @@ class Trainer:
                 if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
                     final_eval = self.evaluate(step)
                     if final_eval is not None:
-                        self._write(final_eval)
+                        self.run_dir.write(final_eval)
                         records.append(final_eval)
                         self.log(f"step {step} eval: pearson {final_eval['pearson']:.3f}  spearman "
                                  f"{final_eval['spearman']:.3f}  kendall {final_eval['kendall']:.3f}  "
                                  f"mse {final_eval['mse']:.3f}  (n={final_eval['n']})")
                 if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
                     last_saved = self.save()
-                stop_file = os.path.join(self.output_dir, STOP_FILE)
-                asked = self._stop_requested or (self.is_main and os.path.exists(stop_file))
-                if dist_utils.max_over_ranks(int(asked), self.env):  # all ranks stop together
+                if self.run_dir.should_stop(self._stop_requested):  # all ranks stop together
                     interrupted = True
                     if last_saved is None or not last_saved.endswith(f"{ckpt.PREFIX}{step}"):
                         last_saved = self.save()
-                    if self.is_main and os.path.exists(stop_file):
-                        os.remove(stop_file)
+                    self.run_dir.clear_stop()
                     self.log(f"stopped after step {step}; checkpoint {last_saved}; continue with --resume")
                     break
         finally:
