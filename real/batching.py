@@ -13,13 +13,17 @@ appended, as the released REAL code does, so the score position always sits
 right after the marker whatever the policy wrote.  Padding is on the right.
 Over-long prompts keep their end (the rubric and the ``###Feedback:`` cue) and
 over-long CoTs keep their start; both warn.
+
+A step's batch is trained in micro-batches: ``micro_batch_ranges`` cuts its
+rows into contiguous ranges under a token budget (whole prompt groups where the
+loss needs them), ``slice_batch`` cuts one range out.
 """
 from __future__ import annotations
 
 import math
 import warnings
 from dataclasses import dataclass, fields
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -194,3 +198,57 @@ def build_teacher_forced_batch(
         targets=torch.tensor([math.nan] * n if no_target else targets, dtype=torch.float32),
         prompt_lengths=torch.tensor(prompt_lengths, dtype=torch.long),
     ).to(device)
+
+
+# --- micro-batches -----------------------------------------------------------------------
+
+def micro_batch_ranges(lengths: Sequence[int], group_size: int, token_budget: int,
+                       split_groups: bool) -> List[Tuple[int, int]]:
+    """Contiguous row ranges ``[start, end)`` whose rows x longest length fit ``token_budget``.
+
+    Whole groups stay together (the losses normalise within a group); a group
+    too big for the budget is split into rows only when ``split_groups`` (its
+    advantages are then computed beforehand).  A single sequence longer than
+    the budget cannot be trained at all: that is an error.
+    """
+    lengths = [int(x) for x in lengths]
+    longest = max(lengths)
+    if longest > token_budget:
+        raise ValueError(
+            f"a sequence of {longest} tokens does not fit --micro-batch-tokens {token_budget}; raise the budget or "
+            "lower --max-prompt-tokens / --max-cot-tokens / --max-new-tokens")
+    units = [(s, s + group_size) for s in range(0, len(lengths), group_size)]
+    expanded: List[Tuple[int, int]] = []
+    for s, e in units:
+        if (e - s) * max(lengths[s:e]) > token_budget:
+            if not split_groups:
+                raise ValueError(
+                    f"a group of {e - s} sequences of up to {max(lengths[s:e])} tokens does not fit "
+                    f"--micro-batch-tokens {token_budget} and this method needs whole groups per micro-batch; "
+                    "raise the budget, lower --group-size, or shorten the sequences")
+            expanded.extend((r, r + 1) for r in range(s, e))
+        else:
+            expanded.append((s, e))
+    ranges: List[Tuple[int, int]] = []
+    start, end, width = expanded[0][0], expanded[0][0], 0
+    for s, e in expanded:
+        new_width = max(width, max(lengths[s:e]))
+        if end > start and (e - start) * new_width > token_budget:
+            ranges.append((start, end))
+            start, width = s, max(lengths[s:e])
+        else:
+            width = new_width
+        end = e
+    ranges.append((start, end))
+    return ranges
+
+
+def slice_batch(batch: TeacherForcedBatch, start: int, end: int) -> TeacherForcedBatch:
+    """Rows ``[start, end)``, columns cut to the longest of them (right padding)."""
+    width = int(batch.attention_mask[start:end].sum(1).max())
+    two_d = {"input_ids", "attention_mask", "cot_mask"}
+    kwargs = {}
+    for name in batch.__dataclass_fields__:
+        value = getattr(batch, name)[start:end]
+        kwargs[name] = value[:, :width] if name in two_d else value
+    return TeacherForcedBatch(**kwargs)

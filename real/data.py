@@ -284,3 +284,29 @@ def group_by_source(examples: Sequence[JudgeExample]) -> Dict[str, List[JudgeExa
     for example in examples:
         groups.setdefault(example.meta.get("source", ""), []).append(example)
     return groups
+
+
+class PromptStream:
+    """A deterministic walk over ``n`` examples: a new seeded permutation every epoch."""
+
+    def __init__(self, n: int, seed: int, position: int = 0):
+        if n <= 0:
+            raise ValueError("the training set is empty")
+        self.n, self.seed, self.position = n, seed, position
+        self._epoch, self._perm = -1, None
+
+    def _order(self, epoch: int) -> List[int]:
+        if epoch != self._epoch:
+            import torch  # (only the training loop walks a stream; the rest of this module needs no torch)
+
+            generator = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+            self._perm, self._epoch = torch.randperm(self.n, generator=generator).tolist(), epoch
+        return self._perm
+
+    def take(self, k: int) -> List[int]:
+        out = []
+        for _ in range(k):
+            epoch, offset = divmod(self.position, self.n)
+            out.append(self._order(epoch)[offset])
+            self.position += 1
+        return out

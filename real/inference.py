@@ -9,6 +9,8 @@
   marker, without computing logits for the whole sequence.
 - :func:`predict_rail` = generate (greedy, or n sampled CoTs) + score_cots,
   averaged over the CoTs; :func:`predict_decode` = generate + ``parse_score``.
+- :func:`rail_predictions` is the training loop's held-out evaluation: RAIL
+  with a greedy CoT (or none, for RAFT) on batches laid out exactly as in training.
 
 Prompts are processed longest-first so a batch holds prompts of similar length;
 results come back in the caller's order.
@@ -231,6 +233,42 @@ def predict_rail(
                         score_values=score_values, batch_size=batch_size, normalize=normalize, backend=backend,
                         progress=progress)
     return [math.fsum(scores[i * n_samples:(i + 1) * n_samples]) / n_samples for i in range(len(prompts))]
+
+
+def rail_predictions(model, tokenizer, prompts: Sequence[str], score_token_ids, score_values, *,
+                     max_new_tokens: int, batch_size: int, normalize: bool = False, backend: str = "auto",
+                     max_prompt_tokens: int = 2048, max_cot_tokens: int = 1024,
+                     with_cot: bool = True) -> List[float]:
+    """RAIL with a greedy CoT: the expected score at the position that predicts the score token.
+
+    ``with_cot=False`` reads it right after the prompt instead (how a RAFT judge, trained without a
+    CoT, is meant to be used).
+
+    The position is laid out exactly as in training (``build_teacher_forced_batch`` with targets), so
+    it is the same token the losses read: with tokenizers that keep the space after the marker
+    apart, that is the space token after ``[RESULT]``, not the marker itself.  The placeholder
+    target only fixes that layout; the appended score token comes after the score position and, the
+    model being causal, cannot change the prediction read there.
+    """
+    if with_cot:
+        cots = [c[0] for c in generate_cots(model, tokenizer, list(prompts), n=1, greedy=True,
+                                             max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                             stop_at_marker=True, progress=False)]
+    else:
+        cots = [None] * len(prompts)
+    device = next(model.parameters()).device
+    out: List[float] = []
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch_size):
+            chunk = slice(start, start + batch_size)
+            n = len(prompts[chunk])
+            batch = build_teacher_forced_batch(
+                tokenizer, prompts[chunk], cots[chunk], [float(score_values[0])] * n, score_token_ids, score_values,
+                max_prompt_tokens=max_prompt_tokens, max_cot_tokens=max_cot_tokens, device=device)
+            head = hf.judge_outputs(model, batch.input_ids, batch.attention_mask, None, score_token_ids,
+                                    score_values, score_pos=batch.score_pos, normalize=normalize, backend=backend)
+            out.extend(float(x) for x in head.expected_score)
+    return out
 
 
 def predict_decode(

@@ -53,9 +53,10 @@ from tqdm.auto import tqdm
 
 from real import checkpoint as ckpt
 from real import distributed as dist_utils
-from real.batching import TeacherForcedBatch, build_teacher_forced_batch
+from real.batching import TeacherForcedBatch, build_teacher_forced_batch, micro_batch_ranges, slice_batch
 from real.config import TrainConfig, build_parser, config_from_args
-from real.data import JudgeExample, load_judge_data
+from real.data import JudgeExample, PromptStream, load_judge_data
+from real.inference import rail_predictions
 from real.metrics import correlations
 from real.models import load_model_and_tokenizer, resolve_device
 from real.objectives import (
@@ -82,82 +83,6 @@ SYNTHETIC_DEFAULTS = {"max_new_tokens": 32}  # defaults for --data synthetic, be
 
 # --- small pieces ---------------------------------------------------------------------
 
-class PromptStream:
-    """A deterministic walk over ``n`` examples: a new seeded permutation every epoch."""
-
-    def __init__(self, n: int, seed: int, position: int = 0):
-        if n <= 0:
-            raise ValueError("the training set is empty")
-        self.n, self.seed, self.position = n, seed, position
-        self._epoch, self._perm = -1, None
-
-    def _order(self, epoch: int) -> List[int]:
-        if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed * 7919 + epoch)
-            self._perm, self._epoch = torch.randperm(self.n, generator=generator).tolist(), epoch
-        return self._perm
-
-    def take(self, k: int) -> List[int]:
-        out = []
-        for _ in range(k):
-            epoch, offset = divmod(self.position, self.n)
-            out.append(self._order(epoch)[offset])
-            self.position += 1
-        return out
-
-
-def plan_micro_batches(lengths: Sequence[int], group_size: int, token_budget: int,
-                       split_groups: bool) -> List[Tuple[int, int]]:
-    """Contiguous row ranges ``[start, end)`` whose rows x longest length fit ``token_budget``.
-
-    Whole groups stay together (the losses normalise within a group); a group
-    too big for the budget is split into rows only when ``split_groups`` (its
-    advantages are then computed beforehand).  A single sequence longer than
-    the budget cannot be trained at all: that is an error.
-    """
-    lengths = [int(x) for x in lengths]
-    longest = max(lengths)
-    if longest > token_budget:
-        raise ValueError(
-            f"a sequence of {longest} tokens does not fit --micro-batch-tokens {token_budget}; raise the budget or "
-            "lower --max-prompt-tokens / --max-cot-tokens / --max-new-tokens")
-    units = [(s, s + group_size) for s in range(0, len(lengths), group_size)]
-    expanded: List[Tuple[int, int]] = []
-    for s, e in units:
-        if (e - s) * max(lengths[s:e]) > token_budget:
-            if not split_groups:
-                raise ValueError(
-                    f"a group of {e - s} sequences of up to {max(lengths[s:e])} tokens does not fit "
-                    f"--micro-batch-tokens {token_budget} and this method needs whole groups per micro-batch; "
-                    "raise the budget, lower --group-size, or shorten the sequences")
-            expanded.extend((r, r + 1) for r in range(s, e))
-        else:
-            expanded.append((s, e))
-    plans: List[Tuple[int, int]] = []
-    start, end, width = expanded[0][0], expanded[0][0], 0
-    for s, e in expanded:
-        new_width = max(width, max(lengths[s:e]))
-        if end > start and (e - start) * new_width > token_budget:
-            plans.append((start, end))
-            start, width = s, max(lengths[s:e])
-        else:
-            width = new_width
-        end = e
-    plans.append((start, end))
-    return plans
-
-
-def slice_batch(batch: TeacherForcedBatch, start: int, end: int) -> TeacherForcedBatch:
-    """Rows ``[start, end)``, columns cut to the longest of them (right padding)."""
-    width = int(batch.attention_mask[start:end].sum(1).max())
-    two_d = {"input_ids", "attention_mask", "cot_mask"}
-    kwargs = {}
-    for name in batch.__dataclass_fields__:
-        value = getattr(batch, name)[start:end]
-        kwargs[name] = value[:, :width] if name in two_d else value
-    return TeacherForcedBatch(**kwargs)
-
-
 def peak_memory_mb(device: torch.device) -> Tuple[float, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
@@ -168,45 +93,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def rail_predictions(model, tokenizer, prompts: Sequence[str], score_token_ids, score_values, *,
-                     max_new_tokens: int, batch_size: int, normalize: bool = False, backend: str = "auto",
-                     max_prompt_tokens: int = 2048, max_cot_tokens: int = 1024,
-                     with_cot: bool = True) -> List[float]:
-    """RAIL with a greedy CoT: the expected score at the position that predicts the score token.
-
-    ``with_cot=False`` reads it right after the prompt instead (how a RAFT judge, trained without a
-    CoT, is meant to be used).
-
-    The position is laid out exactly as in training (``build_teacher_forced_batch`` with targets), so
-    it is the same token the losses read: with tokenizers that keep the space after the marker
-    apart, that is the space token after ``[RESULT]``, not the marker itself.  The placeholder
-    target only fixes that layout; the appended score token comes after the score position and, the
-    model being causal, cannot change the prediction read there.
-    """
-    from real.inference import generate_cots
-    from real_kernels import hf
-
-    if with_cot:
-        cots = [c[0] for c in generate_cots(model, tokenizer, list(prompts), n=1, greedy=True,
-                                             max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                             stop_at_marker=True, progress=False)]
-    else:
-        cots = [None] * len(prompts)
-    device = next(model.parameters()).device
-    out: List[float] = []
-    with torch.no_grad():
-        for start in range(0, len(prompts), batch_size):
-            chunk = slice(start, start + batch_size)
-            n = len(prompts[chunk])
-            batch = build_teacher_forced_batch(
-                tokenizer, prompts[chunk], cots[chunk], [float(score_values[0])] * n, score_token_ids, score_values,
-                max_prompt_tokens=max_prompt_tokens, max_cot_tokens=max_cot_tokens, device=device)
-            head = hf.judge_outputs(model, batch.input_ids, batch.attention_mask, None, score_token_ids,
-                                    score_values, score_pos=batch.score_pos, normalize=normalize, backend=backend)
-            out.extend(float(x) for x in head.expected_score)
-    return out
 
 
 def _generate_with(model, engine, *args, **kwargs):
@@ -566,7 +452,7 @@ class Trainer:
         rl = cfg.method in ROLLOUT_METHODS
         group = cfg.group_size if rl else 1
         lengths = batch.attention_mask.sum(1).tolist()
-        plan = plan_micro_batches(lengths, group, cfg.micro_batch_tokens, split_groups=cfg.method == "real")
+        plan = micro_batch_ranges(lengths, group, cfg.micro_batch_tokens, split_groups=cfg.method == "real")
         n_slots = dist_utils.max_over_ranks(len(plan), self.env)  # every rank runs as many micro-batches
         n_rows = len(batch)
         split = any((e - s) % group for s, e in plan)

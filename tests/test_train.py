@@ -8,7 +8,9 @@ import torch
 
 from real import checkpoint as ckpt
 from real.config import make_config
-from real.train import PromptStream, Trainer, main, plan_micro_batches
+from real.batching import micro_batch_ranges as plan_micro_batches
+from real.data import PromptStream
+from real.train import Trainer, main
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
