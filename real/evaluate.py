@@ -36,7 +36,6 @@ from real.metrics import average_correlations, correlations, format_table, json_
 
 BASELINES = ("gpt4-loo",)
 METHODS = ("rail", "decode")
-SCORE_VALUES = (1, 2, 3, 4, 5)
 DEFAULT_METHOD = "predictions"
 
 Results = Dict[str, Dict[str, dict]]  # method -> benchmark -> correlations
@@ -245,14 +244,14 @@ def run_model(benchmarks: Dict[str, List[JudgeExample]], args) -> Dict[str, Dict
     import torch
 
     from real.inference import predict_decode, predict_rail
-    from real.prompts import resolve_score_token_ids
+    from real.prompts import ScoreScale
     from real.models import load_model_and_tokenizer, resolve_device
 
     device = resolve_device(args.device)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     model, tokenizer = load_model_and_tokenizer(args.model, device=device, dtype=dtype)
     model.eval()
-    score_token_ids = resolve_score_token_ids(tokenizer, SCORE_VALUES)
+    scale = ScoreScale.from_tokenizer(tokenizer)
     keys = [(name, e.meta["row"]) for name, examples in benchmarks.items() for e in examples]
     prompts = [e.prompt for examples in benchmarks.values() for e in examples]
     greedy = args.n_samples == 1
@@ -260,7 +259,7 @@ def run_model(benchmarks: Dict[str, List[JudgeExample]], args) -> Dict[str, Dict
     if "rail" in args.methods:
         print(f"real eval: RAIL on {len(prompts)} prompts ({args.n_samples} "
               f"{'greedy CoT' if greedy else 'sampled CoTs'} each)", file=sys.stderr)
-        values = predict_rail(model, tokenizer, prompts, score_token_ids=score_token_ids, score_values=SCORE_VALUES,
+        values = predict_rail(model, tokenizer, prompts, score_token_ids=scale.token_ids, score_values=scale.values,
                               n_samples=args.n_samples, greedy=greedy, temperature=args.temperature,
                               top_p=args.top_p, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                               normalize=args.normalize, progress=True)
@@ -268,7 +267,7 @@ def run_model(benchmarks: Dict[str, List[JudgeExample]], args) -> Dict[str, Dict
     if "decode" in args.methods:
         print(f"real eval: standard decoding on {len(prompts)} prompts (greedy)", file=sys.stderr)
         values = predict_decode(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
-                                batch_size=args.batch_size, low=min(SCORE_VALUES), high=max(SCORE_VALUES),
+                                batch_size=args.batch_size, low=scale.low, high=scale.high,
                                 progress=True)
         out["decode"] = dict(zip(keys, values))
     return out

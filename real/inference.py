@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from real.batching import build_teacher_forced_batch, cut_at_marker
-from real.prompts import SCORE_MARKER, parse_score
-from real_kernels import hf
+from real.head import score_forward
+from real.prompts import SCORE_MARKER, ScoreScale, parse_score
 
 _UNLIMITED = sys.maxsize
 
@@ -192,8 +192,7 @@ def score_cots(
                 score_values, max_prompt_tokens=max_prompt_tokens or _UNLIMITED,
                 max_cot_tokens=max_cot_tokens or _UNLIMITED, device=device,
             )
-            head = hf.judge_outputs(model, batch.input_ids, batch.attention_mask, None, score_token_ids,
-                                    score_values, score_pos=batch.score_pos, normalize=normalize, backend=backend)
+            head = score_forward(model, batch, score_token_ids, score_values, normalize=normalize, backend=backend)
             for j, i in enumerate(chunk):
                 out[i] = float(head.expected_score[j])
             bar.update(len(chunk))
@@ -235,7 +234,7 @@ def predict_rail(
     return [math.fsum(scores[i * n_samples:(i + 1) * n_samples]) / n_samples for i in range(len(prompts))]
 
 
-def rail_predictions(model, tokenizer, prompts: Sequence[str], score_token_ids, score_values, *,
+def rail_predictions(model, tokenizer, prompts: Sequence[str], scale: ScoreScale, *,
                      max_new_tokens: int, batch_size: int, normalize: bool = False, backend: str = "auto",
                      max_prompt_tokens: int = 2048, max_cot_tokens: int = 1024,
                      with_cot: bool = True) -> List[float]:
@@ -263,10 +262,9 @@ def rail_predictions(model, tokenizer, prompts: Sequence[str], score_token_ids, 
             chunk = slice(start, start + batch_size)
             n = len(prompts[chunk])
             batch = build_teacher_forced_batch(
-                tokenizer, prompts[chunk], cots[chunk], [float(score_values[0])] * n, score_token_ids, score_values,
+                tokenizer, prompts[chunk], cots[chunk], [float(scale.values[0])] * n, scale.token_ids, scale.values,
                 max_prompt_tokens=max_prompt_tokens, max_cot_tokens=max_cot_tokens, device=device)
-            head = hf.judge_outputs(model, batch.input_ids, batch.attention_mask, None, score_token_ids,
-                                    score_values, score_pos=batch.score_pos, normalize=normalize, backend=backend)
+            head = score_forward(model, batch, scale.token_ids, scale.values, normalize=normalize, backend=backend)
             out.extend(float(x) for x in head.expected_score)
     return out
 

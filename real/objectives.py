@@ -20,77 +20,13 @@ Sequences of one prompt must be contiguous: rows ``b*G .. b*G+G-1`` form group b
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from real.batching import TeacherForcedBatch
-from real_kernels import hf
+from real.head import JudgeForward, cot_entropy_mean, judge_forward
 
 AGGREGATIONS = ("token-mean", "sequence-sum", "batch-token-mean")
-
-
-@dataclass
-class JudgeForward:
-    """Per-sequence judge outputs of a teacher-forced batch (differentiable unless made under no_grad)."""
-
-    cot_logprobs: torch.Tensor  # [B, T] log p of the next token where cot_mask, else 0
-    cot_mask: torch.Tensor  # [B, T] bool
-    score_logprobs: torch.Tensor  # [B, m] log pi(k_j) at the score position
-    expected_score: torch.Tensor  # [B] yhat
-    sq_error: torch.Tensor  # [B] (yhat - y*)^2
-    log_pi_star: torch.Tensor  # [B] log pi(k*), k* the score token of round(y*)
-    targets: torch.Tensor  # [B] y*
-    score_pos: torch.Tensor  # [B]
-    cot_entropy: Optional[torch.Tensor] = None  # [B, T] where cot_mask, else 0
-
-    @property
-    def cot_logprob_sum(self) -> torch.Tensor:
-        """[B] log pi(c | x), the sequence log-prob of the CoT."""
-        return self.cot_logprobs.sum(dim=1)
-
-    @property
-    def cot_token_count(self) -> torch.Tensor:
-        """[B] number of CoT tokens."""
-        return self.cot_mask.sum(dim=1)
-
-    @property
-    def pi_star(self) -> torch.Tensor:
-        return self.log_pi_star.exp()
-
-
-def judge_forward(
-    model,
-    batch: TeacherForcedBatch,
-    score_token_ids: Sequence[int],
-    score_values: Sequence[float],
-    *,
-    normalize: bool = False,
-    temperature: float = 1.0,
-    return_entropy: bool = False,
-    backend: str = "auto",
-) -> JudgeForward:
-    """One decoder pass + one fused-head pass over a teacher-forced batch with targets."""
-    if bool(torch.isnan(batch.targets).any()) or bool((batch.score_index < 0).any()):
-        raise ValueError("judge_forward needs a batch built with targets (build_teacher_forced_batch(..., targets=...))")
-    out = hf.judge_outputs(
-        model, batch.input_ids, batch.attention_mask, batch.targets, score_token_ids, score_values,
-        score_pos=batch.score_pos, cot_mask=batch.cot_mask, normalize=normalize, temperature=temperature,
-        return_entropy=return_entropy, backend=backend,
-    )
-    log_pi_star = out.score_logprobs.gather(1, batch.score_index[:, None].to(out.score_logprobs.device)).squeeze(1)
-    return JudgeForward(
-        cot_logprobs=out.cot_logprobs,
-        cot_mask=batch.cot_mask,
-        score_logprobs=out.score_logprobs,
-        expected_score=out.expected_score,
-        sq_error=out.sq_error,
-        log_pi_star=log_pi_star,
-        targets=batch.targets,
-        score_pos=batch.score_pos,
-        cot_entropy=out.cot_entropy,
-    )
 
 
 def regression_reward(expected, target, log_pi_star=None, pi_star=None, lam: float = 0.0, mu: float = 0.0):
@@ -207,12 +143,6 @@ def _k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tenso
     return _aggregate(torch.exp(delta) - delta - 1, mask.bool(), agg)
 
 
-def _entropy_mean(fwd: JudgeForward) -> float:
-    if fwd.cot_entropy is None:
-        return float("nan")
-    return float((fwd.cot_entropy.detach() * fwd.cot_mask).sum() / fwd.cot_mask.sum().clamp(min=1))
-
-
 def real_loss(
     fwd: JudgeForward,
     group_size: int,
@@ -267,7 +197,7 @@ def real_loss(
         "advantage_abs": float(advantages.abs().mean()),
         "clip_frac": clip_frac,
         "kl": float(kl.detach()),
-        "entropy": _entropy_mean(fwd),
+        "entropy": cot_entropy_mean(fwd),
         "cot_tokens": float(fwd.cot_token_count.float().mean()),
     }
     return loss, terms
@@ -382,7 +312,7 @@ def grpo_loss(
     return loss, {
         "loss": float(loss.detach()), "pg_loss": float(pg.detach()), "reward_mean": float(rewards.mean()),
         "advantage_abs": float(advantages.abs().mean()), "clip_frac": clip_frac, "kl": float(kl.detach()),
-        "sq_error": float(fwd.sq_error.detach().mean()), "entropy": _entropy_mean(fwd),
+        "sq_error": float(fwd.sq_error.detach().mean()), "entropy": cot_entropy_mean(fwd),
         "cot_tokens": float(fwd.cot_token_count.float().mean()),
     }
 

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Iterable, List, Mapping, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 SCORE_MARKER = "[RESULT]"
+SCORE_VALUES = (1, 2, 3, 4, 5)  # the judge's score scale: the Prometheus rubric's five scores
 FEEDBACK_PREFIX = "Feedback:"
 
 _TASK_WITH_REFERENCE = (
@@ -256,7 +258,7 @@ def _decode(tokenizer, ids: List[int]) -> str:
     return tokenizer.decode(ids)
 
 
-def resolve_score_token_ids(tokenizer, values: Iterable = (1, 2, 3, 4, 5)) -> List[int]:
+def resolve_score_token_ids(tokenizer, values: Iterable = SCORE_VALUES) -> List[int]:
     """One vocabulary id per score value: the token a judge emits after the marker.
 
     The id is read in context: ``"[RESULT] 4"`` is tokenized and its last token
@@ -294,3 +296,28 @@ def resolve_score_token_ids(tokenizer, values: Iterable = (1, 2, 3, 4, 5)) -> Li
     if len(set(ids)) != len(ids):
         raise ValueError(f"score values {values!r} do not map to distinct tokens: {ids!r}")
     return ids
+
+
+@dataclass(frozen=True)
+class ScoreScale:
+    """The score tokens a judge writes after the marker and their values, together.
+
+    Built once from the tokenizer (``ScoreScale.from_tokenizer``) and passed
+    around whole, so token ids and values cannot drift apart.
+    """
+
+    token_ids: Tuple[int, ...]
+    values: Tuple[float, ...]
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, values: Iterable = SCORE_VALUES) -> "ScoreScale":
+        values = tuple(values)
+        return cls(tuple(resolve_score_token_ids(tokenizer, values)), values)
+
+    @property
+    def low(self) -> float:
+        return min(self.values)
+
+    @property
+    def high(self) -> float:
+        return max(self.values)

@@ -73,10 +73,9 @@ from real.objectives import (
     sampled_score_indices,
     tract_loss,
 )
-from real.prompts import format_cot, resolve_score_token_ids
+from real.prompts import ScoreScale, format_cot
 from real.run_dir import METRICS_FILE, RunDir
 
-SCORE_VALUES = (1, 2, 3, 4, 5)
 ROLLOUT_METHODS = ("real", "grpo")
 SYNTHETIC_DEFAULTS = {"max_new_tokens": 32}  # defaults for --data synthetic, below config file and flags
 
@@ -137,8 +136,7 @@ class Trainer:
         self.model, self.tokenizer = (model, tokenizer) if model is not None else self._load_model()
         if tokenizer is None and model is not None:
             raise ValueError("pass the tokenizer together with the model")
-        self.score_values = list(SCORE_VALUES)
-        self.score_token_ids = resolve_score_token_ids(self.tokenizer, self.score_values)
+        self.scale = ScoreScale.from_tokenizer(self.tokenizer)
         if train_examples is None:
             train_examples, eval_examples = self._load_data()
         self.train_examples, self.eval_examples = self._check_data(train_examples), list(eval_examples or [])
@@ -172,7 +170,7 @@ class Trainer:
             self.engine = make_rollout_engine(
                 config.rollout, self.model, self.tokenizer, temperature=config.temperature, top_p=config.top_p,
                 max_new_tokens=config.max_new_tokens, batch_size=config.rollout_batch_size,
-                score_values=self.score_values)
+                score_values=self.scale.values)
         self.step = 0
         self.stream = PromptStream(len(self.train_examples), config.seed)
         self._stop_requested = False
@@ -371,7 +369,7 @@ class Trainer:
             targets = [e.target for e in examples for _ in range(cfg.group_size)]
             if cfg.method == "grpo":
                 extra["rewards"] = binary_rewards(rollouts.decoded_scores, targets).to(self.device)
-                extra["sampled_index"] = sampled_score_indices(rollouts.decoded_scores, self.score_values).to(
+                extra["sampled_index"] = sampled_score_indices(rollouts.decoded_scores, self.scale.values).to(
                     self.device)
                 extra["decoded_rate"] = sum(d is not None for d in rollouts.decoded_scores) / len(targets)
         elif cfg.method == "tract":
@@ -381,7 +379,7 @@ class Trainer:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore" if cfg.method in ROLLOUT_METHODS else "default")
             batch = build_teacher_forced_batch(
-                self.tokenizer, prompts, cots, targets, self.score_token_ids, self.score_values,
+                self.tokenizer, prompts, cots, targets, self.scale.token_ids, self.scale.values,
                 max_prompt_tokens=cfg.max_prompt_tokens, max_cot_tokens=cfg.max_cot_tokens, device=self.device)
         if cfg.method in ROLLOUT_METHODS:
             extra["generated_tokens"] = int(batch.cot_lengths.sum())
@@ -391,7 +389,7 @@ class Trainer:
         if not adapter:  # the LoRA model's reference policy: its base model
             with model.disable_adapter():
                 return self._judge_forward(model, mb, entropy)
-        return judge_forward(model, mb, self.score_token_ids, self.score_values, normalize=self.config.normalize_scores,
+        return judge_forward(model, mb, self.scale.token_ids, self.scale.values, normalize=self.config.normalize_scores,
                              return_entropy=entropy, backend=self.config.head_backend)
 
     def _forward(self, mb: TeacherForcedBatch, entropy: bool = True):
@@ -603,7 +601,7 @@ class Trainer:
         try:
             with torch.no_grad():
                 predictions = self.wrapped(
-                    rail_predictions, self.tokenizer, mine, self.score_token_ids, self.score_values,
+                    rail_predictions, self.tokenizer, mine, self.scale,
                     max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
                     normalize=cfg.normalize_scores, backend=cfg.head_backend,
                     max_prompt_tokens=cfg.max_prompt_tokens, max_cot_tokens=cfg.max_cot_tokens,

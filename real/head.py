@@ -1,0 +1,132 @@
+"""The judge head on a teacher-forced batch: the one place ``real`` calls ``real_kernels``.
+
+One decoder pass to hidden states and one fused-head pass over the rows the
+losses read (``real_kernels.hf.judge_outputs`` -> ``real_kernels.judge_head``;
+the LM head module is never called, no ``[tokens x vocab]`` logits), laid out
+per sequence as a :class:`JudgeForward`, the one result type of a head pass in
+``real``:
+
+- :func:`judge_forward`: CoT rows and score rows of a batch built with targets
+  (every training loss, old / reference log-probs);
+- :func:`score_forward`: the score rows alone of a batch built without targets
+  (RAIL's read-out: the expected score after the marker);
+- :func:`micro_batch_loss`: the head pass of one training micro-batch and a
+  method's loss on it.  Every method's loss goes through it, so the step can
+  move to a head that forms the gradients in its forward (``judge_loss``,
+  docs/design.md section 6) in this one place.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+
+from real.batching import TeacherForcedBatch
+from real_kernels import hf
+
+LossFn = Callable[["JudgeForward"], Tuple[torch.Tensor, Dict[str, float]]]
+
+
+@dataclass
+class JudgeForward:
+    """Per-sequence judge outputs of a teacher-forced batch (differentiable unless made under no_grad)."""
+
+    cot_logprobs: torch.Tensor  # [B, T] log p of the next token where cot_mask, else 0
+    cot_mask: torch.Tensor  # [B, T] bool
+    score_logprobs: torch.Tensor  # [B, m] log pi(k_j) at the score position
+    expected_score: torch.Tensor  # [B] yhat
+    sq_error: torch.Tensor  # [B] (yhat - y*)^2 (0 without targets)
+    log_pi_star: Optional[torch.Tensor]  # [B] log pi(k*), k* the score token of round(y*); None without targets
+    targets: torch.Tensor  # [B] y* (NaN without targets)
+    score_pos: torch.Tensor  # [B]
+    cot_entropy: Optional[torch.Tensor] = None  # [B, T] where cot_mask, else 0
+
+    @property
+    def cot_logprob_sum(self) -> torch.Tensor:
+        """[B] log pi(c | x), the sequence log-prob of the CoT."""
+        return self.cot_logprobs.sum(dim=1)
+
+    @property
+    def cot_token_count(self) -> torch.Tensor:
+        """[B] number of CoT tokens."""
+        return self.cot_mask.sum(dim=1)
+
+    @property
+    def pi_star(self) -> torch.Tensor:
+        return self.log_pi_star.exp()
+
+
+def judge_forward(
+    model,
+    batch: TeacherForcedBatch,
+    score_token_ids: Sequence[int],
+    score_values: Sequence[float],
+    *,
+    normalize: bool = False,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    backend: str = "auto",
+) -> JudgeForward:
+    """One decoder pass + one fused-head pass over a teacher-forced batch with targets."""
+    if bool(torch.isnan(batch.targets).any()) or bool((batch.score_index < 0).any()):
+        raise ValueError("judge_forward needs a batch built with targets (build_teacher_forced_batch(..., targets=...))")
+    out = hf.judge_outputs(
+        model, batch.input_ids, batch.attention_mask, batch.targets, score_token_ids, score_values,
+        score_pos=batch.score_pos, cot_mask=batch.cot_mask, normalize=normalize, temperature=temperature,
+        return_entropy=return_entropy, backend=backend,
+    )
+    log_pi_star = out.score_logprobs.gather(1, batch.score_index[:, None].to(out.score_logprobs.device)).squeeze(1)
+    return JudgeForward(
+        cot_logprobs=out.cot_logprobs,
+        cot_mask=batch.cot_mask,
+        score_logprobs=out.score_logprobs,
+        expected_score=out.expected_score,
+        sq_error=out.sq_error,
+        log_pi_star=log_pi_star,
+        targets=batch.targets,
+        score_pos=batch.score_pos,
+        cot_entropy=out.cot_entropy,
+    )
+
+
+def score_forward(model, batch: TeacherForcedBatch, score_token_ids: Sequence[int], score_values: Sequence[float],
+                  *, normalize: bool = False, backend: str = "auto") -> JudgeForward:
+    """The score rows alone (no CoT rows, no targets): RAIL's expected score at ``batch.score_pos``."""
+    out = hf.judge_outputs(model, batch.input_ids, batch.attention_mask, None, score_token_ids, score_values,
+                           score_pos=batch.score_pos, normalize=normalize, backend=backend)
+    return JudgeForward(
+        cot_logprobs=out.cot_logprobs,
+        cot_mask=torch.zeros_like(batch.cot_mask),
+        score_logprobs=out.score_logprobs,
+        expected_score=out.expected_score,
+        sq_error=out.sq_error,
+        log_pi_star=None,
+        targets=batch.targets,
+        score_pos=batch.score_pos,
+    )
+
+
+def cot_entropy_mean(fwd: JudgeForward) -> float:
+    """Mean entropy over the CoT tokens (NaN when the head pass did not compute it)."""
+    if fwd.cot_entropy is None:
+        return float("nan")
+    return float((fwd.cot_entropy.detach() * fwd.cot_mask).sum() / fwd.cot_mask.sum().clamp(min=1))
+
+
+def micro_batch_loss(model, batch: TeacherForcedBatch, score_token_ids: Sequence[int],
+                     score_values: Sequence[float], loss_fn: LossFn, *, normalize: bool = False,
+                     return_entropy: bool = True, backend: str = "auto") -> Tuple[torch.Tensor, Dict[str, float]]:
+    """The head pass of one training micro-batch and ``loss_fn`` on it: ``(loss, terms)``.
+
+    ``loss_fn(fwd) -> (loss, terms)`` is the method's loss (``real.methods``);
+    ``terms`` gets the CoT entropy when the loss does not report it.  Called as
+    ``wrapped(micro_batch_loss, ...)`` (``real.distributed``), so under FSDP the
+    whole pass runs inside the root module's forward.
+    """
+    fwd = judge_forward(model, batch, score_token_ids, score_values, normalize=normalize,
+                        return_entropy=return_entropy, backend=backend)
+    loss, terms = loss_fn(fwd)
+    if "entropy" not in terms and fwd.cot_entropy is not None:  # the SFT losses do not report it
+        terms["entropy"] = cot_entropy_mean(fwd)
+    return loss, terms
