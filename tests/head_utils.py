@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from real_kernels import judge_head
 from real_kernels import reference
@@ -73,6 +75,21 @@ def make_case(n, h, v, *, dtype=torch.float32, score_ids=None, normalize=False, 
     return case
 
 
+def extreme_case(n=37, h=48, v=1000, **options) -> Case:
+    """Logits of magnitude ~1e4; rows 1 and 2 put all the mass on the first and the last score token."""
+    case = make_case(n, h, v, **{"normalize": False, "return_entropy": True, **options})
+    gen = torch.Generator().manual_seed(1)
+    # logits of magnitude ~1e4: one dominant direction per row, some rows with near-ties
+    w = torch.randn(v, h, generator=gen)
+    w = w / w.norm(dim=1, keepdim=True)
+    hid = torch.randn(n, h, generator=gen)
+    hid = hid / hid.norm(dim=1, keepdim=True) * 1e4
+    hid[1] = w[case.score_ids[0]] * 1e4  # a row whose score token takes all the mass
+    hid[2] = w[case.score_ids[-1]] * 1e4
+    case.hidden, case.weight = hid, w
+    return case
+
+
 def _backward(outs: Dict[str, torch.Tensor], case: Case, hidden, weight):
     loss = sum((outs[k].double() * case.grads[k].double()).sum() for k in OUTPUTS if outs.get(k) is not None)
     dh, dw = torch.autograd.grad(loss, (hidden, weight))
@@ -121,3 +138,42 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.detach().double() - b.detach().double()).abs().max()) if b.numel() else 0.0
+
+
+def check_against(outs, dh, dw, truth, rtol, label):
+    """Every output (fp32, same shape, None where the truth is None) and dh, dW within rtol of truth."""
+    t_outs, t_dh, t_dw = truth
+    for k in OUTPUTS:
+        if t_outs[k] is None:
+            assert outs[k] is None, f"{label}: {k} should be None"
+            continue
+        assert outs[k].dtype == torch.float32, f"{label}: {k} must be fp32"
+        assert outs[k].shape == t_outs[k].shape
+        err = rel_err(outs[k], t_outs[k])
+        assert err <= rtol, f"{label}: {k} relative error {err:.2e} > {rtol:.0e}"
+    for name, a, b in (("dh", dh, t_dh), ("dW", dw, t_dw)):
+        err = rel_err(a, b)
+        assert err <= rtol, f"{label}: {name} relative error {err:.2e} > {rtol:.0e}"
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Records the largest tensor (in elements) produced by any op while active.
+
+    ``allocations_only``: skip ops whose output aliases an input (views, in-place ops, and the
+    ``set_`` the Triton interpreter uses to wrap existing storage), counting only new memory.
+    """
+
+    def __init__(self, allocations_only: bool = False):
+        super().__init__()
+        self.largest = 0
+        self.op = None
+        self.allocations_only = allocations_only
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.allocations_only and any(r.alias_info is not None for r in func._schema.returns):
+            return out
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.numel() > self.largest:
+                self.largest, self.op = t.numel(), str(func)
+        return out

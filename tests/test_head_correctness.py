@@ -11,7 +11,7 @@ import itertools
 import pytest
 import torch
 
-from head_utils import OUTPUTS, SMALL_TILES, make_case, rel_err, run_backend, run_exact
+from head_utils import SMALL_TILES, check_against, make_case, rel_err, run_backend, run_exact
 
 SHAPES = list(itertools.product((1, 37, 130), (48, 96), (97, 1000, 4099)))
 TEMPERATURES = (1.0, 0.7, 1.5)
@@ -28,21 +28,6 @@ IDS = [f"N{n}-H{h}-V{v}-t{o['temperature']}-norm{int(o['normalize'])}-ent{int(o[
        for (n, h, v), o in CASES]
 
 
-def _check_against(outs, dh, dw, truth, rtol, label):
-    t_outs, t_dh, t_dw = truth
-    for k in OUTPUTS:
-        if t_outs[k] is None:
-            assert outs[k] is None, f"{label}: {k} should be None"
-            continue
-        assert outs[k].dtype == torch.float32, f"{label}: {k} must be fp32"
-        assert outs[k].shape == t_outs[k].shape
-        err = rel_err(outs[k], t_outs[k])
-        assert err <= rtol, f"{label}: {k} relative error {err:.2e} > {rtol:.0e}"
-    for name, a, b in (("dh", dh, t_dh), ("dW", dw, t_dw)):
-        err = rel_err(a, b)
-        assert err <= rtol, f"{label}: {name} relative error {err:.2e} > {rtol:.0e}"
-
-
 @pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
 @pytest.mark.parametrize("shape,options", CASES, ids=IDS)
 def test_backend_matches_fp64_and_reference(backend, shape, options):
@@ -50,9 +35,9 @@ def test_backend_matches_fp64_and_reference(backend, shape, options):
     case = make_case(n, h, v, seed=n * 7 + h + v, **options)
     outs, dh, dw = run_backend(case, backend, cfg=SMALL_TILES if backend == "triton" else None)
     assert all(torch.isfinite(t).all() for t in [dh, dw] + [o for o in outs.values() if o is not None])
-    _check_against(outs, dh, dw, run_exact(case), FP32_RTOL, f"{backend} vs fp64")
+    check_against(outs, dh, dw, run_exact(case), FP32_RTOL, f"{backend} vs fp64")
     if backend != "reference":
-        _check_against(outs, dh, dw, run_backend(case, "reference"), FP32_RTOL, f"{backend} vs fp32 reference")
+        check_against(outs, dh, dw, run_backend(case, "reference"), FP32_RTOL, f"{backend} vs fp32 reference")
 
 
 @pytest.mark.parametrize("n,h,v", [(37, 96, 4099), (130, 48, 1000)])
@@ -60,7 +45,7 @@ def test_triton_default_launch_config(n, h, v):
     """The config that backend='triton' picks by itself (large tiles, one split)."""
     case = make_case(n, h, v, normalize=True, return_entropy=True, temperature=0.7)
     outs, dh, dw = run_backend(case, "triton")
-    _check_against(outs, dh, dw, run_exact(case), FP32_RTOL, "triton default config vs fp64")
+    check_against(outs, dh, dw, run_exact(case), FP32_RTOL, "triton default config vs fp64")
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -7,32 +7,16 @@
 """
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
-from head_utils import OUTPUTS, SMALL_TILES, make_case, rel_err, run_backend, run_exact
+from head_utils import OUTPUTS, SMALL_TILES, LargestAllocation, extreme_case, make_case, rel_err, run_backend, run_exact
 
 QWEN3_VOCAB = 151_936
-
-
-def _extreme_case(n=37, h=48, v=1000):
-    case = make_case(n, h, v, normalize=False, return_entropy=True)
-    gen = torch.Generator().manual_seed(1)
-    # logits of magnitude ~1e4: one dominant direction per row, some rows with near-ties
-    w = torch.randn(v, h, generator=gen)
-    w = w / w.norm(dim=1, keepdim=True)
-    hid = torch.randn(n, h, generator=gen)
-    hid = hid / hid.norm(dim=1, keepdim=True) * 1e4
-    hid[1] = w[case.score_ids[0]] * 1e4  # a row whose score token takes all the mass
-    hid[2] = w[case.score_ids[-1]] * 1e4
-    case.hidden, case.weight = hid, w
-    return case
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
 @pytest.mark.parametrize("normalize", [False, True])
 def test_extreme_logits_stay_finite_and_valid(backend, normalize):
-    case = _extreme_case()
+    case = extreme_case()
     case.normalize = normalize
     logits = case.hidden @ case.weight.T
     assert logits.abs().max() > 5e3
@@ -63,22 +47,6 @@ def test_qwen3_vocabulary(backend):
         for k in OUTPUTS:
             assert rel_err(outs[k], t_outs[k]) < tol, k
         assert rel_err(dh, t_dh) < tol and rel_err(dw, t_dw) < tol
-
-
-class LargestAllocation(TorchDispatchMode):
-    """Records the largest tensor (in elements) produced by any op while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-        self.op = None
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.numel() > self.largest:
-                self.largest, self.op = t.numel(), str(func)
-        return out
 
 
 def test_torch_backend_never_allocates_a_quarter_of_n_by_v():
