@@ -45,6 +45,12 @@ def _run(args: HeadArgs, backend: str):
     name = resolve_backend(backend, args.hidden)
     if args.hidden.shape[0] == 0:
         name = "reference"  # nothing to stream; the reference handles empty batches exactly
+    device_type = args.hidden.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        # the contract is fp32 outputs computed in fp32: autocast would run the reference's logits
+        # and the score epilogue's matmul in bf16 / fp16
+        with torch.autocast(device_type, enabled=False):
+            return _BACKENDS[name](args)
     return _BACKENDS[name](args)
 
 

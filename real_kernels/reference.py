@@ -48,7 +48,12 @@ def score_epilogue(
     if score_targets is None:
         sq_error = torch.zeros_like(expected)
     else:
-        sq_error = (expected - score_targets.to(expected.dtype)) ** 2
+        y = score_targets.to(expected.dtype)
+        if score_mask is not None:
+            # zero the excluded targets before the subtraction, not only the result: a NaN target on an
+            # excluded row would otherwise reach dW through where's backward (0 * NaN = NaN)
+            y = torch.where(score_mask, y, torch.zeros_like(y))
+        sq_error = (expected - y) ** 2
         if score_mask is not None:
             sq_error = torch.where(score_mask, sq_error, torch.zeros_like(sq_error))
     return score_logp, expected, sq_error

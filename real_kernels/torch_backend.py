@@ -14,7 +14,7 @@ from typing import List, Tuple
 import torch
 
 from .reference import score_epilogue
-from .validation import HeadArgs
+from .validation import HeadArgs, first_order_only
 
 # Elements in one logits tile (fp32): 4M = 16 MiB, large enough for efficient
 # GEMMs, small enough to stay far below N*V/4 at any realistic vocabulary.
@@ -99,6 +99,7 @@ class ChunkedHead(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_logp, g_score, g_entropy):
+        first_order_only("torch")
         hidden, weight, targets, lse, entropy = ctx.saved_tensors
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n, v = hidden.shape[0], weight.shape[0]

@@ -2,11 +2,16 @@
 
 The kernels index memory with the targets and score ids, so a bad id must be
 caught here, as a ValueError naming the argument, before it can become a silent
-NaN or a CUDA illegal-address error.
+NaN or a CUDA illegal-address error.  The kernels also index the per-row
+tensors (targets, score targets, score mask) as dense arrays: they leave here
+contiguous, in the dtype the kernels read, whatever strides, offset or integer
+width they came with.  ``hidden`` and ``weight`` keep their layout (the kernels
+take their row strides; see ``unit_column_stride``).
 """
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -21,15 +26,15 @@ ValuesLike = Union[torch.Tensor, Sequence[float]]
 
 @dataclass
 class HeadArgs:
-    """Validated, normalised arguments of one head call."""
+    """Validated, normalised arguments of one head call (every index / per-row tensor contiguous)."""
 
-    hidden: torch.Tensor
-    weight: torch.Tensor
-    targets: torch.Tensor  # int64 [N]
-    score_ids: torch.Tensor  # int64 [m] (m may be 0 for linear_logprobs)
-    score_values: torch.Tensor  # fp32 [m]
-    score_targets: Optional[torch.Tensor]  # fp32 [N]
-    score_mask: Optional[torch.Tensor]  # bool [N]
+    hidden: torch.Tensor  # [N, H], any strides
+    weight: torch.Tensor  # [V, H], any strides
+    targets: torch.Tensor  # int64 [N], contiguous
+    score_ids: torch.Tensor  # int64 [m] (m may be 0 for linear_logprobs), contiguous
+    score_values: torch.Tensor  # fp32 [m], contiguous
+    score_targets: Optional[torch.Tensor]  # fp32 [N], contiguous, detached
+    score_mask: Optional[torch.Tensor]  # bool [N], contiguous
     normalize: bool
     temperature: float
     ignore_index: int
@@ -84,7 +89,7 @@ def validate_head_args(
         raise ValueError(f"targets must have shape [{n}] to match hidden, got {tuple(targets.shape)}")
     if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
         raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
-    targets = targets.long()
+    targets = targets.to(torch.long).contiguous()
     if n > 0:
         bad = ((targets < 0) | (targets >= v)) & (targets != ignore_index)
         if bool(bad.any()):
@@ -107,9 +112,7 @@ def validate_head_args(
         _check_device("score_targets", score_targets, device)
         if score_targets.shape[0] != n:
             raise ValueError(f"score_targets must have shape [{n}], got {tuple(score_targets.shape)}")
-        if not score_targets.dtype.is_floating_point:
-            score_targets = score_targets.float()
-        score_targets = score_targets.detach().float()
+        score_targets = score_targets.detach().to(torch.float32).contiguous()
     if score_mask is not None:
         score_mask = _check_tensor("score_mask", score_mask, 1)
         _check_device("score_mask", score_mask, device)
@@ -119,6 +122,7 @@ def validate_head_args(
             raise TypeError(f"score_mask must be a bool tensor, got {score_mask.dtype}")
         if score_targets is None:
             raise ValueError("score_mask was given without score_targets")
+        score_mask = score_mask.contiguous()
     return HeadArgs(
         hidden, weight, targets, ids, values, score_targets, score_mask,
         bool(normalize), float(temperature), int(ignore_index), bool(return_entropy),
@@ -139,8 +143,8 @@ def _validate_scores(score_token_ids, score_values, vocab: int, device: torch.de
         ids_list = [int(i) for i in score_token_ids.tolist()]
     else:
         try:
-            ids_list = [int(i) for i in score_token_ids]
-        except (TypeError, ValueError) as exc:
+            ids_list = [_token_id(i) for i in score_token_ids]
+        except TypeError as exc:
             raise TypeError(f"score_token_ids must be a sequence of ints: {exc}") from None
     if len(ids_list) == 0:
         raise ValueError("score_token_ids is empty: give at least one score token id")
@@ -167,6 +171,36 @@ def _validate_scores(score_token_ids, score_values, vocab: int, device: torch.de
     ids = torch.tensor(ids_list, dtype=torch.long, device=device)
     values = torch.tensor(vals_list, dtype=torch.float32, device=device)
     return ids, values
+
+
+def _token_id(i) -> int:
+    """An integer id; a float (even 10.0, as a float tensor is refused), bool or string is refused, not truncated."""
+    if isinstance(i, bool) or (isinstance(i, torch.Tensor) and i.dtype == torch.bool):
+        raise TypeError(f"got the bool {i}")
+    try:
+        return operator.index(i)
+    except TypeError:
+        raise TypeError(f"got {i!r} ({type(i).__name__})") from None
+
+
+def unit_column_stride(x: torch.Tensor) -> torch.Tensor:
+    """x itself when its columns are adjacent in memory (what kernels taking a row stride need), else a copy.
+
+    A weight that is a row range of a larger table (tied embeddings) or a column slice of a wider
+    matrix is read in place; only a column-major layout costs a copy.
+    """
+    return x if x.stride(1) == 1 or x.shape[1] <= 1 else x.contiguous()
+
+
+def first_order_only(backend: str) -> None:
+    """Call first in a fused backward: it computes gradients without a graph of its own, so
+    ``create_graph=True`` (grad mode is on in backward only then) would silently lose the second order."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"backend={backend!r} supports first-order gradients only: its backward is a fused pass with no "
+            "graph of its own, so create_graph=True (double backward, Hessian-vector products, gradient "
+            "penalties) cannot go through it; use backend='reference' for higher-order gradients"
+        )
 
 
 def resolve_backend(backend: str, hidden: torch.Tensor) -> str:

@@ -141,18 +141,24 @@ def head_forward_combine_kernel(
     lse = g_max + log_sum
     tl.store(lse_ptr + rows64, lse, mask=row_ok)
     tgt = tl.load(tgt_ptr + rows64, mask=row_ok, other=ignore_index)
-    logp = tl.where(tgt != ignore_index, tl.minimum(tgt_logit - lse, 0.0), 0.0)
+    # rounding clamps are where()s, not tl.minimum / tl.maximum, which drop a NaN: a non-finite
+    # row must come out non-finite, not as log-prob 0 and entropy 0
+    logp = tgt_logit - lse
+    logp = tl.where(tgt != ignore_index, tl.where(logp > 0.0, 0.0, logp), 0.0)
     tl.store(logp_ptr + rows64, logp, mask=row_ok)
     if RETURN_ENTROPY:
-        tl.store(ent_ptr + rows64, tl.maximum(log_sum - g_ent / g_sum, 0.0), mask=row_ok)
+        ent = log_sum - g_ent / g_sum
+        tl.store(ent_ptr + rows64, tl.where(ent < 0.0, 0.0, ent), mask=row_ok)
 
     if HAS_SCORES:
-        s_logp = tl.minimum(score_logit - lse[:, None], 0.0)
+        s_logp = score_logit - lse[:, None]
+        s_logp = tl.where(s_logp > 0.0, 0.0, s_logp)
         if NORMALIZE:
             s_valid = tl.where(j_ok[None, :], s_logp, float("-inf"))
             s_max = tl.max(s_valid, axis=1)
             s_lse = s_max + tl.log(tl.sum(tl.exp(s_valid - s_max[:, None]), axis=1))
-            s_logp = tl.minimum(s_logp - s_lse[:, None], 0.0)
+            s_logp = s_logp - s_lse[:, None]
+            s_logp = tl.where(s_logp > 0.0, 0.0, s_logp)
         p = tl.where(j_ok[None, :], tl.exp(s_logp), 0.0)
         vals = tl.load(sval_ptr + jj, mask=j_ok, other=0.0)
         yhat = tl.sum(p * vals[None, :], axis=1)

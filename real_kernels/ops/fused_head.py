@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 import torch
 import triton
 
-from ..validation import HeadArgs
+from ..validation import HeadArgs, first_order_only, unit_column_stride
 from .backward import head_backward_kernel
 from .forward import head_forward_combine_kernel, head_forward_partial_kernel
 from .score_grad import score_grad_kernel
@@ -64,8 +64,9 @@ class TritonHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, score_ids, score_values, score_targets, score_mask,
                 normalize, temperature, ignore_index, return_entropy, cfg):
-        hidden = hidden.contiguous()
-        weight = weight.contiguous()
+        # the kernels take row strides: a weight view (tied embeddings, a column slice) is not copied
+        hidden = unit_column_stride(hidden)
+        weight = unit_column_stride(weight)
         n, d = hidden.shape
         v, m = weight.shape[0], score_ids.numel()
         dev = hidden.device
@@ -119,6 +120,7 @@ class TritonHead(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_logp, g_slogp, g_yhat, g_sq, g_ent):
+        first_order_only("triton")
         (hidden, weight, targets, score_ids, score_values, score_targets, mask_u8,
          lse, entropy, slogp, yhat) = ctx.saved_tensors
         cfg = ctx.cfg
