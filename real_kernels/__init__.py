@@ -6,7 +6,8 @@ hidden states and the LM-head weight, never materialising ``[tokens x vocab]``
 logits.  See DESIGN.md section 4 for the contract.
 """
 from .functional import judge_head, linear_logprobs
+from .loss import judge_loss
 from .outputs import JudgeHeadOutput, LinearLogprobsOutput
 
-__all__ = ["linear_logprobs", "judge_head", "LinearLogprobsOutput", "JudgeHeadOutput"]
+__all__ = ["linear_logprobs", "judge_head", "judge_loss", "LinearLogprobsOutput", "JudgeHeadOutput"]
 __version__ = "0.1.0"

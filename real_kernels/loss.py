@@ -1,0 +1,228 @@
+"""``judge_loss``: the judge head in loss mode, gradients formed during the forward (6NHV).
+
+``judge_head`` keeps O(N) memory for any upstream gradient, at the price of
+computing the logits twice (forward, then again in backward: 8NHV).  When the
+caller's loss is a sum of per-row terms known at forward time (every
+REAL-family loss is), the gradient can be formed while the logits are at hand:
+per chunk of rows, one GEMM for the logits over the whole vocabulary, one
+fused pass for the statistics, the caller's loss and its per-row derivatives on
+small tensors (``loss_rows.py``), dlogits written over the logits, then
+``dh = dlogits W`` and ``dW += dlogits^T h`` by the BLAS: three GEMMs, no
+atomics, deterministic (docs/design.md, "Loss mode").
+
+The result is a scalar whose ``backward()`` hands back the stored gradients
+(scaled by the incoming gradient); nothing is recomputed.  Tensors that
+``loss_fn`` closes over (advantages, old or reference log-probs) are constants.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, List, Optional, Tuple
+
+import torch
+
+from . import reference
+from .loss_rows import LossFn, check_scalar, chunk_loss, special_columns
+from .loss_torch import TorchChunkPass
+from .outputs import JudgeHeadOutput
+from .validation import HeadArgs, resolve_backend, validate_head_args
+
+CPU_CHUNK_ELEMS = 1 << 27  # fp32 logits of one chunk: 512 MiB at most
+GPU_CHUNK_ELEMS = 1 << 29  # bf16 logits of one chunk: 1 GiB at most (3,456 rows at V = 151,936)
+DW_TILE_ROWS = 16384  # low-precision dW is accumulated in fp32 through [16384, H] GEMM results
+
+
+def default_chunk_size(n: int, vocab: int, device: torch.device) -> int:
+    """Rows per chunk: at most a quarter of N (so the logits buffer is <= N V / 4) and within the budget.
+
+    Large chunks keep the GEMMs efficient and the fp32 dW read-modify-writes few.
+    """
+    budget = GPU_CHUNK_ELEMS if device.type == "cuda" else CPU_CHUNK_ELEMS
+    rows = min(max(1, n // 4), max(1, budget // vocab))
+    return rows - rows % 128 if rows >= 256 else rows
+
+
+def chunk_workspace_bytes(n: int, vocab: int, hidden: int, dtype: torch.dtype, device_type: str = "cuda",
+                          chunk_size: Optional[int] = None) -> int:
+    """Extra bytes loss mode allocates besides the returned gradients: the logits chunk and the fp32 dW."""
+    chunk = chunk_size or default_chunk_size(n, vocab, torch.device(device_type))
+    on_gpu = device_type == "cuda"
+    logit_bytes = (torch.finfo(dtype).bits // 8) if on_gpu else 4
+    dw32 = vocab * hidden * 4
+    tile = min(vocab, DW_TILE_ROWS) * hidden * logit_bytes if dtype != torch.float32 else 0
+    return chunk * vocab * logit_bytes + dw32 + tile
+
+
+def _make_pass(backend: str, chunk: int, args: HeadArgs):
+    vocab, device = args.weight.shape[0], args.hidden.device
+    if backend == "torch":
+        return TorchChunkPass(chunk, vocab, device, args.return_entropy)
+    if not args.hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before importing triton "
+            "to run the kernels on the CPU interpreter; use backend='torch' on the CPU"
+        )
+    from .ops.chunk_pass import TritonChunkPass
+
+    return TritonChunkPass(chunk, vocab, device, args.return_entropy, args.hidden.dtype)
+
+
+def _accumulate_dw(dw32: torch.Tensor, dz: torch.Tensor, h_c: torch.Tensor, first: bool) -> None:
+    """dw32 += dz^T h_c in fp32, also when dz and h_c are bf16 / fp16 (no fp32 GEMM of those)."""
+    if dz.dtype == torch.float32:
+        if first:
+            torch.mm(dz.T, h_c, out=dw32)
+        else:
+            dw32.addmm_(dz.T, h_c)
+        return
+    for v0 in range(0, dw32.shape[0], DW_TILE_ROWS):
+        v1 = min(dw32.shape[0], v0 + DW_TILE_ROWS)
+        dw32[v0:v1].add_(torch.mm(dz[:, v0:v1].T, h_c))  # one rounding of a chunk's fp32-accumulated sum
+
+
+class _Run:
+    """One judge_loss call: its arguments, then its results once the forward ran."""
+
+    def __init__(self, args: HeadArgs, loss_fn: LossFn, chunk: int, backend: str):
+        self.args, self.loss_fn, self.chunk, self.backend = args, loss_fn, chunk, backend
+        self.outputs: Optional[JudgeHeadOutput] = None
+
+    def execute(self, need_dh: bool, need_dw: bool):
+        args = self.args
+        n, hdim = args.hidden.shape
+        vocab = args.weight.shape[0]
+        inv_temp = 1.0 / args.temperature
+        chunk_pass = _make_pass(self.backend, self.chunk, args)
+        cdt = chunk_pass.compute_dtype
+        h = args.hidden.detach().to(cdt)
+        w = args.weight.detach().to(cdt)
+        w_t = w.T
+        need_grad = need_dh or need_dw
+        dh = torch.empty(n, hdim, dtype=cdt, device=h.device) if need_dh else None
+        dw32 = None
+        if need_dw:
+            alloc = torch.empty if cdt == torch.float32 else torch.zeros  # fp32: the first chunk writes it
+            dw32 = alloc(vocab, hdim, dtype=torch.float32, device=h.device)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        pieces: List[JudgeHeadOutput] = []
+        for r0 in range(0, n, self.chunk):
+            rows = slice(r0, min(n, r0 + self.chunk))
+            h_c = h[rows]
+            z = chunk_pass.logits(h_c, w_t)
+            cols = special_columns(args.targets[rows], args.score_ids, args.ignore_index)
+            stats = chunk_pass.stats(z, cols, inv_temp, args.return_entropy)
+            loss_c, out_c, coefs = chunk_loss(stats, args, rows, self.loss_fn)
+            total += loss_c
+            pieces.append(out_c)
+            if not need_grad:
+                continue
+            dz = chunk_pass.dlogits_(z, stats, coefs, cols, inv_temp)
+            if need_dh:
+                torch.mm(dz, w, out=dh[rows])
+            if need_dw:
+                _accumulate_dw(dw32, dz, h_c, first=r0 == 0)
+        self.outputs = _concat(pieces, args.return_entropy)
+        dh = dh.to(args.hidden.dtype) if need_dh else None
+        dw = dw32.to(args.weight.dtype) if need_dw else None
+        return total, dh, dw
+
+
+def _concat(pieces: List[JudgeHeadOutput], entropy: bool) -> JudgeHeadOutput:
+    return JudgeHeadOutput(
+        logprobs=torch.cat([p.logprobs for p in pieces]),
+        score_logprobs=torch.cat([p.score_logprobs for p in pieces]),
+        expected_score=torch.cat([p.expected_score for p in pieces]),
+        sq_error=torch.cat([p.sq_error for p in pieces]),
+        entropy=torch.cat([p.entropy for p in pieces]) if entropy else None,
+    )
+
+
+class JudgeLoss(torch.autograd.Function):
+    """(hidden, weight) -> the scalar loss; the gradients are computed in forward and kept until backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, run: _Run):
+        total, dh, dw = run.execute(ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        ctx.dh, ctx.dw = dh, dw
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        dh, dw = ctx.dh, ctx.dw
+        ctx.dh = ctx.dw = None  # a second backward through the same loss is refused by autograd anyway
+        if dh is None and dw is None:
+            raise RuntimeError("judge_loss: backward ran twice through the same loss (its stored gradients "
+                               "were handed out the first time); call judge_loss again")
+        if not bool((grad == 1).all()):
+            dh = None if dh is None else dh * grad.to(dh.dtype)
+            dw = None if dw is None else dw * grad.to(dw.dtype)
+        return dh, dw, None
+
+
+def _reference_loss(args: HeadArgs, loss_fn: LossFn, chunk: int) -> Tuple[torch.Tensor, JudgeHeadOutput]:
+    """The spec: the reference head under autograd, then the caller's loss summed over the same chunks."""
+    outs = reference.judge_head(
+        args.hidden, args.weight, args.targets, args.score_ids, args.score_values,
+        score_targets=args.score_targets, score_mask=args.score_mask, normalize=args.normalize,
+        temperature=args.temperature, ignore_index=args.ignore_index, return_entropy=args.return_entropy,
+    )
+    full = JudgeHeadOutput(*outs)
+    total = (args.hidden.sum() + args.weight[:0].sum()) * 0.0  # 0, with a graph even for N = 0
+    n = args.hidden.shape[0]
+    for r0 in range(0, n, chunk):
+        rows = slice(r0, min(n, r0 + chunk))
+        loss = check_scalar(loss_fn(JudgeHeadOutput(*(None if t is None else t[rows] for t in outs)), rows))
+        total = total + loss.float()
+    detached = JudgeHeadOutput(*(None if t is None else t.detach() for t in
+                                 (full.logprobs, full.score_logprobs, full.expected_score, full.sq_error, full.entropy)))
+    return total, detached
+
+
+def judge_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    loss_fn: Callable[[JudgeHeadOutput, slice], torch.Tensor],
+    *,
+    score_token_ids=None,
+    score_values=None,
+    score_targets: Optional[torch.Tensor] = None,
+    score_mask: Optional[torch.Tensor] = None,
+    normalize: bool = False,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, JudgeHeadOutput]:
+    """A per-row loss over the judge head's outputs, with its gradient formed in the forward.
+
+    ``loss_fn(chunk_out, rows)`` gets the head's outputs for a chunk of rows
+    (a ``JudgeHeadOutput`` of differentiable tensors) and ``rows``, a slice to
+    index the caller's own per-row tensors (``adv[rows]``); it returns a scalar.
+    Returns ``(loss, out)``: ``loss`` is the sum over chunks, and
+    ``loss.backward()`` gives ``hidden.grad`` / ``weight.grad`` equal to
+    ``judge_head`` followed by the same loss under autograd; ``out`` holds the
+    detached outputs for all rows.  Without ``score_token_ids`` the score
+    fields are empty (``[N, 0]``) and the expected score and error are 0.
+    ``chunk_size`` rows per chunk (default: ``default_chunk_size``); extra
+    memory is one ``[chunk, V]`` logits buffer plus an fp32 ``dW``.
+    """
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable as loss_fn(chunk_out, rows), got {type(loss_fn).__name__}")
+    need_scores = score_token_ids is not None or score_values is not None
+    args = validate_head_args(
+        hidden, weight, targets, score_token_ids, score_values, score_targets=score_targets,
+        score_mask=score_mask, normalize=normalize, temperature=temperature, ignore_index=ignore_index,
+        return_entropy=return_entropy, need_scores=need_scores,
+    )
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    n, vocab = args.hidden.shape[0], args.weight.shape[0]
+    chunk = chunk_size or default_chunk_size(n, vocab, args.hidden.device)
+    name = resolve_backend(backend, args.hidden)
+    if name == "reference" or n == 0:
+        return _reference_loss(args, loss_fn, chunk)
+    run = _Run(args, loss_fn, chunk, name)
+    loss = JudgeLoss.apply(args.hidden, args.weight, run)
+    return loss, run.outputs

@@ -1,0 +1,39 @@
+"""dlogits of a chunk, written over its logits: the dense term of loss mode.
+
+With per-row coefficients from the caller's loss (``loss_rows.RowCoefficients``,
+already divided by ``tau``), every column of a row gets
+
+    d loss / d raw_v = p_v (dense - ent * log p_v),   p_v = exp(raw_v / tau - lse)
+
+in fp32, stored back in the buffer's dtype (bf16 on the GPU, ready for the two
+cuBLAS GEMMs ``dh = dz W`` and ``dW += dz^T h``).  The few columns that also
+carry a delta (the target, the score tokens) are overwritten afterwards in fp32
+by ``loss_rows.special_values``.  One program per row; one read, one write.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def chunk_dlogits_kernel(
+    z_ptr, lse_ptr, dense_ptr, ent_ptr,
+    V, stride_z, inv_temp,
+    BLOCK_V: tl.constexpr, HAS_ENT: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    base = z_ptr + row * stride_z
+    offs = tl.arange(0, BLOCK_V)
+    lse = tl.load(lse_ptr + row)
+    dense = tl.load(dense_ptr + row)
+    if HAS_ENT:
+        ent = tl.load(ent_ptr + row)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + offs
+        ok = cols < V
+        z = tl.load(base + cols, mask=ok, other=0.0).to(tl.float32)
+        logp = z * inv_temp - lse
+        if HAS_ENT:
+            dz = tl.exp(logp) * (dense - ent * logp)
+        else:
+            dz = tl.exp(logp) * dense
+        tl.store(base + cols, dz.to(z_ptr.dtype.element_ty), mask=ok)
