@@ -16,13 +16,14 @@ import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
-METHODS = ("real", "grpo", "raft", "tract")
+from real.distributed import PARALLEL_MODES
+from real.methods import METHODS
+from real.objectives import AGGREGATIONS
+
 SCHEDULES = ("constant", "cosine")
 ROLLOUT_ENGINES = ("hf", "vllm")
-ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")  # transformers' attn_implementation
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-PARALLEL = ("fsdp", "ddp", "none")  # real.distributed.PARALLEL_MODES
-LOSS_AGGREGATIONS = ("token-mean", "sequence-sum", "batch-token-mean")  # real.objectives.AGGREGATIONS
 
 
 def _opt(default, help_: str, choices=None, group: str = "training"):
@@ -35,9 +36,8 @@ def _opt(default, help_: str, choices=None, group: str = "training"):
 @dataclass
 class TrainConfig:
     # --- what to train, on what --------------------------------------------------
-    method: str = _opt("real", "objective: real (REAL policy gradient + regression term), grpo (binary-reward "
-                       "GRPO), raft (regression SFT, no CoT), tract (SFT on reference CoTs + regression)",
-                       METHODS, "run")
+    method: str = _opt("real", "objective: " + ", ".join(f"{name} ({cls.description})" for name, cls in METHODS.items()),
+                       tuple(METHODS), "run")
     model: str = _opt("tiny", "a local model folder for from_pretrained, or 'tiny' (a small random Qwen3 and a "
                       "tokenizer built on the spot; runs offline)", group="run")
     data: List[str] = _opt(["synthetic"], "training data files (Prometheus / Feedback-Collection .json/.jsonl), "
@@ -80,11 +80,12 @@ class TrainConfig:
     rollout_batch_size: int = _opt(64, "sequences per generate call", group="rollout")
 
     # --- objective -----------------------------------------------------------------
-    beta: float = _opt(1.0, "weight of the differentiable prediction term (real) / regression term (tract, "
-                       "raft)", group="objective")
-    lam: float = _opt(0.0, "reward weight of log pi(k*) (real); CE weight on the score token (tract)",
-                      group="objective")
-    mu: float = _opt(0.0, "reward weight of pi(k*) (the released code's probability bonus)", group="objective")
+    beta: float = _opt(1.0, "weight of the regression (prediction) term: REAL's differentiable -r term, TRACT's "
+                       "squared error (raft's loss is the squared error alone)", group="objective")
+    lam: float = _opt(0.0, "REAL's reward weight of log pi(k*), the log-probability of the true score token "
+                      "(real only)", group="objective")
+    mu: float = _opt(0.0, "REAL's reward weight of pi(k*) (the released code's probability bonus; real only)",
+                     group="objective")
     adv_clip: float = _opt(1.0, "clip advantages to [-adv_clip, adv_clip]; <= 0 disables", group="objective")
     normalize_adv: bool = _opt(True, "divide leave-one-out advantages by the group std", group="objective")
     clip_ratio: float = _opt(0.2, "PPO ratio clip epsilon when a rollout batch is reused", group="objective")
@@ -92,7 +93,7 @@ class TrainConfig:
                           "model kept)", group="objective")
     loss_agg: str = _opt("token-mean", "aggregation of the CoT term: token-mean (mean per sequence, then over "
                          "sequences), sequence-sum, batch-token-mean (every token of the batch weighs the same, "
-                         "per micro-batch)", LOSS_AGGREGATIONS,
+                         "per micro-batch)", AGGREGATIONS,
                          "objective")
     normalize_scores: bool = _opt(False, "renormalise the score softmax over the score tokens only",
                                   group="objective")
@@ -116,13 +117,13 @@ class TrainConfig:
     gradient_checkpointing: bool = _opt(False, "recompute decoder activations in backward to save memory",
                                         group="model")
     attn_implementation: str = _opt("auto", "attention kernel; auto = flash_attention_2 when flash-attn is "
-                                    "installed and the model is on CUDA, else sdpa", ATTENTION, "model")
+                                    "installed and the model is on CUDA, else sdpa", ATTN_IMPLEMENTATIONS, "model")
     dtype: str = _opt("auto", "parameter dtype; auto = bfloat16 on CUDA, float32 on CPU", DTYPES, "model")
     device: str = _opt("auto", "cpu, cuda, cuda:N or auto (cuda when available)", group="model")
     parallel: str = _opt("fsdp", "how the processes of a torchrun launch share the work: fsdp (FSDP2 "
                          "fully_shard: weights, gradients and AdamW states sharded over the ranks), ddp (a full "
                          "replica per rank, gradients all-reduced) or none; a plain one-process run ignores it",
-                         PARALLEL, "model")
+                         PARALLEL_MODES, "model")
     threads: int = _opt(0, "torch CPU threads; 0 = auto: 1 for --model tiny on the CPU (its ops are too small to "
                         "split, and one thread does not stall on a shared CPU), else torch's default", group="model")
     head_backend: str = _opt("auto", "judge_head backend: auto, triton, torch or reference", group="model")
@@ -161,9 +162,7 @@ class TrainConfig:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)!r}")
-        if self.method in ("real", "grpo") and self.group_size < 2:
-            raise ValueError(f"group_size must be >= 2 for method {self.method} (leave-one-out baseline); "
-                             f"got {self.group_size}")
+        METHODS[self.method].check_config(self)
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1]; got {self.top_p}")
         if self.temperature <= 0:

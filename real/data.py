@@ -310,3 +310,29 @@ class PromptStream:
             out.append(self._order(epoch)[offset])
             self.position += 1
         return out
+
+
+def load_train_and_eval(cfg) -> Tuple[List[JudgeExample], List[JudgeExample]]:
+    """The training and held-out examples of a ``real train`` config (``--data``, ``--eval-data``,
+    ``--eval-fraction``, the synthetic task's sizes)."""
+    if cfg.data == ["synthetic"]:
+        from real.synthetic import SyntheticTask, make_splits
+
+        train, held_out = make_splits(cfg.synthetic_train_size, cfg.synthetic_eval_size, seed=cfg.seed,
+                                      task=SyntheticTask(n_items=cfg.synthetic_items))
+        if cfg.eval_data:
+            held_out = load_judge_data(cfg.eval_data, skip_malformed=cfg.skip_malformed)
+        return train, held_out
+    if "synthetic" in cfg.data:
+        raise ValueError("--data synthetic cannot be mixed with data files")
+    examples = load_judge_data(cfg.data, skip_malformed=cfg.skip_malformed)
+    if cfg.eval_data:
+        return examples, load_judge_data(cfg.eval_data, skip_malformed=cfg.skip_malformed)
+    n_eval = int(len(examples) * cfg.eval_fraction)
+    if n_eval == 0:
+        return examples, []
+    import torch
+
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    held = set(order[:n_eval])
+    return ([e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)])

@@ -41,6 +41,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from real.methods import METHODS
 from real.metrics import json_safe
 
 DEFAULTS = dict(
@@ -257,7 +258,7 @@ def run_demo(args) -> Dict[str, Any]:
 
     def announce(name, cfg):
         shape = f"{cfg.steps} steps x {cfg.prompts_per_step} prompts" + (
-            f" x {cfg.group_size} sampled CoTs" if cfg.method in ("real", "grpo") else " (reference CoTs)")
+            f" x {cfg.group_size} sampled CoTs" if METHODS[cfg.method].needs_rollouts else " (reference CoTs)")
         say(f"[demo] {what[name]}: {shape}")
 
     # The warm-up runs here; the branches that start from it are independent and run side by side.

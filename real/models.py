@@ -105,3 +105,52 @@ def load_model_and_tokenizer(
     )
     logger.info("loaded %s: attention %s, dtype %s, device %s", path, attn, torch_dtype, device)
     return model.to(device).eval(), tokenizer
+
+
+def prepare_for_training(model, cfg, device: torch.device, *, adapter_from: Optional[str] = None,
+                         log=lambda msg: None):
+    """Gradient checkpointing and LoRA (``cfg``: a ``TrainConfig``) on ``model``; ``adapter_from``: a
+    checkpoint folder whose LoRA adapter to load.  Returns ``(model, attention implementation)``."""
+    from real import checkpoint as ckpt
+
+    if cfg.gradient_checkpointing:
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if cfg.lora_rank:
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise ValueError("--lora-rank needs the peft package (pip install peft)") from None
+        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_rank,
+                          lora_dropout=cfg.lora_dropout, target_modules=list(cfg.lora_target_modules),
+                          task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
+        if cfg.gradient_checkpointing:
+            model.enable_input_require_grads()
+        if adapter_from:
+            ckpt.load_model_weights(model, adapter_from)
+            log(f"initialised the LoRA adapter from {adapter_from}")
+    model = model.to(device)
+    base = ckpt.is_peft_model(model) and model.get_base_model() or model
+    attn_implementation = getattr(base.config, "_attn_implementation", None) or "default"
+    n_params = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    dtype = next(model.parameters()).dtype
+    log(f"model {cfg.model}: {type(base).__name__}, {n_params / 1e6:.2f}M parameters "
+        f"({n_train / 1e6:.2f}M trainable{', LoRA r=%d' % cfg.lora_rank if cfg.lora_rank else ''}), "
+        f"attention {attn_implementation}, dtype {str(dtype).replace('torch.', '')}, "
+        f"device {device}, gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}")
+    return model, attn_implementation
+
+
+def frozen_copy(model):
+    """A copy of ``model`` in eval mode with no trainable parameter (the KL term's reference policy)."""
+    import copy
+
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref

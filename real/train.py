@@ -1,23 +1,27 @@
-"""`real train`: the thin training loop for REAL and its baselines (GRPO, RAFT, TRACT).
+"""`real train`: the method-agnostic training loop for REAL and its baselines (GRPO, RAFT, TRACT).
 
-One step, readable top to bottom in ``Trainer.train_step``:
+One step, readable top to bottom in ``Trainer.train_step``; what differs between
+methods is a ``real.methods`` class, asked at fixed points:
 
-1. take the next ``B`` prompts (a seeded permutation per epoch; the position
-   is saved in checkpoints);
-2. REAL / GRPO: sample ``G`` CoTs per prompt (``real.rollout``, seeded by
-   (seed, step)); TRACT: one reference CoT per prompt; RAFT: no CoT;
-3. build the teacher-forced batch (prompt + CoT cut at its marker + marker +
-   true score token, ``real.batching``);
-4. split it into micro-batches under a token budget; for each, run the decoder
-   to hidden states and the fused judge head (``real.objectives.judge_forward``
-   -> ``real_kernels.hf`` -> ``real_kernels.judge_head``: the LM head module is
-   never called, no ``[tokens x vocab]`` logits), the method's loss, backward
-   scaled by the micro-batch's share (gradient accumulation);
+1. take the next ``B`` prompts (``real.data.PromptStream``: a seeded permutation
+   per epoch; the position is saved in checkpoints);
+2. ``method.collect``: this rank's teacher-forced batch (prompt + CoT cut at its
+   marker + marker + true score token, ``real.batching``): REAL / GRPO sample
+   ``G`` CoTs per prompt (``real.rollout``, seeded by (seed, step)), TRACT takes
+   one reference CoT per prompt, RAFT none;
+3. cut it into micro-batches under a token budget (``real.batching.micro_batch_ranges``);
+   ``method.prepare`` gives each its loss inputs (a pre-pass for old / reference
+   log-probs and group advantages where the method needs one);
+4. for each micro-batch, ``real.head.micro_batch_loss``: the decoder to hidden
+   states and the fused judge head (the LM head module is never called, no
+   ``[tokens x vocab]`` logits), then ``method.loss``; backward scaled by the
+   micro-batch's share (gradient accumulation);
 5. clip the gradient norm, AdamW step, schedule step; repeat 4-5 for
-   ``--epochs-per-batch`` epochs (PPO ratio clipping against the first pass's
+   ``--epochs-per-batch`` epochs (PPO ratio clipping against the pre-pass's
    log-probs when > 1);
-6. one JSON line in ``OUTPUT_DIR/metrics.jsonl``; every ``--eval-every`` steps
-   RAIL predictions on held-out prompts and their Pearson/Spearman/Kendall.
+6. one JSON line in ``OUTPUT_DIR/metrics.jsonl`` (``real.run_dir``); every
+   ``--eval-every`` steps RAIL predictions on held-out prompts and their
+   Pearson/Spearman/Kendall.
 
 Checkpoints (``real.checkpoint``) are atomic and hold everything needed to
 continue exactly: a run stopped after step k and resumed logs the same losses
@@ -45,7 +49,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -53,34 +57,19 @@ from tqdm.auto import tqdm
 
 from real import checkpoint as ckpt
 from real import distributed as dist_utils
-from real.batching import TeacherForcedBatch, build_teacher_forced_batch, micro_batch_ranges, slice_batch
+from real.batching import TeacherForcedBatch, micro_batch_ranges, slice_batch
 from real.config import TrainConfig, build_parser, config_from_args
-from real.data import JudgeExample, PromptStream, load_judge_data
+from real.data import JudgeExample, PromptStream, load_train_and_eval
+from real.head import judge_forward, micro_batch_loss
 from real.inference import rail_predictions
+from real.methods import method_class
 from real.metrics import correlations
-from real.models import load_model_and_tokenizer, resolve_device
-from real.objectives import (
-    binary_rewards,
-    group_normalized_advantages,
-    grpo_loss,
-    grpo_token_logprobs,
-    judge_forward,
-    raft_loss,
-    real_advantages,
-    real_loss,
-    regression_reward,
-    rloo_advantages,
-    sampled_score_indices,
-    tract_loss,
-)
-from real.prompts import ScoreScale, format_cot
+from real.models import frozen_copy, load_model_and_tokenizer, prepare_for_training, resolve_device
+from real.prompts import ScoreScale
 from real.run_dir import METRICS_FILE, RunDir
 
-ROLLOUT_METHODS = ("real", "grpo")
 SYNTHETIC_DEFAULTS = {"max_new_tokens": 32}  # defaults for --data synthetic, below config file and flags
 
-
-# --- small pieces ---------------------------------------------------------------------
 
 def peak_memory_mb(device: torch.device) -> Tuple[float, str]:
     if device.type == "cuda":
@@ -98,6 +87,10 @@ def _generate_with(model, engine, *args, **kwargs):
     """``engine.generate`` on ``model``: called as ``wrapped(_generate_with, engine, ...)`` so that under
     FSDP the sampling runs inside the root module's forward, with its parameters gathered."""
     return engine.generate(model, *args, **kwargs)
+
+
+def _dummy_loss(fwd):
+    return 0.0 * (fwd.expected_score.sum() + fwd.cot_logprobs.sum()), {}
 
 
 @dataclass
@@ -133,18 +126,26 @@ class Trainer:
         self.output_dir = config.output_dir
         self.run_dir = RunDir(config.output_dir, self.env, self.log)
 
-        self.model, self.tokenizer = (model, tokenizer) if model is not None else self._load_model()
         if tokenizer is None and model is not None:
             raise ValueError("pass the tokenizer together with the model")
+        self.model, self.tokenizer = (model, tokenizer) if model is not None else load_model_and_tokenizer(
+            config.model, device=self.device, dtype=None if config.dtype == "auto" else config.dtype,
+            attn_implementation=None if config.attn_implementation == "auto" else config.attn_implementation,
+            seed=config.seed, tiny_config=config.tiny_config)
         self.scale = ScoreScale.from_tokenizer(self.tokenizer)
+        self.method = method_class(config.method)(config, self.scale)
         if train_examples is None:
-            train_examples, eval_examples = self._load_data()
-        self.train_examples, self.eval_examples = self._check_data(train_examples), list(eval_examples or [])
+            train_examples, eval_examples = load_train_and_eval(config)
+        if not train_examples:
+            raise ValueError("the training data is empty")
+        self.train_examples = self.method.check_data(list(train_examples))
+        self.eval_examples = list(eval_examples or [])
 
-        if config.init_from:
-            self._init_from(config.init_from)
-        self._prepare_model()
-        self.ref_model = self._reference_model() if config.kl_coef > 0 else None
+        adapter_from = self._init_from(config.init_from) if config.init_from else None
+        self.model, self.attn_implementation = prepare_for_training(self.model, config, self.device,
+                                                                    adapter_from=adapter_from, log=self.log)
+        # The KL term's reference policy: a frozen copy (a LoRA model disables its adapter instead).
+        self.ref_model = frozen_copy(self.model) if config.kl_coef > 0 and not ckpt.is_peft_model(self.model) else None
         self.resume_from = self.run_dir.resume_checkpoint(config.resume)
         if self.resume_from:  # the weights go in before sharding; optimizer etc. after it
             ckpt.load_model_weights(self.model, self.resume_from)
@@ -164,7 +165,7 @@ class Trainer:
                                            betas=tuple(config.adam_betas))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
         self.engine = None
-        if config.method in ROLLOUT_METHODS:
+        if self.method.needs_rollouts:
             from real.rollout import make_rollout_engine
 
             self.engine = make_rollout_engine(
@@ -184,111 +185,25 @@ class Trainer:
         if cfg.prompts_per_step % world:
             raise ValueError(f"--prompts-per-step {cfg.prompts_per_step} cannot be split evenly over {world} ranks; "
                              f"make it a multiple of {world} (each rank takes whole prompt groups)")
-        if cfg.rollout == "vllm" and cfg.method in ROLLOUT_METHODS:
+        if cfg.rollout == "vllm" and method_class(cfg.method).needs_rollouts:
             raise ValueError("--rollout vllm runs one engine per process and is not supported under torchrun yet; "
                              "use --rollout hf (it samples through the sharded model)")
         if cfg.parallel == "none":
             raise ValueError(f"--parallel none under torchrun would train {world} unsynchronised copies; "
                              "use --parallel fsdp or ddp")
 
-    def _load_model(self):
-        cfg = self.config
-        return load_model_and_tokenizer(
-            cfg.model, device=self.device, dtype=None if cfg.dtype == "auto" else cfg.dtype,
-            attn_implementation=None if cfg.attn_implementation == "auto" else cfg.attn_implementation,
-            seed=cfg.seed, tiny_config=cfg.tiny_config)
-
-    def _load_data(self) -> Tuple[List[JudgeExample], List[JudgeExample]]:
-        cfg = self.config
-        if cfg.data == ["synthetic"]:
-            from real.synthetic import SyntheticTask, make_splits
-
-            train, held_out = make_splits(cfg.synthetic_train_size, cfg.synthetic_eval_size, seed=cfg.seed,
-                                          task=SyntheticTask(n_items=cfg.synthetic_items))
-            if cfg.eval_data:
-                held_out = load_judge_data(cfg.eval_data, skip_malformed=cfg.skip_malformed)
-            return train, held_out
-        if "synthetic" in cfg.data:
-            raise ValueError("--data synthetic cannot be mixed with data files")
-        examples = load_judge_data(cfg.data, skip_malformed=cfg.skip_malformed)
-        if cfg.eval_data:
-            return examples, load_judge_data(cfg.eval_data, skip_malformed=cfg.skip_malformed)
-        n_eval = int(len(examples) * cfg.eval_fraction)
-        if n_eval == 0:
-            return examples, []
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-        held = set(order[:n_eval])
-        return ([e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)])
-
-    def _check_data(self, examples: List[JudgeExample]) -> List[JudgeExample]:
-        examples = list(examples)
-        if not examples:
-            raise ValueError("the training data is empty")
-        if self.config.method == "tract":
-            usable = [e for e in examples if e.feedback]
-            if not usable:
-                raise ValueError("--method tract trains on reference CoTs, but no training example has feedback")
-            if len(usable) < len(examples):
-                warnings.warn(f"tract: {len(examples) - len(usable)} of {len(examples)} examples have no reference "
-                              "CoT and are left out", stacklevel=2)
-            examples = usable
-        return examples
-
-    def _init_from(self, folder: str) -> None:
+    def _init_from(self, folder: str) -> Optional[str]:
+        """Load ``--init-from``'s weights now, or return the folder when it holds a LoRA adapter (loaded
+        once the LoRA wrapper exists)."""
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"--init-from {folder!r} does not exist")
         if os.path.isfile(os.path.join(folder, "adapter_model.safetensors")):
-            self._pending_adapter = folder  # loaded once the LoRA wrapper exists
             if not self.config.lora_rank:
                 raise ValueError(f"--init-from {folder!r} holds a LoRA adapter; pass --lora-rank to train it further")
-            return
+            return folder
         ckpt.load_model_weights(self.model, folder)
         self.log(f"initialised the weights from {folder}")
-
-    def _prepare_model(self) -> None:
-        cfg = self.config
-        model = self.model
-        if cfg.gradient_checkpointing:
-            kwargs = {"use_reentrant": False}
-            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        if cfg.lora_rank:
-            try:
-                from peft import LoraConfig, get_peft_model
-            except ImportError:
-                raise ValueError("--lora-rank needs the peft package (pip install peft)") from None
-            lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_rank,
-                              lora_dropout=cfg.lora_dropout, target_modules=list(cfg.lora_target_modules),
-                              task_type="CAUSAL_LM")
-            model = get_peft_model(model, lora)
-            if cfg.gradient_checkpointing:
-                model.enable_input_require_grads()
-            pending = getattr(self, "_pending_adapter", None)
-            if pending:
-                ckpt.load_model_weights(model, pending)
-                self.log(f"initialised the LoRA adapter from {pending}")
-        self.model = model.to(self.device)
-        base = ckpt.is_peft_model(model) and model.get_base_model() or model
-        self.attn_implementation = getattr(base.config, "_attn_implementation", None) or "default"
-        n_params = sum(p.numel() for p in self.model.parameters())
-        n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        dtype = next(self.model.parameters()).dtype
-        self.log(f"model {cfg.model}: {type(base).__name__}, {n_params / 1e6:.2f}M parameters "
-                 f"({n_train / 1e6:.2f}M trainable{', LoRA r=%d' % cfg.lora_rank if cfg.lora_rank else ''}), "
-                 f"attention {self.attn_implementation}, dtype {str(dtype).replace('torch.', '')}, "
-                 f"device {self.device}, gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}")
-
-    def _reference_model(self):
-        if ckpt.is_peft_model(self.model):
-            return None  # the adapter is disabled instead (see _ref_forward)
-        import copy
-
-        ref = copy.deepcopy(self.model).eval()
-        for p in ref.parameters():
-            p.requires_grad_(False)
-        return ref
+        return None
 
     def _lr_lambda(self, update: int) -> float:
         cfg = self.config
@@ -300,7 +215,7 @@ class Trainer:
         progress = min(max(update - cfg.warmup_steps, 0) / total, 1.0)
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    # --- output dir, checkpoints ---------------------------------------------------------
+    # --- checkpoints ---------------------------------------------------------------------
 
     def _load_training_state(self, folder: str) -> None:
         """Optimizer, schedule, RNG and data position of a checkpoint (the weights are already in)."""
@@ -339,199 +254,90 @@ class Trainer:
         dist_utils.barrier()
         return path
 
-    # --- one step ------------------------------------------------------------------------
+    # --- what the methods call (real.methods.base) ---------------------------------------
 
-    def _step_seed(self, step: int) -> int:
+    def step_seed(self, step: int) -> int:
         return self.config.seed * 1_000_003 + step
 
-    def _reference_cot(self, example: JudgeExample, rng: random.Random) -> str:
-        j = rng.randrange(len(example.feedback))
-        grade = example.grades[j] if len(example.grades) == len(example.feedback) else example.target
-        return format_cot(example.feedback[j], grade)
-
-    def _batch(self, step: int, examples: List[JudgeExample]):
-        """This rank's teacher-forced batch of the step (all of it in one process) and what the loss needs
-        besides it.  ``examples`` are the whole step's prompts; each rank takes its contiguous share."""
+    def sample_rollouts(self, prompts: List[str], step: int, *, with_score: bool):
+        """``--group-size`` sampled CoTs per prompt, seeded by (seed, step, rank), through the wrapper."""
         cfg = self.config
-        extra: Dict[str, Any] = {"generated_tokens": 0}
-        if cfg.method == "tract":  # drawn for the whole step, then shared out: the same CoTs on any number of ranks
-            rng = random.Random(self._step_seed(step))
-            all_cots = [self._reference_cot(e, rng) for e in examples]
-            all_cots = dist_utils.shard_for_rank(all_cots, self.env)
-        examples = dist_utils.shard_for_rank(examples, self.env)
-        if cfg.method in ROLLOUT_METHODS:
-            gathered = dist_utils.unsharded_for_generation(self.wrapped) if cfg.unsharded_rollouts else nullcontext()
-            with gathered, torch.no_grad():  # (no grad: DDP would otherwise prepare a gradient all-reduce)
-                rollouts = self.wrapped(_generate_with, self.engine, [e.prompt for e in examples], cfg.group_size,
-                                        seed=dist_utils.rank_seed(self._step_seed(step), self.env),
-                                        with_score=cfg.method == "grpo")
-            prompts, cots = rollouts.prompts, rollouts.cots
-            targets = [e.target for e in examples for _ in range(cfg.group_size)]
-            if cfg.method == "grpo":
-                extra["rewards"] = binary_rewards(rollouts.decoded_scores, targets).to(self.device)
-                extra["sampled_index"] = sampled_score_indices(rollouts.decoded_scores, self.scale.values).to(
-                    self.device)
-                extra["decoded_rate"] = sum(d is not None for d in rollouts.decoded_scores) / len(targets)
-        elif cfg.method == "tract":
-            prompts, cots, targets = [e.prompt for e in examples], all_cots, [e.target for e in examples]
-        else:  # raft
-            prompts, cots, targets = [e.prompt for e in examples], None, [e.target for e in examples]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore" if cfg.method in ROLLOUT_METHODS else "default")
-            batch = build_teacher_forced_batch(
-                self.tokenizer, prompts, cots, targets, self.scale.token_ids, self.scale.values,
-                max_prompt_tokens=cfg.max_prompt_tokens, max_cot_tokens=cfg.max_cot_tokens, device=self.device)
-        if cfg.method in ROLLOUT_METHODS:
-            extra["generated_tokens"] = int(batch.cot_lengths.sum())
-        return batch, extra
+        gathered = dist_utils.unsharded_for_generation(self.wrapped) if cfg.unsharded_rollouts else nullcontext()
+        with gathered, torch.no_grad():  # (no grad: DDP would otherwise prepare a gradient all-reduce)
+            return self.wrapped(_generate_with, self.engine, prompts, cfg.group_size,
+                                seed=dist_utils.rank_seed(self.step_seed(step), self.env), with_score=with_score)
 
     def _judge_forward(self, model, mb: TeacherForcedBatch, entropy: bool = True, adapter: bool = True):
         if not adapter:  # the LoRA model's reference policy: its base model
             with model.disable_adapter():
                 return self._judge_forward(model, mb, entropy)
-        return judge_forward(model, mb, self.scale.token_ids, self.scale.values, normalize=self.config.normalize_scores,
-                             return_entropy=entropy, backend=self.config.head_backend)
+        return judge_forward(model, mb, self.scale.token_ids, self.scale.values,
+                             normalize=self.config.normalize_scores, return_entropy=entropy,
+                             backend=self.config.head_backend)
 
-    def _forward(self, mb: TeacherForcedBatch, entropy: bool = True):
+    def forward(self, mb: TeacherForcedBatch, entropy: bool = True):
         """Decoder + fused head on the policy, inside the wrapper (see real.distributed)."""
         return self.wrapped(self._judge_forward, mb, entropy)
 
-    def _ref_logprobs(self, mb: TeacherForcedBatch, sampled_index) -> torch.Tensor:
+    def reference_forward(self, mb: TeacherForcedBatch):
+        """The same on the KL term's reference policy (no grad)."""
         with torch.no_grad():
             if self.ref_wrapped is not None:
-                fwd = self.ref_wrapped(self._judge_forward, mb, False)
-            else:
-                fwd = self.wrapped(self._judge_forward, mb, False, False)
-        if sampled_index is not None:
-            return grpo_token_logprobs(fwd, sampled_index)[0]
-        return fwd.cot_logprobs
+                return self.ref_wrapped(self._judge_forward, mb, False)
+            return self.wrapped(self._judge_forward, mb, False, False)
 
-    def _loss(self, fwd, mb_extra: Dict[str, Any]):
+    def _loss(self, mb: TeacherForcedBatch, loss_fn, entropy: bool = True):
+        """``method.loss`` on the head pass of one micro-batch, inside the wrapper."""
         cfg = self.config
-        if cfg.method == "real":
-            rows = fwd.targets.shape[0]
-            # A micro-batch holding part of a group carries precomputed advantages; real_loss then only
-            # uses group_size to report the group std, which train_step recomputes over the whole batch.
-            group = cfg.group_size if rows % cfg.group_size == 0 else rows
-            return real_loss(fwd, group, beta=cfg.beta, lam=cfg.lam, mu=cfg.mu, agg=cfg.loss_agg,
-                             normalize_advantages=cfg.normalize_adv, advantage_clip=cfg.advantage_clip,
-                             advantages=mb_extra["advantages"], old_logprobs=mb_extra.get("old_logprobs"),
-                             ppo_clip=cfg.clip_ratio, ref_logprobs=mb_extra.get("ref_logprobs"),
-                             kl_coef=cfg.kl_coef)
-        if cfg.method == "grpo":
-            return grpo_loss(fwd, mb_extra["rewards"], cfg.group_size, sampled_score_index=mb_extra["sampled_index"],
-                             agg=cfg.loss_agg, old_logprobs=mb_extra.get("old_logprobs"), ppo_clip=cfg.clip_ratio,
-                             ref_logprobs=mb_extra.get("ref_logprobs"), kl_coef=cfg.kl_coef)
-        if cfg.method == "tract":
-            return tract_loss(fwd, lam=cfg.beta, tokens_per_row=mb_extra.get("tokens_per_row"))
-        return raft_loss(fwd)
+        return self.wrapped(micro_batch_loss, mb, self.scale.token_ids, self.scale.values, loss_fn,
+                            normalize=cfg.normalize_scores, return_entropy=entropy, backend=cfg.head_backend)
 
-    def _dummy_forward(self, batch: TeacherForcedBatch, grad: bool) -> None:
+    def dummy_forward(self, batch: TeacherForcedBatch, grad: bool) -> None:
         """A forward (and backward) that changes nothing, on a rank with fewer micro-batches than another:
         under FSDP every forward and backward is a collective, so all ranks must run as many.  The zero
         loss still reaches every parameter, so the gradient reduce-scatter runs too."""
         mb = slice_batch(batch, 0, 1)
         if not grad:
             with torch.no_grad():
-                self._forward(mb, entropy=False)
+                self.forward(mb, entropy=False)
             return
-        fwd = self._forward(mb, entropy=False)
-        (0.0 * (fwd.expected_score.sum() + fwd.cot_logprobs.sum())).backward()
+        self._loss(mb, _dummy_loss, entropy=False)[0].backward()
+
+    # --- one step ------------------------------------------------------------------------
 
     def train_step(self, step: int) -> Dict[str, Any]:
-        cfg = self.config
+        cfg, method = self.config, self.method
         t_start = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         examples = [self.train_examples[i] for i in self.stream.take(cfg.prompts_per_step)]
-        batch, extra = self._batch(step, examples)  # this rank's share
+        step_batch = method.collect(self, step, examples)  # this rank's share
+        batch, n_rows = step_batch.batch, len(step_batch.batch)
         t_rollout = time.perf_counter() - t_start
 
-        rl = cfg.method in ROLLOUT_METHODS
-        group = cfg.group_size if rl else 1
-        lengths = batch.attention_mask.sum(1).tolist()
-        plan = micro_batch_ranges(lengths, group, cfg.micro_batch_tokens, split_groups=cfg.method == "real")
-        n_slots = dist_utils.max_over_ranks(len(plan), self.env)  # every rank runs as many micro-batches
-        n_rows = len(batch)
-        split = any((e - s) % group for s, e in plan)
-        # Every rank must agree whether the pre-pass (more forwards) runs.
-        prepass = rl and (cfg.epochs_per_batch > 1 or cfg.kl_coef > 0
-                          or dist_utils.max_over_ranks(int(split), self.env) > 0)
-
-        # Per-micro-batch inputs that must come from the pre-update policy (no grad).
-        mb_extras: List[Dict[str, Any]] = [{} for _ in plan]
-        if cfg.method == "tract" and (len(plan) > 1 or self.env.is_distributed):
-            # TRACT's CE is a mean over all CoT tokens of the step: normalise every micro-batch (and rank) by it
-            per_row = (dist_utils.sum_over_ranks(float(batch.cot_mask.sum()), self.env)
-                       / dist_utils.sum_over_ranks(float(n_rows), self.env))
-            for extra_k in mb_extras:
-                extra_k["tokens_per_row"] = per_row
-        all_rewards = torch.zeros(n_rows, device=self.device)
+        ranges = micro_batch_ranges(batch.attention_mask.sum(1).tolist(), method.group_size,
+                                    cfg.micro_batch_tokens, split_groups=method.split_groups)
+        n_slots = dist_utils.max_over_ranks(len(ranges), self.env)  # every rank runs as many micro-batches
         self.model.train()
-        for k in range(n_slots if prepass else len(plan)):
-            if k >= len(plan):
-                self._dummy_forward(batch, grad=False)
-                if cfg.kl_coef > 0:  # the reference policy's forward: the same collectives as a real slot
-                    self._ref_logprobs(slice_batch(batch, 0, 1), None)
-                continue
-            s, e = plan[k]
-            if cfg.method == "grpo":
-                mb_extras[k]["rewards"] = extra["rewards"][s:e]
-                mb_extras[k]["sampled_index"] = extra["sampled_index"][s:e]
-            if not prepass:
-                continue
-            mb = slice_batch(batch, s, e)
-            sampled = mb_extras[k].get("sampled_index")
-            with torch.no_grad():
-                fwd = self._forward(mb, entropy=False)
-                if cfg.method == "real":
-                    all_rewards[s:e] = regression_reward(fwd.expected_score, fwd.targets, fwd.log_pi_star,
-                                                         lam=cfg.lam, mu=cfg.mu)
-                if cfg.epochs_per_batch > 1:
-                    mb_extras[k]["old_logprobs"] = (grpo_token_logprobs(fwd, sampled)[0] if sampled is not None
-                                                    else fwd.cot_logprobs).detach()
-            if cfg.kl_coef > 0:
-                mb_extras[k]["ref_logprobs"] = self._ref_logprobs(mb, sampled)
-        if prepass and cfg.method == "real":
-            adv = rloo_advantages(all_rewards.view(-1, group), normalize=cfg.normalize_adv,
-                                  clip=cfg.advantage_clip).reshape(-1)
-            for k, (s, e) in enumerate(plan):
-                mb_extras[k]["advantages"] = adv[s:e]
+        micro_batches = method.prepare(self, step_batch, ranges, n_slots)  # loss inputs (pre-pass, no grad)
 
         record: Dict[str, Any] = {}
         grad_norms, last_loss = [], None
-        advantages_seen = torch.zeros(n_rows, device=self.device)
-        rewards_seen = torch.zeros(n_rows, device=self.device)
         for epoch in range(cfg.epochs_per_batch):
             sums: Dict[str, float] = {}
             for k in range(n_slots):
                 # Gradient accumulation: ranks exchange gradients only after the last micro-batch.
                 with dist_utils.gradient_sync(self.wrapped, enabled=k == n_slots - 1):
-                    if k >= len(plan):
-                        self._dummy_forward(batch, grad=True)
+                    if k >= len(micro_batches):
+                        self.dummy_forward(batch, grad=True)
                         continue
-                    s, e = plan[k]
-                    mb = slice_batch(batch, s, e)
-                    fwd = self._forward(mb)
-                    if cfg.method == "real" and "advantages" not in mb_extras[k]:
-                        mb_extras[k]["advantages"] = real_advantages(fwd, group, lam=cfg.lam, mu=cfg.mu,
-                                                                     normalize=cfg.normalize_adv,
-                                                                     clip=cfg.advantage_clip)
-                    loss, terms = self._loss(fwd, mb_extras[k])
-                    if "entropy" not in terms and fwd.cot_entropy is not None:  # the SFT losses do not report it
-                        mask = fwd.cot_mask
-                        terms["entropy"] = float((fwd.cot_entropy.detach() * mask).sum() / mask.sum().clamp(min=1))
-                    (loss * ((e - s) / n_rows)).backward()
+                    mb = micro_batches[k]
+                    share = (mb.end - mb.start) / n_rows
+                    loss, terms = self._loss(slice_batch(batch, mb.start, mb.end),
+                                             lambda fwd, mb=mb: method.loss(fwd, mb, epoch))
+                    (loss * share).backward()
                 for name, value in terms.items():
-                    sums[name] = sums.get(name, 0.0) + value * (e - s) / n_rows
-                if epoch == 0:
-                    with torch.no_grad():
-                        if cfg.method == "real":
-                            advantages_seen[s:e] = mb_extras[k]["advantages"]
-                            rewards_seen[s:e] = regression_reward(fwd.expected_score, fwd.targets,
-                                                                  fwd.log_pi_star, lam=cfg.lam, mu=cfg.mu)
-                        elif cfg.method == "grpo":
-                            rewards_seen[s:e] = mb_extras[k]["rewards"]
+                    sums[name] = sums.get(name, 0.0) + value * share
             grad_norms.append(dist_utils.clip_grad_norm(self.wrapped, cfg.grad_clip))  # <= 0: measured, not clipped
             self.optimizer.step()
             self.scheduler.step()
@@ -541,39 +347,25 @@ class Trainer:
             last_loss = sums.get("loss")
 
         elapsed = time.perf_counter() - t_start
-        train_tokens = int(batch.attention_mask.sum()) * (cfg.epochs_per_batch + int(prepass))
+        train_tokens = int(batch.attention_mask.sum()) * (cfg.epochs_per_batch + int(step_batch.prepass))
         peak, peak_kind = peak_memory_mb(self.device)
         out: Dict[str, Any] = {"type": "train", "step": step, "method": cfg.method}
         out.update(record)
         if cfg.epochs_per_batch > 1:
             out["loss_last_epoch"] = last_loss
-        if rl:
-            if cfg.method == "grpo":
-                rewards_seen = extra["rewards"].float()
-                advantages_seen = group_normalized_advantages(rewards_seen.view(-1, group)).reshape(-1)
-                out["decoded_rate"] = extra["decoded_rate"]
-            out.update({
-                "reward_group_std": float(rewards_seen.view(-1, group).std(dim=1, unbiased=False).mean()),
-                "reward_mean": float(rewards_seen.mean()),
-                "reward_std": float(rewards_seen.std(unbiased=False)),
-                "advantage_mean": float(advantages_seen.mean()),
-                "advantage_std": float(advantages_seen.std(unbiased=False)),
-                "advantage_abs": float(advantages_seen.abs().mean()),
-                "advantage_min": float(advantages_seen.min()),
-                "advantage_max": float(advantages_seen.max()),
-            })
+        out.update(method.step_metrics(step_batch))
         out.update({
             "mse": record.get("sq_error"),
             "entropy": record.get("entropy"),
             "grad_norm": grad_norms[0] if len(grad_norms) == 1 else float(np.mean(grad_norms)),
             "lr": self.scheduler.get_last_lr()[0],
-            "micro_batches": len(plan),
+            "micro_batches": len(ranges),
             "sequences": n_rows,
             "train_tokens": train_tokens,
-            "generated_tokens": extra["generated_tokens"],
+            "generated_tokens": step_batch.generated_tokens,
             "rollout_s": t_rollout,
             "step_s": elapsed,
-            "tokens_per_s": (train_tokens + extra["generated_tokens"]) / max(elapsed, 1e-9),
+            "tokens_per_s": (train_tokens + step_batch.generated_tokens) / max(elapsed, 1e-9),
             "peak_mem_mb": peak,
             "peak_mem_kind": peak_kind,
             "data_position": self.stream.position,
@@ -605,7 +397,7 @@ class Trainer:
                     max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
                     normalize=cfg.normalize_scores, backend=cfg.head_backend,
                     max_prompt_tokens=cfg.max_prompt_tokens, max_cot_tokens=cfg.max_cot_tokens,
-                    with_cot=cfg.method != "raft")
+                    with_cot=self.method.eval_with_cot)
         finally:
             self.model.train(was_training)
         predictions = dist_utils.all_gather_list(predictions, self.env, total=len(examples))

@@ -1,0 +1,191 @@
+"""The protocol every training method follows, and what the methods share.
+
+A method is a small class; the training loop (``real.train``) calls it in this
+order every step and never asks which method it is:
+
+1. ``collect(loop, step, examples)``: this rank's teacher-forced batch of the
+   step (sampled rollouts, reference CoTs, or none) and the per-row inputs the
+   loss needs besides it (:class:`StepBatch`);
+2. ``prepare(loop, step_batch, ranges, n_slots)``: the per-micro-batch inputs
+   (:class:`MicroBatch`), after a pre-pass where the method needs one: old and
+   reference log-probs, group advantages over the whole batch;
+3. ``loss(fwd, micro_batch, epoch)``: the loss of one micro-batch and the terms
+   it logs, from the head pass ``fwd`` (``real.head.micro_batch_loss`` runs the
+   head and calls it);
+4. ``step_metrics(step_batch)``: what the method logs once per step.
+
+Class attributes say what the loop must provide: ``needs_rollouts`` (a rollout
+engine, G sampled CoTs per prompt), ``split_groups`` (a prompt group may be
+split over micro-batches: its advantages are computed beforehand),
+``eval_with_cot`` (RAIL after a greedy CoT, or right after the prompt).
+
+``loop`` is the trainer; a method uses ``loop.config``, ``loop.env``,
+``loop.device``, ``loop.tokenizer``, ``loop.scale``, ``loop.step_seed(step)``,
+``loop.sample_rollouts(prompts, step, with_score=)``, ``loop.forward(mb,
+entropy=)``, ``loop.reference_forward(mb)`` and ``loop.dummy_forward(batch,
+grad=)`` (a forward that changes nothing, for ranks with fewer micro-batches).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Sequence, Tuple
+
+import torch
+
+from real import distributed as dist_utils
+from real.batching import TeacherForcedBatch, build_teacher_forced_batch, slice_batch
+from real.head import JudgeForward
+from real.prompts import ScoreScale
+
+
+@dataclass
+class StepBatch:
+    """One rank's teacher-forced batch of a step and what the loss needs besides it."""
+
+    batch: TeacherForcedBatch
+    rows: Dict[str, torch.Tensor] = field(default_factory=dict)  # per-row inputs, cut per micro-batch
+    generated_tokens: int = 0
+    metrics: Dict[str, Any] = field(default_factory=dict)  # logged as they are (e.g. GRPO's decoded_rate)
+    prepass: bool = False  # set by prepare(): a pre-pass ran (one more forward over the batch)
+
+
+@dataclass
+class MicroBatch:
+    """Rows ``[start, end)`` of the step's batch and the loss's inputs for them."""
+
+    start: int
+    end: int
+    inputs: Dict[str, Any]
+
+
+class Method:
+    """The shared protocol (see the module docstring); subclasses override what differs."""
+
+    name = ""
+    description = ""
+    needs_rollouts = False
+    split_groups = False
+    eval_with_cot = True
+
+    def __init__(self, config, scale: ScoreScale):
+        self.config, self.scale = config, scale
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        """Raise ValueError for settings this method cannot train with."""
+
+    @property
+    def group_size(self) -> int:
+        """Rows per prompt in the step's batch."""
+        return self.config.group_size if self.needs_rollouts else 1
+
+    def check_data(self, examples: list) -> list:
+        """The training examples this method can use (an error when none)."""
+        return examples
+
+    def collect(self, loop, step: int, examples: list) -> StepBatch:
+        raise NotImplementedError
+
+    def prepare(self, loop, step_batch: StepBatch, ranges: Sequence[Tuple[int, int]],
+                n_slots: int) -> List[MicroBatch]:
+        return [MicroBatch(s, e, {name: rows[s:e] for name, rows in step_batch.rows.items()}) for s, e in ranges]
+
+    def loss(self, fwd: JudgeForward, mb: MicroBatch, epoch: int) -> Tuple[torch.Tensor, Dict[str, float]]:
+        raise NotImplementedError
+
+    def step_metrics(self, step_batch: StepBatch) -> Dict[str, Any]:
+        return {}
+
+
+def teacher_forced(loop, prompts, cots, targets, *, quiet: bool = False) -> TeacherForcedBatch:
+    """The step's batch on the loop's device (``quiet``: no truncation warnings, e.g. for sampled CoTs)."""
+    cfg = loop.config
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore" if quiet else "default")
+        return build_teacher_forced_batch(
+            loop.tokenizer, prompts, cots, targets, loop.scale.token_ids, loop.scale.values,
+            max_prompt_tokens=cfg.max_prompt_tokens, max_cot_tokens=cfg.max_cot_tokens, device=loop.device)
+
+
+def reward_metrics(rewards: torch.Tensor, advantages: torch.Tensor, group_size: int) -> Dict[str, float]:
+    """Rewards and advantages of the step's rollouts, as the RL methods log them."""
+    return {
+        "reward_group_std": float(rewards.view(-1, group_size).std(dim=1, unbiased=False).mean()),
+        "reward_mean": float(rewards.mean()),
+        "reward_std": float(rewards.std(unbiased=False)),
+        "advantage_mean": float(advantages.mean()),
+        "advantage_std": float(advantages.std(unbiased=False)),
+        "advantage_abs": float(advantages.abs().mean()),
+        "advantage_min": float(advantages.min()),
+        "advantage_max": float(advantages.max()),
+    }
+
+
+class PolicyGradientMethod(Method):
+    """What REAL and GRPO share: G rollouts per prompt, the pre-pass, PPO epochs and the KL term.
+
+    The pre-pass runs (on every rank, with as many forwards on each) when a
+    rollout batch is reused for several epochs (old log-probs for the PPO
+    ratio), with a KL term (reference log-probs), or when a group is split over
+    micro-batches (``observe_prepass`` / ``finish_prepass`` then give the
+    advantages of whole groups).
+    """
+
+    needs_rollouts = True
+    with_score = False  # sample on past the marker until the policy writes its score
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        if config.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 for method {config.method} (leave-one-out baseline); "
+                             f"got {config.group_size}")
+
+    def collect(self, loop, step: int, examples: list) -> StepBatch:
+        examples = dist_utils.shard_for_rank(examples, loop.env)
+        rollouts = loop.sample_rollouts([e.prompt for e in examples], step, with_score=self.with_score)
+        targets = [e.target for e in examples for _ in range(self.config.group_size)]
+        batch = teacher_forced(loop, rollouts.prompts, rollouts.cots, targets, quiet=True)
+        step_batch = StepBatch(batch, generated_tokens=int(batch.cot_lengths.sum()))
+        self.read_rollouts(loop, rollouts, targets, step_batch)
+        return step_batch
+
+    def read_rollouts(self, loop, rollouts, targets: List[float], step_batch: StepBatch) -> None:
+        """Per-row loss inputs and metrics read off the rollouts (GRPO: rewards of the written scores)."""
+
+    def action_logprobs(self, fwd: JudgeForward, mb: MicroBatch) -> torch.Tensor:
+        """[B, T] log-probs of the tokens the policy chose (the PPO ratio and the KL are over these)."""
+        return fwd.cot_logprobs
+
+    def observe_prepass(self, fwd: JudgeForward, mb: MicroBatch) -> None:
+        """Called with each micro-batch's pre-pass forward (no grad)."""
+
+    def finish_prepass(self, micro_batches: List[MicroBatch]) -> None:
+        """Called once the pre-pass has seen every micro-batch."""
+
+    def prepare(self, loop, step_batch: StepBatch, ranges, n_slots: int) -> List[MicroBatch]:
+        cfg, batch = self.config, step_batch.batch
+        micro_batches = super().prepare(loop, step_batch, ranges, n_slots)
+        split = any((e - s) % self.group_size for s, e in ranges)
+        # Every rank must agree whether the pre-pass (more forwards) runs.
+        step_batch.prepass = (cfg.epochs_per_batch > 1 or cfg.kl_coef > 0
+                              or dist_utils.max_over_ranks(int(split), loop.env) > 0)
+        if not step_batch.prepass:
+            return micro_batches
+        for k in range(n_slots):
+            if k >= len(micro_batches):  # this rank has fewer micro-batches: the same collectives as a real one
+                loop.dummy_forward(batch, grad=False)
+                if cfg.kl_coef > 0:
+                    loop.reference_forward(slice_batch(batch, 0, 1))
+                continue
+            mb = micro_batches[k]
+            part = slice_batch(batch, mb.start, mb.end)
+            with torch.no_grad():
+                fwd = loop.forward(part, entropy=False)
+                self.observe_prepass(fwd, mb)
+                if cfg.epochs_per_batch > 1:
+                    mb.inputs["old_logprobs"] = self.action_logprobs(fwd, mb).detach()
+            if cfg.kl_coef > 0:
+                mb.inputs["ref_logprobs"] = self.action_logprobs(loop.reference_forward(part), mb)
+        self.finish_prepass(micro_batches)
+        return micro_batches

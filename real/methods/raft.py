@@ -1,0 +1,22 @@
+"""RAFT, the paper's SFT baseline without a CoT: ``mean (yhat(x) - y*)^2`` right after the prompt.
+
+The judge is evaluated the same way (RAIL with no CoT).
+"""
+from __future__ import annotations
+
+from real.methods.base import Method, MicroBatch, StepBatch, teacher_forced
+from real import distributed as dist_utils
+from real.objectives import raft_loss
+
+
+class RAFT(Method):
+    name = "raft"
+    description = "regression SFT, no CoT"
+    eval_with_cot = False
+
+    def collect(self, loop, step: int, examples: list) -> StepBatch:
+        examples = dist_utils.shard_for_rank(examples, loop.env)
+        return StepBatch(teacher_forced(loop, [e.prompt for e in examples], None, [e.target for e in examples]))
+
+    def loss(self, fwd, mb: MicroBatch, epoch: int):
+        return raft_loss(fwd)

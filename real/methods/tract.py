@@ -1,0 +1,59 @@
+"""TRACT / CoT-RAFT: SFT on reference CoTs plus the regression term.
+
+``CE(c_gt | x) + w * (yhat(x, c_gt) - y*)^2`` (``real.objectives.tract_loss``,
+whose ``lam`` is the paper's name for ``w``).  ``w`` is ``--beta``, the weight
+of the regression (prediction) term in every method; ``--lam`` is REAL's reward
+weight of ``log pi(k*)`` and plays no part here.  One reference CoT per prompt
+is drawn per step, seeded by (seed, step), for the whole step before it is
+shared out, so any number of ranks trains on the same CoTs.
+"""
+from __future__ import annotations
+
+import random
+import warnings
+
+from real import distributed as dist_utils
+from real.methods.base import Method, MicroBatch, StepBatch, teacher_forced
+from real.objectives import tract_loss
+from real.prompts import format_cot
+
+
+def reference_cot(example, rng: random.Random) -> str:
+    """One of the example's reference feedbacks (drawn by ``rng``), written as a scored CoT."""
+    j = rng.randrange(len(example.feedback))
+    grade = example.grades[j] if len(example.grades) == len(example.feedback) else example.target
+    return format_cot(example.feedback[j], grade)
+
+
+class TRACT(Method):
+    name = "tract"
+    description = "SFT on reference CoTs + regression"
+
+    def check_data(self, examples: list) -> list:
+        usable = [e for e in examples if e.feedback]
+        if not usable:
+            raise ValueError("--method tract trains on reference CoTs, but no training example has feedback")
+        if len(usable) < len(examples):
+            warnings.warn(f"tract: {len(examples) - len(usable)} of {len(examples)} examples have no reference "
+                          "CoT and are left out", stacklevel=2)
+        return usable
+
+    def collect(self, loop, step: int, examples: list) -> StepBatch:
+        rng = random.Random(loop.step_seed(step))
+        cots = dist_utils.shard_for_rank([reference_cot(e, rng) for e in examples], loop.env)
+        examples = dist_utils.shard_for_rank(examples, loop.env)
+        return StepBatch(teacher_forced(loop, [e.prompt for e in examples], cots, [e.target for e in examples]))
+
+    def prepare(self, loop, step_batch: StepBatch, ranges, n_slots: int):
+        micro_batches = super().prepare(loop, step_batch, ranges, n_slots)
+        batch = step_batch.batch
+        if len(micro_batches) > 1 or loop.env.is_distributed:
+            # TRACT's CE is a mean over all CoT tokens of the step: normalise every micro-batch (and rank) by it
+            per_row = (dist_utils.sum_over_ranks(float(batch.cot_mask.sum()), loop.env)
+                       / dist_utils.sum_over_ranks(float(len(batch)), loop.env))
+            for mb in micro_batches:
+                mb.inputs["tokens_per_row"] = per_row
+        return micro_batches
+
+    def loss(self, fwd, mb: MicroBatch, epoch: int):
+        return tract_loss(fwd, lam=self.config.beta, tokens_per_row=mb.inputs.get("tokens_per_row"))
