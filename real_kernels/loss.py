@@ -16,6 +16,7 @@ The result is a scalar whose ``backward()`` hands back the stored gradients
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Callable, List, Optional, Tuple
 
@@ -23,13 +24,13 @@ import torch
 
 from . import reference
 from .loss_rows import LossFn, check_scalar, chunk_loss, special_columns
+from .grad_gemms import DW_TILE_ROWS, GradBuffers
 from .loss_torch import TorchChunkPass
 from .outputs import JudgeHeadOutput
-from .validation import HeadArgs, resolve_backend, validate_head_args
+from .validation import HeadArgs, first_order_only, resolve_backend, validate_head_args
 
 CPU_CHUNK_ELEMS = 1 << 27  # fp32 logits of one chunk: 512 MiB at most
 GPU_CHUNK_ELEMS = 1 << 29  # bf16 logits of one chunk: 1 GiB at most (3,456 rows at V = 151,936)
-DW_TILE_ROWS = 16384  # low-precision dW is accumulated in fp32 through [16384, H] GEMM results
 
 
 def default_chunk_size(n: int, vocab: int, device: torch.device) -> int:
@@ -67,19 +68,6 @@ def _make_pass(backend: str, chunk: int, args: HeadArgs):
     return TritonChunkPass(chunk, vocab, device, args.return_entropy, args.hidden.dtype)
 
 
-def _accumulate_dw(dw32: torch.Tensor, dz: torch.Tensor, h_c: torch.Tensor, first: bool) -> None:
-    """dw32 += dz^T h_c in fp32, also when dz and h_c are bf16 / fp16 (no fp32 GEMM of those)."""
-    if dz.dtype == torch.float32:
-        if first:
-            torch.mm(dz.T, h_c, out=dw32)
-        else:
-            dw32.addmm_(dz.T, h_c)
-        return
-    for v0 in range(0, dw32.shape[0], DW_TILE_ROWS):
-        v1 = min(dw32.shape[0], v0 + DW_TILE_ROWS)
-        dw32[v0:v1].add_(torch.mm(dz[:, v0:v1].T, h_c))  # one rounding of a chunk's fp32-accumulated sum
-
-
 class _Run:
     """One judge_loss call: its arguments, then its results once the forward ran."""
 
@@ -89,42 +77,25 @@ class _Run:
 
     def execute(self, need_dh: bool, need_dw: bool):
         args = self.args
-        n, hdim = args.hidden.shape
-        vocab = args.weight.shape[0]
+        n = args.hidden.shape[0]
         inv_temp = 1.0 / args.temperature
         chunk_pass = _make_pass(self.backend, self.chunk, args)
-        cdt = chunk_pass.compute_dtype
-        h = args.hidden.detach().to(cdt)
-        w = args.weight.detach().to(cdt)
-        w_t = w.T
-        need_grad = need_dh or need_dw
-        dh = torch.empty(n, hdim, dtype=cdt, device=h.device) if need_dh else None
-        dw32 = None
-        if need_dw:
-            alloc = torch.empty if cdt == torch.float32 else torch.zeros  # fp32: the first chunk writes it
-            dw32 = alloc(vocab, hdim, dtype=torch.float32, device=h.device)
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grads = GradBuffers(args.hidden, args.weight, chunk_pass.compute_dtype, need_dh, need_dw)
+        w_t = grads.w.T
+        total = torch.zeros((), dtype=torch.float32, device=args.hidden.device)
         pieces: List[JudgeHeadOutput] = []
         for r0 in range(0, n, self.chunk):
             rows = slice(r0, min(n, r0 + self.chunk))
-            h_c = h[rows]
-            z = chunk_pass.logits(h_c, w_t)
+            z = chunk_pass.logits(grads.h[rows], w_t)
             cols = special_columns(args.targets[rows], args.score_ids, args.ignore_index)
             stats = chunk_pass.stats(z, cols, inv_temp, args.return_entropy)
             loss_c, out_c, coefs = chunk_loss(stats, args, rows, self.loss_fn)
             total += loss_c
             pieces.append(out_c)
-            if not need_grad:
-                continue
-            dz = chunk_pass.dlogits_(z, stats, coefs, cols, inv_temp)
-            if need_dh:
-                torch.mm(dz, w, out=dh[rows])
-            if need_dw:
-                _accumulate_dw(dw32, dz, h_c, first=r0 == 0)
+            if need_dh or need_dw:
+                grads.add_chunk(chunk_pass.dlogits_(z, stats, coefs, cols, inv_temp), rows, first=r0 == 0)
         self.outputs = _concat(pieces, args.return_entropy)
-        dh = dh.to(args.hidden.dtype) if need_dh else None
-        dw = dw32.to(args.weight.dtype) if need_dw else None
-        return total, dh, dw
+        return (total,) + grads.finish(args.hidden.dtype, args.weight.dtype)
 
 
 def _concat(pieces: List[JudgeHeadOutput], entropy: bool) -> JudgeHeadOutput:
@@ -148,6 +119,7 @@ class JudgeLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        first_order_only("judge_loss")
         dh, dw = ctx.dh, ctx.dw
         ctx.dh = ctx.dw = None  # a second backward through the same loss is refused by autograd anyway
         if dh is None and dw is None:
@@ -221,8 +193,11 @@ def judge_loss(
     n, vocab = args.hidden.shape[0], args.weight.shape[0]
     chunk = chunk_size or default_chunk_size(n, vocab, args.hidden.device)
     name = resolve_backend(backend, args.hidden)
-    if name == "reference" or n == 0:
-        return _reference_loss(args, loss_fn, chunk)
-    run = _Run(args, loss_fn, chunk, name)
-    loss = JudgeLoss.apply(args.hidden, args.weight, run)
-    return loss, run.outputs
+    device_type = args.hidden.device.type
+    # fp32 statistics and outputs whatever autocast says (as judge_head); the GEMMs run in the inputs' dtype
+    with torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda") else contextlib.nullcontext():
+        if name == "reference" or n == 0:
+            return _reference_loss(args, loss_fn, chunk)
+        run = _Run(args, loss_fn, chunk, name)
+        loss = JudgeLoss.apply(args.hidden, args.weight, run)
+        return loss, run.outputs

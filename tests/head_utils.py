@@ -15,7 +15,7 @@ from real_kernels.validation import validate_head_args
 
 OUTPUTS = ("logprobs", "score_logprobs", "expected_score", "sq_error", "entropy")
 # small tiles under the interpreter so that every case crosses several vocabulary tiles and splits
-SMALL_TILES = BlockConfig(block_n=32, block_v=128, block_d=32, vocab_splits=3)
+SMALL_TILES = BlockConfig(block_n=32, block_v=128, block_d=32, vocab_splits=3, chunk_rows=16)
 
 
 @dataclass

@@ -210,3 +210,24 @@ def test_default_chunk_is_at_most_a_quarter_and_memory_stays_there():
                              score_token_ids=[1, 2], score_values=[1.0, 2.0], return_entropy=True, backend="torch")
         loss.backward()
     assert watch.largest <= max(n * v // 4, v * h), f"{watch.op} allocated {watch.largest} elements"
+
+
+def test_autocast_does_not_lower_the_outputs():
+    case = make_case(16, 32, 200, return_entropy=True)
+    loss_fn = real_shaped_loss(16)
+    plain = run_loss(case, loss_fn, "torch", chunk_size=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = case.hidden.clone().requires_grad_(True)
+        loss, out = judge_loss(hidden, case.weight, case.targets, loss_fn, score_token_ids=case.score_ids,
+                               score_values=case.score_values, chunk_size=8, backend="torch", **case.kwargs())
+    loss.backward()
+    assert out.expected_score.dtype == torch.float32 and out.entropy.dtype == torch.float32
+    assert torch.allclose(loss, plain[0], rtol=1e-6) and torch.allclose(hidden.grad, plain[2], rtol=1e-5, atol=1e-7)
+
+
+def test_double_backward_is_refused_clearly():
+    hidden = torch.randn(6, 8, requires_grad=True)
+    weight = torch.randn(20, 8, requires_grad=True)
+    loss, _ = judge_loss(hidden, weight, torch.randint(0, 20, (6,)), lambda o, r: o.logprobs.sum(), backend="torch")
+    with pytest.raises(RuntimeError, match="first-order"):
+        torch.autograd.grad(loss, hidden, create_graph=True)

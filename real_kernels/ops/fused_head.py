@@ -1,9 +1,10 @@
 """Autograd wrapper and launch configuration of the Triton judge head.
 
 Forward: partial pass over vocabulary splits, then the combine + epilogue
-kernel.  Backward: the score-epilogue gradient kernel, then the recomputing
-backward kernel with fp32 atomics into ``dh`` and ``dW``.  Extra memory is
-O(N * (splits + m)) plus the fp32 gradient buffers; never ``[N, V]``.
+kernel; O(N * (splits + m)) extra memory, never ``[N, V]``.  Backward: the
+score-epilogue gradient kernel, then ``recompute_backward`` (logits again in
+chunks through cuBLAS, dlogits in place, two GEMMs: no atomics, deterministic),
+whose extra memory is one ``[chunk, V]`` buffer plus the fp32 ``dW``.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import torch
 import triton
 
 from ..validation import HeadArgs, first_order_only, unit_column_stride
-from .backward import head_backward_kernel
+from ..loss import default_chunk_size
+from .recompute_backward import recompute_backward
 from .forward import head_forward_combine_kernel, head_forward_partial_kernel
 from .score_grad import score_grad_kernel
 
@@ -32,6 +34,7 @@ class BlockConfig:
     vocab_splits: Optional[int] = None  # None: enough splits to fill the device
     num_warps: int = 8
     num_stages: int = 2
+    chunk_rows: Optional[int] = None  # backward: rows of logits recomputed at a time (None: default_chunk_size)
 
 
 def default_config(n: int, d: int, device: torch.device) -> BlockConfig:
@@ -124,13 +127,12 @@ class TritonHead(torch.autograd.Function):
         (hidden, weight, targets, score_ids, score_values, score_targets, mask_u8,
          lse, entropy, slogp, yhat) = ctx.saved_tensors
         cfg = ctx.cfg
-        n, d = hidden.shape
+        n = hidden.shape[0]
         v, m = weight.shape[0], score_ids.numel()
         dev = hidden.device
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         has_scores = m > 0
         has_gent = ctx.return_entropy and g_ent is not None
-        upcast = _interpreting() or hidden.dtype == torch.float32
 
         coef = torch.empty(n, dtype=torch.float32, device=dev)
         g_raw = torch.empty(n, m, dtype=torch.float32, device=dev)
@@ -151,22 +153,11 @@ class TritonHead(torch.autograd.Function):
             HAS_GYHAT=g_yhat is not None and has_scores, HAS_GSQ=g_sq is not None and has_scores,
         )
 
-        dh32 = torch.zeros(n, d, dtype=torch.float32, device=dev) if need_dh else dummy
-        dw32 = torch.zeros(v, d, dtype=torch.float32, device=dev) if need_dw else dummy
-        grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(v, cfg.block_v))
-        head_backward_kernel[grid](
-            hidden, weight, targets, score_ids, lse, entropy if has_gent else dummy,
-            g_logp.contiguous() if g_logp is not None else dummy, g_raw, coef,
-            g_ent.contiguous() if has_gent else dummy,
-            dh32, dw32, n, v, d, m, hidden.stride(0), weight.stride(0),
-            1.0 / ctx.temperature, ctx.ignore_index,
-            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-            HAS_SCORES=has_scores, HAS_GLOGP=g_logp is not None, HAS_GENT=has_gent,
-            COMPUTE_DH=need_dh, COMPUTE_DW=need_dw, UPCAST=upcast,
-            DOT_PRECISION=_dot_precision(hidden.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        chunk = cfg.chunk_rows or default_chunk_size(n, v, dev)
+        dh, dw = recompute_backward(
+            hidden, weight, targets, score_ids, entropy if has_gent else None, coef, g_raw,
+            g_logp, g_ent if has_gent else None, ctx.temperature, ctx.ignore_index, need_dh, need_dw, chunk,
         )
-        dh = dh32.to(hidden.dtype) if need_dh else None
-        dw = dw32.to(weight.dtype) if need_dw else None
         return dh, dw, None, None, None, None, None, None, None, None, None, None
 
 
