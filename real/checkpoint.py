@@ -66,6 +66,13 @@ def is_peft_model(model) -> bool:
 
 # --- RNG ------------------------------------------------------------------------------
 
+def seed_everything(seed: int) -> None:
+    """Seed the Python, NumPy and torch generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def capture_rng_state() -> Dict[str, Any]:
     np_state = np.random.get_state()
     state = {
@@ -280,3 +287,44 @@ def _fsync_dir(path: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# --- a training run's checkpoints (collective under torchrun) ---------------------------
+
+def save_training_checkpoint(output_dir: str, step: int, *, env, wrapped, model, tokenizer, optimizer, scheduler,
+                             trainer_state: Dict[str, Any], config: Dict[str, Any], keep: int = 0) -> str:
+    """A checkpoint of full, parameter-name keyed states (collective: every rank calls it; rank 0 writes).
+
+    Full states do not depend on the number of ranks: a run saved on K ranks resumes on any number.
+    ``wrapped`` is the ``real.distributed.wrap_model`` wrapper of ``model``.
+    """
+    from real import distributed as dist_utils
+
+    model_state = dist_utils.full_model_state_dict(wrapped) if env.is_distributed else None
+    optimizer_state = dist_utils.full_optimizer_state_dict(wrapped, optimizer)
+    path = checkpoint_path(output_dir, step)
+    if env.is_main:
+        path = save_checkpoint(output_dir, step, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                               scheduler=scheduler, trainer_state=trainer_state, config=config,
+                               model_state=model_state, optimizer_state=optimizer_state)
+        prune_checkpoints(output_dir, keep)
+    dist_utils.barrier()
+    return path
+
+
+def load_training_state(folder: str, *, env, wrapped, optimizer, scheduler) -> Dict[str, Any]:
+    """Optimizer, schedule and RNG of a checkpoint (the weights are already in); returns its trainer state."""
+    from real import distributed as dist_utils
+
+    optimizer_state = read_optimizer_state(folder) if env.is_main else None
+    legacy = dist_utils.broadcast_object(env.is_main and is_legacy_optimizer_state(optimizer_state), env)
+    if legacy:  # checkpoints written before optimizer states were keyed by parameter name
+        if env.is_distributed:
+            raise ValueError(f"{folder!r} holds an optimizer state in the old one-process format; resume it "
+                             "in one process (it is rewritten in the new format at the next checkpoint)")
+        optimizer.load_state_dict(optimizer_state)
+    else:
+        dist_utils.load_full_optimizer_state(wrapped, optimizer, optimizer_state)
+    scheduler.load_state_dict(read_scheduler_state(folder))
+    restore_rng_state(read_rng_state(folder))
+    return read_trainer_state(folder)

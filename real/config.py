@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import math
 import os
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -183,6 +184,29 @@ class TrainConfig:
     def advantage_clip(self) -> Optional[float]:
         """``adv_clip`` as real.objectives takes it: None when clipping is off."""
         return self.adv_clip if self.adv_clip > 0 else None
+
+    def lr_factor(self, update: int) -> float:
+        """The learning rate of optimizer update ``update`` as a fraction of ``lr``: linear warm-up, then
+        constant or cosine down to ``min_lr_ratio``."""
+        if self.warmup_steps and update < self.warmup_steps:
+            return (update + 1) / self.warmup_steps
+        if self.schedule == "constant":
+            return 1.0
+        total = max(self.steps * self.epochs_per_batch - self.warmup_steps, 1)
+        progress = min(max(update - self.warmup_steps, 0) / total, 1.0)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def check_for_ranks(self, world: int) -> None:
+        """Settings that cannot work on ``world`` > 1 ranks (a torchrun launch) are errors."""
+        if self.prompts_per_step % world:
+            raise ValueError(f"--prompts-per-step {self.prompts_per_step} cannot be split evenly over {world} "
+                             f"ranks; make it a multiple of {world} (each rank takes whole prompt groups)")
+        if self.rollout == "vllm" and METHODS[self.method].needs_rollouts:
+            raise ValueError("--rollout vllm runs one engine per process and is not supported under torchrun yet; "
+                             "use --rollout hf (it samples through the sharded model)")
+        if self.parallel == "none":
+            raise ValueError(f"--parallel none under torchrun would train {world} unsynchronised copies; "
+                             "use --parallel fsdp or ddp")
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)

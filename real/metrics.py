@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -34,6 +34,19 @@ def json_safe(value):
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     return value
+
+
+def prediction_report(predictions: Sequence[float], targets: Sequence[float]) -> Dict[str, Any]:
+    """Correlations, MSE and the spread of the predictions; warnings (e.g. a constant prediction) go in
+    ``note`` instead of to stderr."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out: Dict[str, Any] = dict(correlations(predictions, targets))
+    out.update(mse=float(np.mean([(p - t) ** 2 for p, t in zip(predictions, targets)])),
+               prediction_mean=float(np.mean(predictions)), prediction_std=float(np.std(predictions)))
+    if caught:
+        out["note"] = "; ".join(str(w.message) for w in caught)
+    return out
 
 
 def _nan_result(n: int, dropped: int) -> Dict[str, float]:

@@ -107,6 +107,22 @@ def load_model_and_tokenizer(
     return model.to(device).eval(), tokenizer
 
 
+def init_weights_from(model, folder: str, *, lora_rank: int, log=lambda msg: None) -> Optional[str]:
+    """``--init-from``: load a checkpoint's weights into ``model`` now, or return the folder when it holds a
+    LoRA adapter (``prepare_for_training(adapter_from=...)`` loads it once the LoRA wrapper exists)."""
+    from real import checkpoint as ckpt
+
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--init-from {folder!r} does not exist")
+    if os.path.isfile(os.path.join(folder, "adapter_model.safetensors")):
+        if not lora_rank:
+            raise ValueError(f"--init-from {folder!r} holds a LoRA adapter; pass --lora-rank to train it further")
+        return folder
+    ckpt.load_model_weights(model, folder)
+    log(f"initialised the weights from {folder}")
+    return None
+
+
 def prepare_for_training(model, cfg, device: torch.device, *, adapter_from: Optional[str] = None,
                          log=lambda msg: None):
     """Gradient checkpointing and LoRA (``cfg``: a ``TrainConfig``) on ``model``; ``adapter_from``: a

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 from typing import Any, Callable, Dict, Optional
 
 from real import checkpoint as ckpt
@@ -106,3 +107,30 @@ class RunDir:
     def clear_stop(self) -> None:
         if self.env.is_main and os.path.exists(self.stop_path):
             os.remove(self.stop_path)
+
+
+class CtrlC:
+    """While entered, Ctrl-C asks the run to stop after the current step (``requested``); a second Ctrl-C
+    aborts at once.  Under torchrun Ctrl-C reaches every rank: each finishes the step, and the save is
+    collective.  Outside the main thread Ctrl-C cannot reach the run, and nothing is installed."""
+
+    def __init__(self, log: Callable[[str], None]):
+        self.log, self.requested, self._previous, self._installed = log, False, None, False
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.requested = True
+        self.log("Ctrl-C: finishing this step, then saving a checkpoint (Ctrl-C again aborts without saving)")
+
+    def __enter__(self) -> "CtrlC":
+        try:
+            self._previous, self._installed = signal.signal(signal.SIGINT, self._handler), True
+        except ValueError:  # not the main thread
+            pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)

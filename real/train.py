@@ -1,49 +1,29 @@
 """`real train`: the method-agnostic training loop for REAL and its baselines (GRPO, RAFT, TRACT).
 
-One step, readable top to bottom in ``Trainer.train_step``; what differs between
-methods is a ``real.methods`` class, asked at fixed points:
+One step, readable top to bottom in ``Trainer.train_step``; what differs between methods is a
+``real.methods`` class, asked at fixed points (docs/design.md section 7):
 
-1. take the next ``B`` prompts (``real.data.PromptStream``: a seeded permutation
-   per epoch; the position is saved in checkpoints);
-2. ``method.collect``: this rank's teacher-forced batch (prompt + CoT cut at its
-   marker + marker + true score token, ``real.batching``): REAL / GRPO sample
-   ``G`` CoTs per prompt (``real.rollout``, seeded by (seed, step)), TRACT takes
-   one reference CoT per prompt, RAFT none;
-3. cut it into micro-batches under a token budget (``real.batching.micro_batch_ranges``);
-   ``method.prepare`` gives each its loss inputs (a pre-pass for old / reference
-   log-probs and group advantages where the method needs one);
-4. for each micro-batch, ``real.head.micro_batch_loss``: the decoder to hidden
-   states and the fused judge head (the LM head module is never called, no
-   ``[tokens x vocab]`` logits), then ``method.loss``; backward scaled by the
-   micro-batch's share (gradient accumulation);
-5. clip the gradient norm, AdamW step, schedule step; repeat 4-5 for
-   ``--epochs-per-batch`` epochs (PPO ratio clipping against the pre-pass's
-   log-probs when > 1);
-6. one JSON line in ``OUTPUT_DIR/metrics.jsonl`` (``real.run_dir``); every
-   ``--eval-every`` steps RAIL predictions on held-out prompts and their
-   Pearson/Spearman/Kendall.
+1. take the next ``B`` prompts (``real.data.PromptStream``, position saved in checkpoints);
+2. ``method.collect``: this rank's teacher-forced batch (``real.batching``): G sampled CoTs per
+   prompt (REAL, GRPO; ``real.rollout``), a reference CoT (TRACT) or none (RAFT);
+3. cut it into micro-batches under a token budget; ``method.prepare`` gives each its loss inputs
+   (a pre-pass for old / reference log-probs and group advantages where the method needs one);
+4. per micro-batch ``real.head.micro_batch_loss``: decoder to hidden states, the fused judge head
+   (no ``[tokens x vocab]`` logits), ``method.loss``; backward scaled by the micro-batch's share;
+5. clip the gradient norm, AdamW step, schedule step; 4-5 again for ``--epochs-per-batch`` > 1;
+6. one JSON line in ``OUTPUT_DIR/metrics.jsonl`` (``real.run_dir``); every ``--eval-every`` steps
+   RAIL on held-out prompts and its Pearson/Spearman/Kendall.
 
-Checkpoints (``real.checkpoint``) are atomic and hold everything needed to
-continue exactly: a run stopped after step k and resumed logs the same losses
-as one that never stopped.  Ctrl-C finishes the current step, saves a
-checkpoint and exits (a second Ctrl-C aborts at once); so does creating the file
-``OUTPUT_DIR/STOP``, which also works under torchrun, whose launcher does not
-pass Ctrl-C on to the ranks and kills them soon after.
-
-Under ``torchrun`` the same loop runs on every rank (``--parallel fsdp|ddp``,
-``real.distributed``): each rank takes its share of the step's prompts (whole
-groups), every model call runs as ``self.wrapped(fn, ...)`` so FSDP gathers
-the LM-head weight the fused head reads, ranks run equally many micro-batches,
-metrics are reduced over ranks, and rank 0 alone logs and writes checkpoints
-(full states, which resume on any number of ranks).
+Checkpoints (``real.checkpoint``) are atomic and resume exactly.  Ctrl-C, or the file
+``OUTPUT_DIR/STOP`` (torchrun does not pass Ctrl-C on), stops after the current step with a
+checkpoint.  Under ``torchrun`` every rank runs this loop on its share of the prompts (whole
+groups); every model call runs as ``self.wrapped(fn, ...)`` so FSDP gathers the LM-head weight the
+fused head reads; ranks run equally many micro-batches; rank 0 alone logs and writes checkpoints.
 """
 from __future__ import annotations
 
-import math
 import os
-import random
 import resource
-import signal
 import sys
 import time
 import warnings
@@ -63,10 +43,11 @@ from real.data import JudgeExample, PromptStream, load_train_and_eval
 from real.head import judge_forward, micro_batch_loss
 from real.inference import rail_predictions
 from real.methods import method_class
-from real.metrics import correlations
-from real.models import frozen_copy, load_model_and_tokenizer, prepare_for_training, resolve_device
+from real.metrics import prediction_report
+from real.models import (frozen_copy, init_weights_from, load_model_and_tokenizer, prepare_for_training,
+                         resolve_device)
 from real.prompts import ScoreScale
-from real.run_dir import METRICS_FILE, RunDir
+from real.run_dir import METRICS_FILE, CtrlC, RunDir
 
 SYNTHETIC_DEFAULTS = {"max_new_tokens": 32}  # defaults for --data synthetic, below config file and flags
 
@@ -75,12 +56,6 @@ def peak_memory_mb(device: torch.device) -> Tuple[float, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_max_rss"
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _generate_with(model, engine, *args, **kwargs):
@@ -122,7 +97,7 @@ class Trainer:
             self._check_distributed()
         if config.threads:
             torch.set_num_threads(config.threads)
-        seed_everything(config.seed)
+        ckpt.seed_everything(config.seed)
         self.output_dir = config.output_dir
         self.run_dir = RunDir(config.output_dir, self.env, self.log)
 
@@ -141,7 +116,8 @@ class Trainer:
         self.train_examples = self.method.check_data(list(train_examples))
         self.eval_examples = list(eval_examples or [])
 
-        adapter_from = self._init_from(config.init_from) if config.init_from else None
+        adapter_from = (init_weights_from(self.model, config.init_from, lora_rank=config.lora_rank, log=self.log)
+                        if config.init_from else None)
         self.model, self.attn_implementation = prepare_for_training(self.model, config, self.device,
                                                                     adapter_from=adapter_from, log=self.log)
         # The KL term's reference policy: a frozen copy (a LoRA model disables its adapter instead).
@@ -174,85 +150,29 @@ class Trainer:
                 score_values=self.scale.values)
         self.step = 0
         self.stream = PromptStream(len(self.train_examples), config.seed)
-        self._stop_requested = False
-        if self.resume_from:
-            self._load_training_state(self.resume_from)
+        if self.resume_from:  # optimizer, schedule, RNG, step and data position
+            state = ckpt.load_training_state(self.resume_from, env=self.env, wrapped=self.wrapped,
+                                             optimizer=self.optimizer, scheduler=self.scheduler)
+            self.step, self.stream.position = int(state["step"]), int(state["data_position"])
 
     # --- setup ---------------------------------------------------------------------------
 
     def _check_distributed(self) -> None:
-        cfg, world = self.config, self.env.world_size
-        if cfg.prompts_per_step % world:
-            raise ValueError(f"--prompts-per-step {cfg.prompts_per_step} cannot be split evenly over {world} ranks; "
-                             f"make it a multiple of {world} (each rank takes whole prompt groups)")
-        if cfg.rollout == "vllm" and method_class(cfg.method).needs_rollouts:
-            raise ValueError("--rollout vllm runs one engine per process and is not supported under torchrun yet; "
-                             "use --rollout hf (it samples through the sharded model)")
-        if cfg.parallel == "none":
-            raise ValueError(f"--parallel none under torchrun would train {world} unsynchronised copies; "
-                             "use --parallel fsdp or ddp")
-
-    def _init_from(self, folder: str) -> Optional[str]:
-        """Load ``--init-from``'s weights now, or return the folder when it holds a LoRA adapter (loaded
-        once the LoRA wrapper exists)."""
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"--init-from {folder!r} does not exist")
-        if os.path.isfile(os.path.join(folder, "adapter_model.safetensors")):
-            if not self.config.lora_rank:
-                raise ValueError(f"--init-from {folder!r} holds a LoRA adapter; pass --lora-rank to train it further")
-            return folder
-        ckpt.load_model_weights(self.model, folder)
-        self.log(f"initialised the weights from {folder}")
-        return None
+        self.config.check_for_ranks(self.env.world_size)
 
     def _lr_lambda(self, update: int) -> float:
-        cfg = self.config
-        if cfg.warmup_steps and update < cfg.warmup_steps:
-            return (update + 1) / cfg.warmup_steps
-        if cfg.schedule == "constant":
-            return 1.0
-        total = max(cfg.steps * cfg.epochs_per_batch - cfg.warmup_steps, 1)
-        progress = min(max(update - cfg.warmup_steps, 0) / total, 1.0)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return self.config.lr_factor(update)
 
     # --- checkpoints ---------------------------------------------------------------------
 
-    def _load_training_state(self, folder: str) -> None:
-        """Optimizer, schedule, RNG and data position of a checkpoint (the weights are already in)."""
-        optimizer_state = ckpt.read_optimizer_state(folder) if self.is_main else None
-        legacy = dist_utils.broadcast_object(self.is_main and ckpt.is_legacy_optimizer_state(optimizer_state), self.env)
-        if legacy:  # checkpoints written before optimizer states were keyed by parameter name
-            if self.env.is_distributed:
-                raise ValueError(f"{folder!r} holds an optimizer state in the old one-process format; resume it "
-                                 "in one process (it is rewritten in the new format at the next checkpoint)")
-            self.optimizer.load_state_dict(optimizer_state)
-        else:
-            dist_utils.load_full_optimizer_state(self.wrapped, self.optimizer, optimizer_state)
-        self.scheduler.load_state_dict(ckpt.read_scheduler_state(folder))
-        ckpt.restore_rng_state(ckpt.read_rng_state(folder))
-        state = ckpt.read_trainer_state(folder)
-        self.step = int(state["step"])
-        self.stream.position = int(state["data_position"])
-
     def save(self) -> str:
-        """A checkpoint of full, parameter-name keyed states (collective: every rank calls it; rank 0 writes).
-
-        Full states do not depend on the number of ranks: a run saved on K ranks resumes on any number.
-        """
-        distributed = self.env.is_distributed
-        model_state = dist_utils.full_model_state_dict(self.wrapped) if distributed else None
-        optimizer_state = dist_utils.full_optimizer_state_dict(self.wrapped, self.optimizer)
-        path = ckpt.checkpoint_path(self.output_dir, self.step)
-        if self.is_main:
-            state = {"data_position": self.stream.position, "method": self.config.method, "seed": self.config.seed,
-                     "world_size": self.env.world_size}
-            path = ckpt.save_checkpoint(self.output_dir, self.step, model=self.model, tokenizer=self.tokenizer,
-                                        optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=state,
-                                        config=self.config.to_dict(), model_state=model_state,
-                                        optimizer_state=optimizer_state)
-            ckpt.prune_checkpoints(self.output_dir, self.config.keep_checkpoints)
-        dist_utils.barrier()
-        return path
+        """A checkpoint of this step (collective: every rank calls it; rank 0 writes)."""
+        state = {"data_position": self.stream.position, "method": self.config.method, "seed": self.config.seed,
+                 "world_size": self.env.world_size}
+        return ckpt.save_training_checkpoint(
+            self.output_dir, self.step, env=self.env, wrapped=self.wrapped, model=self.model, tokenizer=self.tokenizer,
+            optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=state, config=self.config.to_dict(),
+            keep=self.config.keep_checkpoints)
 
     # --- what the methods call (real.methods.base) ---------------------------------------
 
@@ -401,26 +321,14 @@ class Trainer:
         finally:
             self.model.train(was_training)
         predictions = dist_utils.all_gather_list(predictions, self.env, total=len(examples))
-        targets = [e.target for e in examples]
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            corr = correlations(predictions, targets)
-        record = {"type": "eval", "step": step, "method": cfg.method, **corr,
-                  "mse": float(np.mean([(p - t) ** 2 for p, t in zip(predictions, targets)])),
-                  "prediction_mean": float(np.mean(predictions)), "prediction_std": float(np.std(predictions)),
-                  "eval_s": time.perf_counter() - t0}
-        if caught:
-            record["note"] = "; ".join(str(w.message) for w in caught)
+        report = prediction_report(predictions, [e.target for e in examples])
+        note = report.pop("note", None)
+        record = {"type": "eval", "step": step, "method": cfg.method, **report, "eval_s": time.perf_counter() - t0}
+        if note:
+            record["note"] = note
         return record
 
     # --- the loop ------------------------------------------------------------------------
-
-    def _on_sigint(self, signum, frame):
-        if self._stop_requested:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            raise KeyboardInterrupt
-        self._stop_requested = True
-        self.log("Ctrl-C: finishing this step, then saving a checkpoint (Ctrl-C again aborts without saving)")
 
     def run(self) -> TrainResult:
         cfg = self.config
@@ -432,50 +340,43 @@ class Trainer:
         records: List[Dict[str, Any]] = []
         last_saved: Optional[str] = None
         final_eval = None
-        handler_installed = False
-        try:  # (under torchrun, Ctrl-C reaches every rank: each finishes the step, and the save is collective)
-            previous = signal.signal(signal.SIGINT, self._on_sigint)
-            handler_installed = True
-        except ValueError:  # not the main thread: Ctrl-C cannot reach us anyway
-            previous = None
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.method} steps", unit="step",
                    disable=not (cfg.progress and self.is_main), file=sys.stderr)
         interrupted = False
-        try:
-            while self.step < cfg.steps:
-                step = self.step + 1
-                record = self.train_step(step)
-                self.step = step
-                if step == 1 or (cfg.steps and step == cfg.steps):
-                    record["attn_implementation"] = self.attn_implementation
-                self.run_dir.write(record)
-                records.append(record)
-                bar.update(1)
-                bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "reward_mean", "mse")
-                                 if isinstance(record.get(k), float)})
-                if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-                    final_eval = self.evaluate(step)
-                    if final_eval is not None:
-                        self.run_dir.write(final_eval)
-                        records.append(final_eval)
-                        self.log(f"step {step} eval: pearson {final_eval['pearson']:.3f}  spearman "
-                                 f"{final_eval['spearman']:.3f}  kendall {final_eval['kendall']:.3f}  "
-                                 f"mse {final_eval['mse']:.3f}  (n={final_eval['n']})")
-                if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-                    last_saved = self.save()
-                if self.run_dir.should_stop(self._stop_requested):  # all ranks stop together
-                    interrupted = True
-                    if last_saved is None or not last_saved.endswith(f"{ckpt.PREFIX}{step}"):
+        with CtrlC(self.log) as ctrl_c:  # Ctrl-C: stop after this step
+            try:
+                while self.step < cfg.steps:
+                    step = self.step + 1
+                    record = self.train_step(step)
+                    self.step = step
+                    if step == 1 or (cfg.steps and step == cfg.steps):
+                        record["attn_implementation"] = self.attn_implementation
+                    self.run_dir.write(record)
+                    records.append(record)
+                    bar.update(1)
+                    bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "reward_mean", "mse")
+                                     if isinstance(record.get(k), float)})
+                    if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+                        final_eval = self.evaluate(step)
+                        if final_eval is not None:
+                            self.run_dir.write(final_eval)
+                            records.append(final_eval)
+                            self.log(f"step {step} eval: pearson {final_eval['pearson']:.3f}  spearman "
+                                     f"{final_eval['spearman']:.3f}  kendall {final_eval['kendall']:.3f}  "
+                                     f"mse {final_eval['mse']:.3f}  (n={final_eval['n']})")
+                    if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
                         last_saved = self.save()
-                    self.run_dir.clear_stop()
-                    self.log(f"stopped after step {step}; checkpoint {last_saved}; continue with --resume")
-                    break
-        finally:
-            bar.close()
-            if handler_installed:
-                signal.signal(signal.SIGINT, previous)
-            if self.engine is not None:
-                self.engine.close()
+                    if self.run_dir.should_stop(ctrl_c.requested):  # all ranks stop together
+                        interrupted = True
+                        if last_saved is None or not last_saved.endswith(f"{ckpt.PREFIX}{step}"):
+                            last_saved = self.save()
+                        self.run_dir.clear_stop()
+                        self.log(f"stopped after step {step}; checkpoint {last_saved}; continue with --resume")
+                        break
+            finally:
+                bar.close()
+                if self.engine is not None:
+                    self.engine.close()
         dist_utils.barrier()  # no rank leaves (and tears the process group down) while another still needs it
         return TrainResult(self.output_dir, self.step, interrupted, last_saved, final_eval, records)
 
