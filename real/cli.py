@@ -2,26 +2,37 @@
 
 Each subcommand lives in its own module exposing ``main(argv) -> int``; this
 file only routes to it, so a subcommand's imports (transformers, matplotlib...)
-are paid only when it runs.
+are paid only when it runs.  Commands from other packages come in through the
+``real.commands`` entry-point group (``real bench``: the ``benchmarks``
+package's, declared in pyproject.toml), so ``real`` never imports them by name.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import sys
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 SUBCOMMANDS = {
     "demo": ("real.demo", "the built-in demo (the README's main command)"),
     "train": ("real.train", "train a judge with REAL or a baseline (RAFT, TRACT, GRPO)"),
     "eval": ("real.evaluate", "score predictions or a judge model: Pearson / Spearman / Kendall"),
-    "bench": ("benchmarks.__main__", "microbenchmarks of the fused head against naive PyTorch and peers"),
     "plan": ("real.plan", "memory planner: will this model and batch fit on these GPUs?"),
 }
+ENTRY_POINT_GROUP = "real.commands"  # name = "module:main" of a command another package adds
+
+
+def commands() -> Dict[str, Tuple[str, str]]:
+    """name -> (module, help): real's own commands and the installed ``real.commands`` entry points."""
+    found = dict(SUBCOMMANDS)
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(ep.name, (ep.module, f"from {ep.module} (see `real {ep.name} --help`)"))
+    return found
 
 
 def _usage() -> str:
     lines = ["usage: real <command> [options]", "", "commands:"]
-    lines += [f"  {name:<7} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    lines += [f"  {name:<7} {help_}" for name, (_, help_) in commands().items()]
     lines += ["", "Run `real <command> --help` for the options of one command."]
     return "\n".join(lines)
 
@@ -32,10 +43,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(_usage())
         return 0
     name, rest = argv[0], argv[1:]
-    if name not in SUBCOMMANDS:
+    available = commands()
+    if name not in available:
         print(f"real: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module_name, _ = SUBCOMMANDS[name]
+    module_name, _ = available[name]
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
