@@ -1,4 +1,7 @@
-"""The arithmetic of `real plan`: how many bytes one GPU holds while training a judge.
+"""The byte arithmetic of `real plan`: how many bytes one GPU holds while training a judge.
+
+Model shapes and presets are ``real.model_shapes``; the plan assembled from
+these numbers, its rows and the printed table are ``real.plan``.
 
 Everything here is plain integer arithmetic on a model's shape, so it can be
 checked against real models (``tests/test_plan.py`` builds small Qwen3 / Llama
@@ -38,8 +41,9 @@ What is counted, per GPU (c = bytes of the compute/parameter dtype):
   gradients").  The logits stay alive through the decoder's backward.  *fused*
   (``real_kernels.judge_head``) never builds ``[N, V]``: per row fp32 copies of
   the hidden row, the fp32 ``dh`` accumulator, ``dh`` itself and a few fp32
-  statistics, plus one vocabulary tile, plus an fp32 ``dW`` ``[V, H]``
-  accumulator when the LM head is trained.  The naive head runs over every position (``model(...)``
+  statistics, plus the kernels' workspace (``real_kernels.workspace``: one
+  vocabulary tile), plus an fp32 ``dW`` ``[V, H]`` accumulator when the LM
+  head is trained.  The naive head runs over every position (``model(...)``
   returns logits for all of them); the fused head over the CoT rows and one
   score row per sequence (what ``real_kernels.hf.judge_outputs`` sends it).
 - **rollout KV cache** when generation runs on the same GPU (transformers
@@ -58,179 +62,25 @@ tensors, NCCL buffers beyond the gather buffers, fragmentation beyond the reserv
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+from real.model_shapes import PRESETS, ModelShape, load_shape, shape_from_config  # noqa: F401 (re-exported)
+from real_kernels.workspace import MAX_TILE_BYTES, head_workspace_bytes
 
 GIB = 1024 ** 3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 OPTIMIZERS = ("adamw", "sgd")
 OPTIMIZER_STATES = {"adamw": 2, "sgd": 1}  # per-element state tensors (SGD with momentum)
-PARALLEL_MODES = ("fsdp", "ddp")
+PLAN_PARALLEL_MODES = ("fsdp", "ddp")  # how the planned GPUs share the model (real.distributed's, less "none")
 HEADS = ("fused", "naive")
-ATTENTION = ("sdpa", "flash")
+ATTENTION_KERNELS = ("sdpa", "flash")  # as the planner counts attention memory
 LORA_TARGET_SETS = {
     "all-linear": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
 }
-FUSED_TILE_BYTES = (1 << 22) * 4  # one fp32 tile of 4M logits (real_kernels' torch backend); Triton needs none
-SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama", "mistral")
-
-# Real config.json numbers of the presets (Hugging Face model cards' config.json).
-PRESETS: Dict[str, dict] = {
-    "qwen3-8b": dict(model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
-                     num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                     tie_word_embeddings=False, attention_bias=False),
-    "qwen3-14b": dict(model_type="qwen3", vocab_size=151936, hidden_size=5120, intermediate_size=17408,
-                      num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=8, head_dim=128,
-                      tie_word_embeddings=False, attention_bias=False),
-    "qwen3-32b": dict(model_type="qwen3", vocab_size=151936, hidden_size=5120, intermediate_size=25600,
-                      num_hidden_layers=64, num_attention_heads=64, num_key_value_heads=8, head_dim=128,
-                      tie_word_embeddings=False, attention_bias=False),
-    "llama-3.1-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                         tie_word_embeddings=False, attention_bias=False, mlp_bias=False),
-    # Mistral-7B-Instruct-v0.2 (the base of Prometheus 2 7B): 32k vocabulary, no sliding window.
-    "mistral-7b": dict(model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
-                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                       tie_word_embeddings=False),
-}
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The numbers of a decoder-only transformers config that decide memory."""
-
-    name: str
-    model_type: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    tie_word_embeddings: bool
-    qkv_bias: bool = False
-    o_bias: bool = False
-    mlp_bias: bool = False
-    qk_norm: bool = False
-
-    @property
-    def q_dim(self) -> int:
-        return self.num_heads * self.head_dim
-
-    @property
-    def kv_dim(self) -> int:
-        return self.num_kv_heads * self.head_dim
-
-    def linears(self) -> Dict[str, Tuple[int, int, bool]]:
-        """Per decoder layer: module name -> (in_features, out_features, has_bias)."""
-        h, i = self.hidden_size, self.intermediate_size
-        return {
-            "q_proj": (h, self.q_dim, self.qkv_bias),
-            "k_proj": (h, self.kv_dim, self.qkv_bias),
-            "v_proj": (h, self.kv_dim, self.qkv_bias),
-            "o_proj": (self.q_dim, h, self.o_bias),
-            "gate_proj": (h, i, self.mlp_bias),
-            "up_proj": (h, i, self.mlp_bias),
-            "down_proj": (i, h, self.mlp_bias),
-        }
-
-    def layer_param_shapes(self) -> List[Tuple[int, ...]]:
-        """Shapes of one decoder layer's parameters (weights, biases, norms)."""
-        shapes: List[Tuple[int, ...]] = []
-        for fan_in, fan_out, bias in self.linears().values():
-            shapes.append((fan_out, fan_in))
-            if bias:
-                shapes.append((fan_out,))
-        shapes += [(self.hidden_size,), (self.hidden_size,)]  # input and post-attention RMSNorm
-        if self.qk_norm:
-            shapes += [(self.head_dim,), (self.head_dim,)]
-        return shapes
-
-    def root_param_shapes(self) -> List[Tuple[int, ...]]:
-        """Embeddings, final norm and (untied) LM head: the parameters outside the decoder layers."""
-        shapes = [(self.vocab_size, self.hidden_size), (self.hidden_size,)]
-        if not self.tie_word_embeddings:
-            shapes.append((self.vocab_size, self.hidden_size))
-        return shapes
-
-    def param_shapes(self) -> List[Tuple[int, ...]]:
-        return self.root_param_shapes() + self.layer_param_shapes() * self.num_layers
-
-    def num_params(self) -> int:
-        return sum(math.prod(s) for s in self.param_shapes())
-
-    def lora_shapes(self, rank: int, targets: Sequence[str]) -> List[Tuple[int, ...]]:
-        """peft LoRA: ``lora_A [r, in]`` and ``lora_B [out, r]`` for every targeted linear of every layer."""
-        linears = self.linears()
-        per_layer = []
-        for name in targets:
-            fan_in, fan_out, _ = linears[name]
-            per_layer += [(rank, fan_in), (fan_out, rank)]
-        return per_layer * self.num_layers
-
-
-def _require(config: dict, key: str, source: str):
-    if key not in config:
-        raise ValueError(f"{source}: config has no {key!r}; it is needed to size the model")
-    return config[key]
-
-
-def shape_from_config(config: dict, name: str = "custom") -> ModelShape:
-    """A ``ModelShape`` from a transformers ``config.json`` dict (qwen3, qwen2, llama, mistral)."""
-    model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"{name}: model_type {model_type!r} is not supported by the planner "
-            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-        )
-    hidden = int(_require(config, "hidden_size", name))
-    heads = int(_require(config, "num_attention_heads", name))
-    head_dim = config.get("head_dim") or hidden // heads
-    attention_bias = bool(config.get("attention_bias", False))
-    return ModelShape(
-        name=name,
-        model_type=model_type,
-        vocab_size=int(_require(config, "vocab_size", name)),
-        hidden_size=hidden,
-        intermediate_size=int(_require(config, "intermediate_size", name)),
-        num_layers=int(_require(config, "num_hidden_layers", name)),
-        num_heads=heads,
-        num_kv_heads=int(config.get("num_key_value_heads") or heads),
-        head_dim=int(head_dim),
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        # Qwen2 always has q/k/v biases; Qwen3 and Llama follow attention_bias (o_proj too).
-        qkv_bias=True if model_type == "qwen2" else attention_bias,
-        o_bias=attention_bias if model_type in ("qwen3", "llama") else False,
-        mlp_bias=bool(config.get("mlp_bias", False)) if model_type == "llama" else False,
-        qk_norm=model_type == "qwen3",
-    )
-
-
-def load_shape(model: str) -> ModelShape:
-    """A preset name (``qwen3-32b`` ...), a ``config.json`` path, or a folder holding one."""
-    key = model.lower()
-    if key in PRESETS:
-        return shape_from_config(PRESETS[key], name=key)
-    path = os.path.join(model, "config.json") if os.path.isdir(model) else model
-    if not os.path.isfile(path):
-        raise ValueError(
-            f"--model {model!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json file or a folder with one"
-        )
-    try:
-        with open(path, encoding="utf-8") as fh:
-            config = json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    if "text_config" in config and "hidden_size" not in config:
-        config = {**config["text_config"], "model_type": config["text_config"].get("model_type")}
-    return shape_from_config(config, name=path)
+FUSED_TILE_BYTES = MAX_TILE_BYTES  # the fused head's largest workspace (real_kernels.workspace)
 
 
 @dataclass
@@ -256,7 +106,7 @@ class TrainSetup:
     generation_batch: Optional[int] = None  # sequences generated at once; default: rollouts
     score_values: int = 5
     reserve_gib: float = 1.0
-    fused_tile_bytes: int = FUSED_TILE_BYTES
+    fused_tile_bytes: Optional[int] = None  # the fused head's workspace; None: what real_kernels.workspace says
 
     def validate(self) -> None:
         def positive(name, allow_zero=False):
@@ -270,8 +120,8 @@ class TrainSetup:
             positive(name)
         for name in ("lora_rank", "reserve_gib"):
             positive(name, allow_zero=True)
-        choices = {"parallel": PARALLEL_MODES, "dtype": tuple(DTYPE_BYTES), "optimizer": OPTIMIZERS,
-                   "head": HEADS, "attention": ATTENTION, "lora_targets": tuple(LORA_TARGET_SETS)}
+        choices = {"parallel": PLAN_PARALLEL_MODES, "dtype": tuple(DTYPE_BYTES), "optimizer": OPTIMIZERS,
+                   "head": HEADS, "attention": ATTENTION_KERNELS, "lora_targets": tuple(LORA_TARGET_SETS)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -502,7 +352,14 @@ def loss_head_bytes(shape: ModelShape, setup: TrainSetup) -> int:
         return naive_head_bytes(setup.tokens_per_micro_batch, shape.vocab_size, setup.dtype)
     return fused_head_bytes(setup.head_rows_fused, shape.hidden_size, shape.vocab_size, setup.dtype,
                             setup.score_values, head_trainable=setup.lora_rank == 0,
-                            tile_bytes=setup.fused_tile_bytes)
+                            tile_bytes=fused_workspace_bytes(shape, setup))
+
+
+def fused_workspace_bytes(shape: ModelShape, setup: TrainSetup) -> int:
+    """The fused head's workspace: ``setup.fused_tile_bytes``, or what the kernels report for these rows."""
+    if setup.fused_tile_bytes is not None:
+        return setup.fused_tile_bytes
+    return head_workspace_bytes(setup.head_rows_fused, shape.vocab_size, shape.hidden_size, setup.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -544,130 +401,8 @@ def rollout_bytes(shape: ModelShape, setup: TrainSetup) -> RolloutBytes:
     return RolloutBytes(kv_cache=kv, prefill=prefill)
 
 
-# ----------------------------------------------------------------------------------------------
-# The plan
+def plan(shape: ModelShape, setup: TrainSetup):
+    """``real.plan.memory_plan`` under its old name (``benchmarks/fit_32b.py`` imports it from here)."""
+    from real.plan import memory_plan
 
-
-@dataclass
-class Row:
-    key: str
-    label: str
-    bytes: int
-    note: str = ""
-
-
-@dataclass
-class Plan:
-    model: str
-    setup: dict
-    rows: List[Row]
-    train_step: int  # what one training step adds on top of the persistent bytes (gradients, activations, head)
-    train_peak: int
-    rollout_peak: int
-    peak: int
-    capacity: int
-    fits: bool
-    facts: dict = field(default_factory=dict)
-
-    def row(self, key: str) -> Row:
-        for r in self.rows:
-            if r.key == key:
-                return r
-        raise KeyError(key)
-
-    def to_json(self) -> dict:
-        return {
-            "model": self.model,
-            "setup": self.setup,
-            "components": {r.key: {"bytes": r.bytes, "gib": r.bytes / GIB, "label": r.label, "note": r.note}
-                           for r in self.rows},
-            "train_step_bytes": self.train_step,
-            "train_peak_bytes": self.train_peak,
-            "rollout_peak_bytes": self.rollout_peak,
-            "peak_bytes": self.peak,
-            "peak_gib": self.peak / GIB,
-            "capacity_bytes": self.capacity,
-            "capacity_gib": self.capacity / GIB,
-            "fits": self.fits,
-            "headroom_gib": (self.capacity - self.peak) / GIB,
-            "facts": self.facts,
-        }
-
-
-def plan(shape: ModelShape, setup: TrainSetup) -> Plan:
-    """Per-GPU bytes of every component, the training and rollout peaks, and whether it fits."""
-    setup.validate()
-    c = DTYPE_BYTES[setup.dtype]
-    params = param_bytes(shape, setup)
-    acts = activation_bytes(shape, setup)
-    head = loss_head_bytes(shape, setup)
-    fsdp = fsdp_buffer_bytes(shape, setup)
-    roll = rollout_bytes(shape, setup)
-    reserve = int(setup.reserve_gib * GIB)
-    n = setup.tokens_per_micro_batch
-    seqs = setup.sequences_per_micro_batch
-    share = f" / {setup.gpus} GPUs" if setup.sharded else ""
-
-    lora = f"LoRA r={setup.lora_rank} ({setup.lora_targets}), fp32 adapters" if setup.lora_rank else "full fine-tuning"
-    if setup.head == "naive":
-        head_note = (f"N={n:,} rows x V={shape.vocab_size:,} x {c + 12} B (logits {c} B + fp32 log-softmax 4 B "
-                     f"+ gather grad 4 B + logits grad 4 B)")
-    else:
-        head_note = (f"{setup.head_rows_fused:,} CoT+score rows x "
-                     f"{fused_head_bytes_per_row(shape.hidden_size, setup.dtype, setup.score_values):,} B"
-                     f" + one {setup.fused_tile_bytes / 2**20:g} MiB tile" + (" + fp32 dW [V, H]" if setup.lora_rank == 0 else ""))
-    if setup.gradient_checkpointing:
-        stash_label, stash_note = "activations: checkpointed layer inputs", f"{shape.num_layers} layers x N x H x {c} B"
-        layer_label = "activations: one layer recomputed + backward"
-    else:
-        stash_label, stash_note = "activations: saved by all layers", f"{shape.num_layers} layers x N x {layer_saved_bytes_per_token(shape, setup):,} B"
-        layer_label = "activations: backward working set"
-    rows = [
-        Row("weights", "weights", params.weights,
-            f"{params.base_params / 1e9:.2f}B params x {c} B" + (f" + {params.trainable_params / 1e6:.1f}M adapter params x 4 B" if setup.lora_rank else "") + share),
-        Row("gradients", "gradients", params.gradients, f"{params.trainable_params / 1e6:,.1f}M trainable" + share),
-        Row("optimizer", f"optimizer states ({setup.optimizer})", params.optimizer,
-            f"{OPTIMIZER_STATES[setup.optimizer]} state(s) per trainable element" + share),
-        Row("fsdp_buffers", "FSDP all-gather buffers", fsdp,
-            "root unit + 2 layers unsharded + 1 layer of unsharded grads" if fsdp else "not sharded"),
-        Row("activations_stash", stash_label, acts.stash, stash_note),
-        Row("activations_final", "activations: final norm + head input", acts.final, ""),
-        Row("activations_layer", layer_label, acts.layer_backward,
-            f"+ {backward_working_bytes_per_token(shape, setup):,} B/token working set"),
-        Row("loss_head", f"loss head ({setup.head})", head, head_note),
-        Row("rollout_kv_cache", "rollout KV cache", roll.kv_cache,
-            f"{setup.generation_batch or setup.rollouts} seqs x {setup.sequence_tokens:,} tokens x "
-            f"{2 * shape.num_layers * shape.kv_dim * c:,} B" if roll.kv_cache else "generation elsewhere"),
-        Row("rollout_prefill", "rollout prefill working set", roll.prefill, "one layer's MLP on the prompts"),
-        Row("reserve", "CUDA context + allocator reserve", reserve, "--reserve-gib"),
-    ]
-    persistent = params.weights + params.optimizer + fsdp + reserve
-    # Two moments can be the peak of a step.  The head: every layer's stash, the final norm, the head's
-    # buffers and the LM head's gradient.  The decoder's backward: one layer differentiated (recomputed
-    # under checkpointing) while the stash shrinks and gradients appear layer by layer; with uniform
-    # layers the worst layer is the first or the last one differentiated.
-    layers = shape.num_layers
-    head_grad = shape.vocab_size * shape.hidden_size * c if setup.lora_rank == 0 else 0
-    head_phase = acts.stash + acts.final + head + head_grad
-    decoder_phase = (max(layers * acts.stash_per_layer + params.layer_gradients,
-                         acts.stash_per_layer + layers * params.layer_gradients)
-                     + params.root_gradients + head_held_bytes(shape, setup) + acts.layer_backward)
-    train_step = max(head_phase, decoder_phase)
-    train_peak = persistent + train_step
-    rollout_peak = persistent + roll.kv_cache + roll.prefill
-    peak = max(train_peak, rollout_peak)
-    capacity = int(setup.gpu_memory_gib * GIB)
-    facts = {
-        "tokens_per_micro_batch": n,
-        "sequences_per_micro_batch": seqs,
-        "fused_head_rows": setup.head_rows_fused,
-        "vocab_size": shape.vocab_size,
-        "params": params.base_params,
-        "trainable_params": params.trainable_params,
-        "naive_logits_bytes_per_row": shape.vocab_size * (c + 12),
-        "layer_saved_bytes_per_token": layer_saved_bytes_per_token(shape, setup),
-        "head_phase_bytes": head_phase,
-        "decoder_backward_phase_bytes": decoder_phase,
-    }
-    return Plan(model=shape.name, setup=asdict(setup), rows=rows, train_step=train_step, train_peak=train_peak,
-                rollout_peak=rollout_peak, peak=peak, capacity=capacity, fits=peak <= capacity, facts=facts)
+    return memory_plan(shape, setup)

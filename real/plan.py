@@ -5,7 +5,9 @@ number of GPUs and their memory, full fine-tuning or LoRA, the optimizer, the
 batch (prompt and CoT lengths, rollouts per prompt, micro-batch tokens),
 gradient checkpointing and the loss head (``fused`` or ``naive``), it prints
 every component one GPU holds, the peak, and whether it fits.  The arithmetic
-lives in ``real.memory_model`` (its docstring says exactly what is counted).
+lives in ``real.memory_model`` (its docstring says exactly what is counted), the
+model shapes in ``real.model_shapes``; this module assembles the plan
+(``memory_plan``: one row per component, the peaks, the verdict) and prints it.
 
     real plan --model qwen3-32b --gpus 1 --gpu-memory 141 --lora-rank 64 --head fused
     real plan --model path/to/config.json --gpus 8 --parallel fsdp --json
@@ -16,10 +18,144 @@ import argparse
 import json
 import re
 import sys
+from dataclasses import asdict, dataclass, field
 from typing import List, Optional
 
-from .memory_model import (ATTENTION, DTYPE_BYTES, GIB, HEADS, LORA_TARGET_SETS, OPTIMIZERS, PARALLEL_MODES,
-                           PRESETS, Plan, TrainSetup, load_shape, plan)
+from real.memory_model import (ATTENTION_KERNELS, DTYPE_BYTES, GIB, HEADS, LORA_TARGET_SETS, OPTIMIZER_STATES,
+                               OPTIMIZERS, PLAN_PARALLEL_MODES, TrainSetup, activation_bytes,
+                               backward_working_bytes_per_token, fsdp_buffer_bytes, fused_head_bytes_per_row,
+                               fused_workspace_bytes, head_held_bytes, layer_saved_bytes_per_token, loss_head_bytes,
+                               param_bytes, rollout_bytes)
+from real.model_shapes import PRESETS, ModelShape, load_shape
+
+
+@dataclass
+class Row:
+    key: str
+    label: str
+    bytes: int
+    note: str = ""
+
+
+@dataclass
+class MemoryPlan:
+    model: str
+    setup: dict
+    rows: List[Row]
+    train_step: int  # what one training step adds on top of the persistent bytes (gradients, activations, head)
+    train_peak: int
+    rollout_peak: int
+    peak: int
+    capacity: int
+    fits: bool
+    facts: dict = field(default_factory=dict)
+
+    def row(self, key: str) -> Row:
+        for r in self.rows:
+            if r.key == key:
+                return r
+        raise KeyError(key)
+
+    def to_json(self) -> dict:
+        return {
+            "model": self.model,
+            "setup": self.setup,
+            "components": {r.key: {"bytes": r.bytes, "gib": r.bytes / GIB, "label": r.label, "note": r.note}
+                           for r in self.rows},
+            "train_step_bytes": self.train_step,
+            "train_peak_bytes": self.train_peak,
+            "rollout_peak_bytes": self.rollout_peak,
+            "peak_bytes": self.peak,
+            "peak_gib": self.peak / GIB,
+            "capacity_bytes": self.capacity,
+            "capacity_gib": self.capacity / GIB,
+            "fits": self.fits,
+            "headroom_gib": (self.capacity - self.peak) / GIB,
+            "facts": self.facts,
+        }
+
+
+def memory_plan(shape: ModelShape, setup: TrainSetup) -> MemoryPlan:
+    """Per-GPU bytes of every component, the training and rollout peaks, and whether it fits."""
+    setup.validate()
+    c = DTYPE_BYTES[setup.dtype]
+    params = param_bytes(shape, setup)
+    acts = activation_bytes(shape, setup)
+    head = loss_head_bytes(shape, setup)
+    tile = fused_workspace_bytes(shape, setup)
+    fsdp = fsdp_buffer_bytes(shape, setup)
+    roll = rollout_bytes(shape, setup)
+    reserve = int(setup.reserve_gib * GIB)
+    n = setup.tokens_per_micro_batch
+    seqs = setup.sequences_per_micro_batch
+    share = f" / {setup.gpus} GPUs" if setup.sharded else ""
+
+    lora = f"LoRA r={setup.lora_rank} ({setup.lora_targets}), fp32 adapters" if setup.lora_rank else "full fine-tuning"
+    if setup.head == "naive":
+        head_note = (f"N={n:,} rows x V={shape.vocab_size:,} x {c + 12} B (logits {c} B + fp32 log-softmax 4 B "
+                     f"+ gather grad 4 B + logits grad 4 B)")
+    else:
+        head_note = (f"{setup.head_rows_fused:,} CoT+score rows x "
+                     f"{fused_head_bytes_per_row(shape.hidden_size, setup.dtype, setup.score_values):,} B"
+                     f" + one {tile / 2**20:g} MiB tile" + (" + fp32 dW [V, H]" if setup.lora_rank == 0 else ""))
+    if setup.gradient_checkpointing:
+        stash_label, stash_note = "activations: checkpointed layer inputs", f"{shape.num_layers} layers x N x H x {c} B"
+        layer_label = "activations: one layer recomputed + backward"
+    else:
+        stash_label, stash_note = "activations: saved by all layers", f"{shape.num_layers} layers x N x {layer_saved_bytes_per_token(shape, setup):,} B"
+        layer_label = "activations: backward working set"
+    rows = [
+        Row("weights", "weights", params.weights,
+            f"{params.base_params / 1e9:.2f}B params x {c} B" + (f" + {params.trainable_params / 1e6:.1f}M adapter params x 4 B" if setup.lora_rank else "") + share),
+        Row("gradients", "gradients", params.gradients, f"{params.trainable_params / 1e6:,.1f}M trainable" + share),
+        Row("optimizer", f"optimizer states ({setup.optimizer})", params.optimizer,
+            f"{OPTIMIZER_STATES[setup.optimizer]} state(s) per trainable element" + share),
+        Row("fsdp_buffers", "FSDP all-gather buffers", fsdp,
+            "root unit + 2 layers unsharded + 1 layer of unsharded grads" if fsdp else "not sharded"),
+        Row("activations_stash", stash_label, acts.stash, stash_note),
+        Row("activations_final", "activations: final norm + head input", acts.final, ""),
+        Row("activations_layer", layer_label, acts.layer_backward,
+            f"+ {backward_working_bytes_per_token(shape, setup):,} B/token working set"),
+        Row("loss_head", f"loss head ({setup.head})", head, head_note),
+        Row("rollout_kv_cache", "rollout KV cache", roll.kv_cache,
+            f"{setup.generation_batch or setup.rollouts} seqs x {setup.sequence_tokens:,} tokens x "
+            f"{2 * shape.num_layers * shape.kv_dim * c:,} B" if roll.kv_cache else "generation elsewhere"),
+        Row("rollout_prefill", "rollout prefill working set", roll.prefill, "one layer's MLP on the prompts"),
+        Row("reserve", "CUDA context + allocator reserve", reserve, "--reserve-gib"),
+    ]
+    persistent = params.weights + params.optimizer + fsdp + reserve
+    # Two moments can be the peak of a step.  The head: every layer's stash, the final norm, the head's
+    # buffers and the LM head's gradient.  The decoder's backward: one layer differentiated (recomputed
+    # under checkpointing) while the stash shrinks and gradients appear layer by layer; with uniform
+    # layers the worst layer is the first or the last one differentiated.
+    layers = shape.num_layers
+    head_grad = shape.vocab_size * shape.hidden_size * c if setup.lora_rank == 0 else 0
+    head_phase = acts.stash + acts.final + head + head_grad
+    decoder_phase = (max(layers * acts.stash_per_layer + params.layer_gradients,
+                         acts.stash_per_layer + layers * params.layer_gradients)
+                     + params.root_gradients + head_held_bytes(shape, setup) + acts.layer_backward)
+    train_step = max(head_phase, decoder_phase)
+    train_peak = persistent + train_step
+    rollout_peak = persistent + roll.kv_cache + roll.prefill
+    peak = max(train_peak, rollout_peak)
+    capacity = int(setup.gpu_memory_gib * GIB)
+    facts = {
+        "tokens_per_micro_batch": n,
+        "sequences_per_micro_batch": seqs,
+        "fused_head_rows": setup.head_rows_fused,
+        "vocab_size": shape.vocab_size,
+        "params": params.base_params,
+        "trainable_params": params.trainable_params,
+        "naive_logits_bytes_per_row": shape.vocab_size * (c + 12),
+        "layer_saved_bytes_per_token": layer_saved_bytes_per_token(shape, setup),
+        "head_phase_bytes": head_phase,
+        "decoder_backward_phase_bytes": decoder_phase,
+    }
+    return MemoryPlan(model=shape.name, setup=dict(asdict(setup), fused_tile_bytes=tile), rows=rows, train_step=train_step, train_peak=train_peak,
+                rollout_peak=rollout_peak, peak=peak, capacity=capacity, fits=peak <= capacity, facts=facts)
+
+
+# --- the command -------------------------------------------------------------------------
 
 
 def _memory_gib(text: str) -> float:
@@ -47,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, default=1, help="number of GPUs (all nodes together)")
     p.add_argument("--gpu-memory", type=_memory_gib, default=80.0,
                    help="memory of one GPU in GiB (suffix GB for 10^9 bytes, e.g. 141GB)")
-    p.add_argument("--parallel", choices=PARALLEL_MODES, default="fsdp",
+    p.add_argument("--parallel", choices=PLAN_PARALLEL_MODES, default="fsdp",
                    help="fsdp shards weights, gradients and optimizer states over the GPUs; ddp replicates them")
     p.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="bf16", help="parameter and compute dtype")
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank through peft (0 = full fine-tuning)")
@@ -65,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute each decoder layer in backward (transformers' per-layer checkpointing)")
     p.add_argument("--head", choices=HEADS, default="fused",
                    help="fused: real_kernels.judge_head, no [N, V] logits; naive: model(...).logits + log_softmax")
-    p.add_argument("--attention", choices=ATTENTION, default="sdpa",
+    p.add_argument("--attention", choices=ATTENTION_KERNELS, default="sdpa",
                    help="sdpa (padded batch: k/v repeated to every head, additive mask per layer) or flash "
                         "(flash-attn 2)")
     p.add_argument("--padded", action=argparse.BooleanOptionalAction, default=True,
@@ -91,7 +227,7 @@ def setup_from_args(args: argparse.Namespace) -> TrainSetup:
     )
 
 
-def format_table(result: Plan) -> str:
+def format_table(result: MemoryPlan) -> str:
     s = result.setup
     f = result.facts
     mode = f"LoRA r={s['lora_rank']} ({s['lora_targets']})" if s["lora_rank"] else "full fine-tuning"
@@ -133,7 +269,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         shape = load_shape(args.model)
-        result = plan(shape, setup_from_args(args))
+        result = memory_plan(shape, setup_from_args(args))
     except ValueError as exc:
         print(f"real plan: {exc}", file=sys.stderr)
         return 2

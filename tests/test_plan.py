@@ -21,8 +21,9 @@ from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, M
 import real_kernels.torch_backend as torch_backend
 from benchmarks.fit_32b import cpu_peak_bytes as measured_peak  # profiler allocation events, CPU
 from real import plan as plan_cli
-from real.memory_model import (GIB, LORA_TARGET_SETS, PRESETS, TrainSetup, fused_head_bytes, load_shape,
-                               naive_head_bytes, param_bytes, plan, shape_from_config)
+from real.memory_model import GIB, LORA_TARGET_SETS, TrainSetup, fused_head_bytes, naive_head_bytes, param_bytes
+from real.model_shapes import PRESETS, load_shape, shape_from_config
+from real.plan import memory_plan as plan
 from real_kernels import judge_head
 from real_kernels.hf import decoder_hidden_states, judge_outputs, lm_head_weight
 

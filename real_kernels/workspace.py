@@ -1,0 +1,49 @@
+"""Scratch memory of one head call, from the kernels' own tile constants (for memory planners).
+
+``head_workspace_bytes`` is what a head call allocates besides its inputs, its
+per-row outputs and the gradients it returns, so a planner (``real plan``)
+need not restate tile sizes:
+
+- ``mode="head"`` (``judge_head`` / ``linear_logprobs``, the recomputing
+  design): the chunked torch backend streams ``token_chunk x vocab_chunk``
+  fp32 logits through one tile (``torch_backend._chunks``, at most
+  ``DEFAULT_TILE_ELEMS`` elements); the Triton kernels keep their tiles in
+  registers and shared memory, so this is the larger of the two.
+- ``mode="loss"`` (``judge_loss``, gradients formed in the forward,
+  docs/design.md section 6): ``chunk_size`` rows of logits over the whole
+  vocabulary in the compute dtype, plus the fp32 ``dW`` ``[V, H]`` accumulator.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from .torch_backend import DEFAULT_TILE_ELEMS, _chunks
+
+HEAD_MODES = ("head", "loss")
+MAX_TILE_BYTES = DEFAULT_TILE_ELEMS * 4  # the torch backend's largest fp32 logits tile
+_NAMED_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+                 "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def _element_size(dtype: Union[str, torch.dtype]) -> int:
+    if isinstance(dtype, str):
+        if dtype not in _NAMED_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_NAMED_DTYPES)} or a torch.dtype, got {dtype!r}")
+        dtype = _NAMED_DTYPES[dtype]
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def head_workspace_bytes(n_rows: int, vocab: int, hidden: int, dtype: Union[str, torch.dtype] = torch.float32,
+                         mode: str = "head", chunk_size: Optional[int] = None) -> int:
+    """Bytes of scratch memory one head call over ``n_rows`` rows needs (see the module docstring)."""
+    if n_rows < 1 or vocab < 1 or hidden < 1:
+        raise ValueError(f"n_rows, vocab and hidden must be >= 1, got {n_rows}, {vocab}, {hidden}")
+    if mode == "head":
+        token_chunk, vocab_chunk = _chunks(n_rows, vocab, DEFAULT_TILE_ELEMS)
+        return token_chunk * vocab_chunk * 4
+    if mode == "loss":
+        rows = min(n_rows, chunk_size or n_rows)
+        return rows * vocab * _element_size(dtype) + vocab * hidden * 4
+    raise ValueError(f"mode must be one of {HEAD_MODES}, got {mode!r}")
