@@ -35,7 +35,7 @@ from real.data import JudgeExample, group_by_source, load_prometheus
 from real.metrics import average_correlations, correlations, format_table, json_safe, with_average
 
 BASELINES = ("gpt4-loo",)
-METHODS = ("rail", "decode")
+PREDICTION_METHODS = ("rail", "decode")  # how a judge model predicts (not the training methods)
 DEFAULT_METHOD = "predictions"
 
 Results = Dict[str, Dict[str, dict]]  # method -> benchmark -> correlations
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="skip malformed data rows (with a warning and a count) instead of failing")
 
     model = parser.add_argument_group("judge model options (with --model)")
-    model.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+    model.add_argument("--methods", nargs="+", choices=PREDICTION_METHODS, default=list(PREDICTION_METHODS),
                        help="rail: expected score after the CoT; decode: generate and parse the score")
     model.add_argument("--n-samples", type=int, default=1, metavar="N",
                        help="CoTs per prompt for RAIL; 1 = one greedy CoT, more = sampled CoTs averaged")
