@@ -2,7 +2,7 @@
 
 Every quantity comes from the fused judge head (``real_kernels.judge_head``
 through ``real_kernels.hf``), never from ``[tokens x vocab]`` logits.  The math
-is DESIGN.md section 1:
+is docs/design.md section 1:
 
 - reward of a sampled CoT ``r = -(yhat - y*)^2 + lam * log pi(k*) + mu * pi(k*)``,
   differentiable in the parameters;

@@ -3,7 +3,7 @@
 ``linear_logprobs`` and ``judge_head`` compute per-token log-probs, the
 score-token softmax, the expected score and its squared error straight from
 hidden states and the LM-head weight, never materialising ``[tokens x vocab]``
-logits.  See DESIGN.md section 4 for the contract.
+logits.  See docs/design.md section 4 for the contract.
 """
 from .functional import judge_head, linear_logprobs
 from .loss import judge_loss

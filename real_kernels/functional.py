@@ -1,4 +1,4 @@
-"""Public ops: validate once, dispatch to a backend (DESIGN.md section 4).
+"""Public ops: validate once, dispatch to a backend (docs/design.md section 4).
 
 ``backend="auto"`` picks the Triton kernels for CUDA tensors and the chunked
 PyTorch backend otherwise.  ``"triton"`` also runs on CPU tensors when

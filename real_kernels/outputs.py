@@ -1,4 +1,4 @@
-"""Result types returned by the public ops (DESIGN.md section 4)."""
+"""Result types returned by the public ops (docs/design.md section 4)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,4 @@
-"""The readable statement of the math (DESIGN.md sections 1-2).
+"""The readable statement of the math (docs/design.md sections 1-2).
 
 Materialises the full ``[N, V]`` logits in ``compute_dtype`` (fp32 by default,
 fp64 in the precision tests) and lets autograd do the backward.  Every fast path

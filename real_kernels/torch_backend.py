@@ -1,6 +1,6 @@
 """Chunked PyTorch backend: the fused algorithm without Triton, fast on the CPU.
 
-Same algorithm as the Triton kernels (DESIGN.md section 2): stream tiles of
+Same algorithm as the Triton kernels (docs/design.md section 2): stream tiles of
 ``[tokens x vocab]`` logits through one reusable buffer, keep an online
 log-sum-exp per row, pick out the target and score-token logits, and in
 backward recompute each tile to form ``dlogits`` and accumulate ``dh`` and

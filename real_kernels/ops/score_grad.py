@@ -4,7 +4,7 @@ Given upstream gradients on the outputs (``score_logprobs`` l, ``expected_score`
 yhat, ``sq_error``), produce per row the gradient ``g_raw_j`` on the raw
 full-vocabulary score log-probs ``s_j = z_{k_j} - lse`` and the dense
 coefficient ``coef = g_t + sum_j g_raw_j`` that multiplies ``-p_v`` in every
-vocabulary column (DESIGN.md section 2):
+vocabulary column (docs/design.md section 2):
 
     gy      = g_yhat + g_sq * 2 (yhat - y*)        (on score_mask rows)
     a_j     = g_l_j + gy * p_j * v_j               (d yhat / d l_j = p_j v_j)
