@@ -8,7 +8,6 @@ inside the kernels, and dlogits are written back in place in the input dtype.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -17,13 +16,15 @@ import triton
 from ..loss_rows import ChunkStats, RowCoefficients, special_values
 from .chunk_dlogits import chunk_dlogits_kernel
 from .chunk_lse import chunk_lse_kernel
+from .head_config import interpreting
+from .launch import Launch
 
 GPU_BLOCK_V = 4096  # one row streamed by 8 warps, 16 elements per thread per step
 GPU_NUM_WARPS = 8
 
 
-def _block_v(vocab: int) -> int:
-    if os.environ.get("TRITON_INTERPRET") == "1":
+def block_v_for(vocab: int) -> int:
+    if interpreting():
         return min(1024, triton.next_power_of_2(vocab))  # numpy per step: few wide steps are fastest
     return min(GPU_BLOCK_V, triton.next_power_of_2(vocab))
 
@@ -35,32 +36,45 @@ class TritonChunkPass:
         self.compute_dtype = dtype
         self.buf = torch.empty(chunk * vocab, dtype=dtype, device=device)
         self.vocab = vocab
-        self.block_v = _block_v(vocab)
+        self.block_v = block_v_for(vocab)
 
     def logits(self, h_c: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
         z = self.buf[: h_c.shape[0] * self.vocab].view(h_c.shape[0], self.vocab)
         return torch.mm(h_c, weight_t, out=z)
 
     def stats(self, z: torch.Tensor, cols: torch.Tensor, inv_temp: float, entropy: bool) -> ChunkStats:
-        c = z.shape[0]
         special = z.gather(1, cols).float() * inv_temp
-        lse = torch.empty(c, dtype=torch.float32, device=z.device)
-        ent: Optional[torch.Tensor] = torch.empty_like(lse) if entropy else None
-        chunk_lse_kernel[(c,)](
-            z, lse, ent if entropy else lse, self.vocab, z.stride(0), inv_temp,
-            BLOCK_V=self.block_v, RETURN_ENTROPY=entropy, num_warps=GPU_NUM_WARPS,
-        )
+        launch, lse, ent = lse_launch(z, inv_temp, entropy, self.block_v)
+        launch()
         return ChunkStats(lse=lse, special=special, entropy=ent)
 
     def dlogits_(self, z: torch.Tensor, stats: ChunkStats, coefs: RowCoefficients, cols: torch.Tensor,
                  inv_temp: float) -> torch.Tensor:
         """Overwrite ``z`` (raw logits) with d loss / d raw."""
         special = z.gather(1, cols).float() * inv_temp
-        dense = coefs.dense.float().contiguous()
-        ent = coefs.ent.float().contiguous() if coefs.ent is not None else dense
-        chunk_dlogits_kernel[(z.shape[0],)](
-            z, stats.lse, dense, ent, self.vocab, z.stride(0), inv_temp,
-            BLOCK_V=self.block_v, HAS_ENT=coefs.ent is not None, num_warps=GPU_NUM_WARPS,
-        )
+        dlogits_launch(z, stats.lse, coefs.dense, coefs.ent, inv_temp, self.block_v)()
         z.scatter_(1, cols, special_values(special, cols, stats.lse, coefs).to(z.dtype))
         return z
+
+
+def lse_launch(z: torch.Tensor, inv_temp: float, entropy: bool, block_v: int):
+    """(launch, lse [C], entropy [C] or None) for a chunk of logits ``z`` ``[C, V]``."""
+    c, vocab = z.shape
+    lse = torch.empty(c, dtype=torch.float32, device=z.device)
+    ent: Optional[torch.Tensor] = torch.empty_like(lse) if entropy else None
+    launch = Launch("chunk_lse", chunk_lse_kernel, (c,),
+                    dict(z_ptr=z, lse_ptr=lse, ent_ptr=ent if entropy else lse, V=vocab, stride_z=z.stride(0),
+                         inv_temp=inv_temp),
+                    dict(BLOCK_V=block_v, RETURN_ENTROPY=entropy), num_warps=GPU_NUM_WARPS)
+    return launch, lse, ent
+
+
+def dlogits_launch(z: torch.Tensor, lse: torch.Tensor, dense: torch.Tensor, ent: Optional[torch.Tensor],
+                   inv_temp: float, block_v: int) -> Launch:
+    dense = dense.float().contiguous()
+    c, vocab = z.shape
+    return Launch("chunk_dlogits", chunk_dlogits_kernel, (c,),
+                  dict(z_ptr=z, lse_ptr=lse, dense_ptr=dense,
+                       ent_ptr=ent.float().contiguous() if ent is not None else dense,
+                       V=vocab, stride_z=z.stride(0), inv_temp=inv_temp),
+                  dict(BLOCK_V=block_v, HAS_ENT=ent is not None), num_warps=GPU_NUM_WARPS)

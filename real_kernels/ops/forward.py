@@ -1,8 +1,11 @@
 """Forward kernels: stream the vocabulary once, never store ``[N, V]`` logits.
 
-``head_forward_partial_kernel`` runs on a 2-D grid ``(row blocks, vocabulary
-splits)``: each program owns ``BLOCK_N`` rows and a contiguous range of the
-vocabulary, loops over ``BLOCK_V`` tiles of it (``logits = h @ W_tile^T`` by
+``head_forward_partial_kernel`` runs one program per (row block, vocabulary
+split), in grouped order (as in Triton's matmul tutorial): consecutive
+programs take ``GROUP_N`` row blocks across every split, so the programs that
+run side by side share a few ``h`` blocks (L2-resident, instead of re-read from
+HBM for every vocabulary tile) and each stream their own vocabulary range.
+Each program owns ``BLOCK_N`` rows and a contiguous range of the vocabulary, loops over ``BLOCK_V`` tiles of it (``logits = h @ W_tile^T`` by
 ``tl.dot`` over ``BLOCK_D`` slices of the hidden size), and keeps per row
 
 - ``run_max``, ``run_sum = sum exp(z - run_max)``                 (online logsumexp)
@@ -21,15 +24,20 @@ import triton.language as tl
 def head_forward_partial_kernel(
     h_ptr, w_ptr, tgt_ptr, sid_ptr,
     part_max_ptr, part_sum_ptr, part_ent_ptr, part_tgt_ptr, part_score_ptr,
-    N, V, D, M, tiles_per_split,
+    N, V, D, M, tiles_per_split, row_blocks, n_splits,
     stride_hn, stride_wv,
     inv_temp,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, M_PAD: tl.constexpr,
+    GROUP_N: tl.constexpr,
     HAS_SCORES: tl.constexpr, RETURN_ENTROPY: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    pid = tl.program_id(0)
+    per_group = GROUP_N * n_splits
+    first_n = (pid // per_group) * GROUP_N
+    group_rows = tl.minimum(row_blocks - first_n, GROUP_N)
+    pid_n = first_n + (pid % per_group) % group_rows
+    pid_s = (pid % per_group) // group_rows
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
