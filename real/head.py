@@ -71,15 +71,33 @@ def judge_forward(
     """One decoder pass + one fused-head pass over a teacher-forced batch with targets."""
     if bool(torch.isnan(batch.targets).any()) or bool((batch.score_index < 0).any()):
         raise ValueError("judge_forward needs a batch built with targets (build_teacher_forced_batch(..., targets=...))")
+    return _head_pass(model, batch, score_token_ids, score_values, with_targets=True, normalize=normalize,
+                      temperature=temperature, return_entropy=return_entropy, backend=backend)
+
+
+def score_forward(model, batch: TeacherForcedBatch, score_token_ids: Sequence[int], score_values: Sequence[float],
+                  *, normalize: bool = False, backend: str = "auto") -> JudgeForward:
+    """The score rows alone (no CoT rows, no targets): RAIL's expected score at ``batch.score_pos``."""
+    return _head_pass(model, batch, score_token_ids, score_values, with_targets=False, normalize=normalize,
+                      backend=backend)
+
+
+def _head_pass(model, batch: TeacherForcedBatch, score_token_ids, score_values, *, with_targets: bool,
+               normalize: bool, temperature: float = 1.0, return_entropy: bool = False,
+               backend: str = "auto") -> JudgeForward:
+    """``with_targets``: the CoT rows, the squared error and log pi(k*) too; else the score rows alone."""
     out = hf.judge_outputs(
-        model, batch.input_ids, batch.attention_mask, batch.targets, score_token_ids, score_values,
-        score_pos=batch.score_pos, cot_mask=batch.cot_mask, normalize=normalize, temperature=temperature,
-        return_entropy=return_entropy, backend=backend,
+        model, batch.input_ids, batch.attention_mask, batch.targets if with_targets else None, score_token_ids,
+        score_values, score_pos=batch.score_pos, cot_mask=batch.cot_mask if with_targets else None,
+        normalize=normalize, temperature=temperature, return_entropy=return_entropy, backend=backend,
     )
-    log_pi_star = out.score_logprobs.gather(1, batch.score_index[:, None].to(out.score_logprobs.device)).squeeze(1)
+    log_pi_star = None
+    if with_targets:
+        index = batch.score_index[:, None].to(out.score_logprobs.device)
+        log_pi_star = out.score_logprobs.gather(1, index).squeeze(1)
     return JudgeForward(
         cot_logprobs=out.cot_logprobs,
-        cot_mask=batch.cot_mask,
+        cot_mask=batch.cot_mask if with_targets else torch.zeros_like(batch.cot_mask),
         score_logprobs=out.score_logprobs,
         expected_score=out.expected_score,
         sq_error=out.sq_error,
@@ -87,23 +105,6 @@ def judge_forward(
         targets=batch.targets,
         score_pos=batch.score_pos,
         cot_entropy=out.cot_entropy,
-    )
-
-
-def score_forward(model, batch: TeacherForcedBatch, score_token_ids: Sequence[int], score_values: Sequence[float],
-                  *, normalize: bool = False, backend: str = "auto") -> JudgeForward:
-    """The score rows alone (no CoT rows, no targets): RAIL's expected score at ``batch.score_pos``."""
-    out = hf.judge_outputs(model, batch.input_ids, batch.attention_mask, None, score_token_ids, score_values,
-                           score_pos=batch.score_pos, normalize=normalize, backend=backend)
-    return JudgeForward(
-        cot_logprobs=out.cot_logprobs,
-        cot_mask=torch.zeros_like(batch.cot_mask),
-        score_logprobs=out.score_logprobs,
-        expected_score=out.expected_score,
-        sq_error=out.sq_error,
-        log_pi_star=None,
-        targets=batch.targets,
-        score_pos=batch.score_pos,
     )
 
 
