@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "everything in this process (quicker to start)")
     parser.add_argument("--timeout", type=float, default=3600.0,
                         help="seconds to wait for one case before reporting it as timed out (CPU, default 3600)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds after which no new case is started; the rest are reported as skipped "
+                             "(default: no limit)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -98,7 +101,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         )
     except ValueError as exc:
         parser.error(str(exc))
-    results = run_cases(cases, isolation=args.isolation, timeout_s=args.timeout, progress=not args.no_progress)
+    results = run_cases(cases, isolation=args.isolation, timeout_s=args.timeout, progress=not args.no_progress,
+                        budget_s=args.budget)
     device_name = describe_device(device)
     out = write_outputs(
         results, output_dir=Path(args.output_dir), stem=preset.name,

@@ -1,32 +1,45 @@
-"""One-shot GPU check: the Triton kernels against the reference at real shapes, then speed and memory.
+"""One-shot GPU check: the kernels against the reference at real shapes, then speed, memory, determinism.
 
-Run on a CUDA machine (about 2-4 minutes on one H200; it stops starting new
-work after ``--budget`` seconds so that it stays under 8 minutes):
+Run on a CUDA machine (about 2-3 minutes on one H200; it stops starting new
+work after ``--budget`` seconds, 300 by default):
 
     python -m benchmarks.gpu_check --output-dir "$OUT"
 
 1. Correctness: ``judge_head`` (which contains ``linear_logprobs``) with the
-   ``triton`` backend against the fp32 ``reference`` at N = 4096, H = 4096 and
-   5120, V = 151,936, bf16 inputs, for two settings (temperature 1 with
-   entropy; temperature 0.7, ``normalize``, ``ignore_index`` rows and a score
-   mask), score ids at the first and last vocabulary id, random upstream
-   gradients on every output.  The reference runs in row chunks (rows are
-   independent; ``dW`` is summed over chunks in fp32), so it never needs the
-   whole ``[N, V]`` fp32 logits at once.
-2. Speed and memory: forward and forward+backward of the log-probs and the
-   judge head at N = 4096 for naive PyTorch, the torch and triton backends,
-   Liger-Kernel and Cut Cross-Entropy where installed (the same machinery as
-   ``python -m benchmarks``).
+   ``triton`` backend, and ``judge_loss`` (``loss``: the same head in loss
+   mode, its loss the same weighted sum of every output), against the fp32
+   ``reference`` at N = 4096, H = 4096 and 5120, V = 151,936, bf16 inputs, for
+   two settings (temperature 1 with entropy; temperature 0.7, ``normalize``,
+   ``ignore_index`` rows and a score mask), score ids at the first and last
+   vocabulary id, random upstream gradients on every output.  The reference
+   runs in row chunks (rows are independent; ``dW`` is summed over chunks in
+   fp32), so it never needs the whole ``[N, V]`` fp32 logits at once.
+2. Forward and backward timed apart (CUDA events) at N = 16,384 and 16,400
+   (a row tail), H = 5,120, V = 151,936, bf16, for two losses (``advantage``:
+   ``sum(adv * logprobs)``; ``judge``: that plus the squared error of the
+   expected score on the score rows) and the providers of ``python -m
+   benchmarks``: naive PyTorch, ``triton`` (``linear_logprobs`` /
+   ``judge_head`` under autograd), ``loss`` (``judge_loss``), Liger-Kernel and
+   Cut Cross-Entropy where installed (skipped with the reason where not).
+   Each provider's gradients are computed twice and must be bit-identical
+   (ours; peers are reported), and agree with naive's; TFLOP/s is counted
+   against 6NHV (logits, dh and dW once: the floor for a loss) and given as
+   a share of 790 TFLOP/s (a bf16 GEMM on this H200).
+3. Speed and memory: forward and forward+backward of the log-probs and the
+   judge head at N = 4096 for every provider (the same machinery as
+   ``python -m benchmarks``), unless ``--skip-timing``.
 
-Writes ``gpu_check.md`` (both tables), ``gpu_check_correctness.json`` and the
-timing CSV / JSON / plots under ``--output-dir``.  Exits 0 when every check
-passes, 1 when one fails, 2 without CUDA.  ``--device cpu`` with
-``--backends torch`` and tiny shapes runs the same code on the CPU (that is
-how the test suite exercises it).
+Writes ``gpu_check.md`` (every table), ``gpu_check_correctness.json``,
+``gpu_check_split.json`` and the timing CSV / JSON / plots under
+``--output-dir``.  Exits 0 when every check passes, 1 when one fails (a
+peer's failure is reported, not failed), 2 without CUDA.  ``--device cpu``
+with ``--backends torch,loss`` and tiny shapes runs the same code on the CPU
+(that is how the test suite exercises it).
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import shlex
@@ -34,19 +47,25 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .measure import MIB, is_oom
 from .output import write_outputs
+from .providers import HeadInputs, Provider, get_provider
 from .report import describe_device
 from .runner import build_cases, run_cases
 from .shapes import ALL_PROVIDERS, DTYPES, QWEN3_VOCAB, Shape, canonical_dtype, parse_choice_list, parse_int_list
-from .workloads import LOGIT_STD
+from .workloads import LOGIT_STD, make_inputs
 
 FORWARD_ABS_TOL = 1e-2  # log-probs, score log-probs, expected score, entropy: max |fused - reference|
 GRAD_REL_TOL = 2e-2  # dh, dW: ||fused - reference|| / ||reference|| (bf16 gradients round at ~4e-3)
 TIMING_OPS = ("logprobs-fwd", "logprobs-fwdbwd", "judge-fwdbwd")
+CHECK_BACKENDS = ("triton", "torch", "loss")  # judge_head's backends; loss: judge_loss, backend auto
+OUR_PROVIDERS = ("torch", "triton", "loss")
+SPLIT_LOSSES = ("advantage", "judge")
+PEAK_TFLOPS = 790.0  # an 8192^3 bf16 GEMM through PyTorch on this workplace's H200 (random data)
 
 
 @dataclass(frozen=True)
@@ -113,6 +132,24 @@ def _head(h, w, targets, ids, values, score_targets, mask, setting, backend):
                       return_entropy=setting.return_entropy, backend=backend)
 
 
+def _outputs_and_grads(h, w, targets, ids, values, score_targets, mask, grads, setting, backend):
+    """(outputs, dh, dW) of ``_weighted_sum(outputs, grads)``: judge_head + autograd, or judge_loss for "loss"."""
+    if backend == "loss":
+        from real_kernels import judge_loss
+
+        def loss_fn(out, rows):
+            return _weighted_sum(out, {k: (None if g is None else g[rows]) for k, g in grads.items()})
+
+        loss, out = judge_loss(h, w, targets, loss_fn, score_token_ids=ids, score_values=values,
+                               score_targets=score_targets, score_mask=mask, normalize=setting.normalize,
+                               temperature=setting.temperature, return_entropy=setting.return_entropy)
+    else:
+        out = _head(h, w, targets, ids, values, score_targets, mask, setting, backend)
+        loss = _weighted_sum(out, grads)
+    dh, dw = torch.autograd.grad(loss, (h, w))
+    return out, dh, dw
+
+
 def _weighted_sum(out, grads) -> torch.Tensor:
     total = 0.0
     for name, g in grads.items():
@@ -157,7 +194,10 @@ def _errors(got: torch.Tensor, want: torch.Tensor):
 def check_against_reference(n: int, hidden: int, vocab: int, *, dtype: torch.dtype, device: str,
                             backends: Sequence[str] = ("triton",), row_chunk: int = 1024,
                             settings: Sequence[HeadSetting] = SETTINGS, seed: int = 0) -> List[CheckRow]:
-    """Every backend in ``backends`` against the chunked fp32 reference; one row per (setting, output)."""
+    """Every backend in ``backends`` (``CHECK_BACKENDS``) against the chunked fp32 reference.
+
+    One row per (setting, backend, output or gradient).
+    """
     rows: List[CheckRow] = []
     for i, setting in enumerate(settings):
         h, w, targets, ids, values, score_targets, mask, grads = _make_problem(
@@ -166,8 +206,8 @@ def check_against_reference(n: int, hidden: int, vocab: int, *, dtype: torch.dty
                                                      setting, row_chunk)
         for backend in backends:
             hl, wl = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
-            out = _head(hl, wl, targets, ids, values, score_targets, mask, setting, backend)
-            dh, dw = torch.autograd.grad(_weighted_sum(out, grads), (hl, wl))
+            out, dh, dw = _outputs_and_grads(hl, wl, targets, ids, values, score_targets, mask, grads, setting,
+                                             backend)
             for name, want in ref_fwd.items():
                 max_abs, rel = _errors(getattr(out, name), want)
                 rows.append(CheckRow(hidden, setting.name, backend, name, max_abs, rel,
@@ -193,27 +233,267 @@ def correctness_markdown(rows: Sequence[CheckRow], n: int, vocab: int, dtype: st
     return "\n".join(lines)
 
 
+# ---- forward and backward timed apart, determinism, agreement ------------------------------------------------------
+
+@dataclass
+class SplitRow:
+    """One (N, loss, provider) of the forward/backward timing."""
+
+    n: int
+    hidden: int
+    vocab: int
+    loss: str  # "advantage" or "judge"
+    provider: str
+    status: str  # "ok", "skipped", "oom", "error"
+    note: str = ""
+    forward_ms: Optional[float] = None  # medians over the timed runs
+    backward_ms: Optional[float] = None
+    total_ms: Optional[float] = None
+    tflops: Optional[float] = None  # 6NHV / total
+    pct_of_peak: Optional[float] = None  # tflops / PEAK_TFLOPS, CUDA only
+    peak_extra_mib: Optional[float] = None  # CUDA: max allocated during one fwd+bwd above what was allocated before
+    deterministic: Optional[bool] = None  # two runs gave bit-identical dh and dW
+    dh_rel_err: Optional[float] = None  # against naive's gradients in the same run
+    dw_rel_err: Optional[float] = None
+
+    @property
+    def failed(self) -> bool:
+        """A failure of our own providers; a peer's or naive's problems are reported, not failed."""
+        if self.provider not in OUR_PROVIDERS or self.status == "skipped":
+            return False
+        if self.status != "ok" or self.deterministic is False:
+            return True
+        return any(e is not None and e > GRAD_REL_TOL for e in (self.dh_rel_err, self.dw_rel_err))
+
+
+class _Clock:
+    """CUDA events on the GPU (what the device did between two marks), ``perf_counter`` on the CPU."""
+
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def ms(self, a, b) -> float:
+        return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+
+
+def _loss_closure(provider: Provider, loss: str, inputs: HeadInputs) -> Callable[[], torch.Tensor]:
+    if loss == "advantage":
+        return lambda: provider.advantage_loss(inputs.hidden, inputs.weight, inputs.next_tokens, inputs.grad_logprobs)
+    return lambda: provider.judge(inputs)
+
+
+def _fwd_bwd(forward: Callable[[], torch.Tensor], leaves, clock: _Clock) -> Tuple[float, float, Tuple[torch.Tensor, ...]]:
+    """One forward and one backward: (forward ms, backward ms, gradients)."""
+    t0 = clock.mark()
+    loss = forward()
+    t1 = clock.mark()
+    grads = torch.autograd.grad(loss, leaves)
+    t2 = clock.mark()
+    clock.sync()
+    return clock.ms(t0, t1), clock.ms(t1, t2), grads
+
+
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+
+
+def time_forward_backward(provider: Provider, loss: str, inputs: HeadInputs, device: str, repeats: int,
+                          reference: Optional[Tuple[torch.Tensor, ...]]):
+    """A warm-up, then ``repeats`` (>= 2) timed fwd+bwd runs; the first two also give peak memory and determinism.
+
+    Returns (SplitRow fields as a dict, the first run's gradients).
+    """
+    clock = _Clock(device)
+    forward = _loss_closure(provider, loss, inputs)
+    leaves = (inputs.hidden, inputs.weight)
+    _fwd_bwd(forward, leaves, clock)  # compiles and autotunes
+    peak = None
+    if clock.cuda:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    f1, b1, first = _fwd_bwd(forward, leaves, clock)
+    if clock.cuda:
+        peak = (torch.cuda.max_memory_allocated() - base) / MIB
+    f2, b2, second = _fwd_bwd(forward, leaves, clock)
+    deterministic = all(torch.equal(a, b) for a, b in zip(first, second))
+    del second
+    times = [(f1, b1), (f2, b2)]
+    for _ in range(max(0, repeats - 2)):
+        f, b, _grads = _fwd_bwd(forward, leaves, clock)
+        times.append((f, b))
+        del _grads
+    fields = dict(forward_ms=_median([f for f, _ in times]), backward_ms=_median([b for _, b in times]),
+                  total_ms=_median([f + b for f, b in times]), peak_extra_mib=peak, deterministic=deterministic)
+    if reference is not None:
+        fields["dh_rel_err"] = _errors(first[0], reference[0])[1]
+        fields["dw_rel_err"] = _errors(first[1], reference[1])[1]
+    return fields, first
+
+
+def run_split(n_values: Sequence[int], hidden: int, vocab: int, *, dtype: str, device: str,
+              providers: Sequence[str], losses: Sequence[str] = SPLIT_LOSSES, repeats: int = 5,
+              deadline: Optional[float] = None, seed: int = 0) -> List[SplitRow]:
+    """Every (N, loss, provider); naive first when listed, as the reference of the others' gradients.
+
+    ``deadline`` (a ``time.perf_counter()`` value): no run starts after it; the rest are skipped.
+    """
+    order = sorted(providers, key=lambda p: p != "naive")
+    rows: List[SplitRow] = []
+    for n in n_values:
+        flops = 6.0 * n * hidden * vocab
+        inputs = None
+        for loss in losses:
+            reference = None
+            for name in order:
+                row = SplitRow(n, hidden, vocab, loss, name, "ok")
+                rows.append(row)
+                provider = get_provider(name)
+                reason = provider.unavailable_reason(device)
+                if reason:
+                    row.status, row.note = "skipped", reason
+                    continue
+                if deadline is not None and time.perf_counter() > deadline:
+                    row.status, row.note = "skipped", "time budget spent"
+                    continue
+                try:
+                    if inputs is None:
+                        inputs = make_inputs(Shape(n, hidden, vocab, dtype), device, seed)
+                    fields, grads = time_forward_backward(provider, loss, inputs, device, repeats, reference)
+                    for key, value in fields.items():
+                        setattr(row, key, value)
+                    row.tflops = flops / (row.total_ms * 1e-3) / 1e12 if row.total_ms > 0 else None
+                    if device == "cuda" and row.tflops is not None:
+                        row.pct_of_peak = 100.0 * row.tflops / PEAK_TFLOPS
+                    if name == "naive":
+                        reference = grads
+                    del grads
+                except Exception as exc:  # an OOM or a broken peer is a row of the table, not a crash
+                    row.status = "oom" if is_oom(exc) else "error"
+                    row.note = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+                finally:
+                    gc.collect()
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+                print(f"gpu_check: split N={n} {loss} {name}: {row.status}"
+                      + (f", {row.total_ms:.1f} ms" if row.total_ms is not None else ""), file=sys.stderr)
+            del reference
+        del inputs
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _cell(value: Optional[float], fmt: str = "{:.1f}") -> str:
+    return "–" if value is None else fmt.format(value)
+
+
+def split_markdown(rows: Sequence[SplitRow], dtype: str, device: str) -> str:
+    if not rows:
+        return ""
+    ns = sorted({r.n for r in rows})
+    r0 = rows[0]
+    lines = [f"### Forward and backward timed apart: N={' and '.join(f'{n:,}' for n in ns)}, H={r0.hidden:,}, "
+             f"V={r0.vocab:,}, {dtype}", "",
+             "Median of the timed runs "
+             + ("(CUDA events)" if device == "cuda" else "(perf_counter)")
+             + f"; TFLOP/s against 6NHV; % of {PEAK_TFLOPS:.0f} TFLOP/s (bf16 GEMM on this H200); peak extra: "
+               "above the inputs during one forward+backward, the returned gradients included; "
+               "same grads: two runs bit-identical; rel err: ||g - g_naive|| / ||g_naive||. "
+               "Losses: advantage = sum(adv * logprobs); judge = that + squared error of the expected score. "
+               "Providers: triton / torch = linear_logprobs or judge_head under autograd; loss = judge_loss, "
+               "which forms the gradients in its forward (its backward only hands them out).", "",
+             "| N | loss | provider | forward ms | backward ms | total ms | TFLOP/s | % of peak | peak extra MiB | "
+             "same grads | dh rel err | dW rel err | status |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|"]
+    for r in rows:
+        same = "–" if r.deterministic is None else ("yes" if r.deterministic else "**NO**")
+        status = r.status if r.status == "ok" else f"{r.status}: {r.note}"
+        if r.failed:
+            status = f"**FAILED** {status}"
+        lines.append(f"| {r.n:,} | {r.loss} | {r.provider} | {_cell(r.forward_ms)} | {_cell(r.backward_ms)} | "
+                     f"{_cell(r.total_ms)} | {_cell(r.tflops, '{:.0f}')} | {_cell(r.pct_of_peak, '{:.0f}%')} | "
+                     f"{_cell(r.peak_extra_mib, '{:,.0f}')} | {same} | {_cell(r.dh_rel_err, '{:.1e}')} | "
+                     f"{_cell(r.dw_rel_err, '{:.1e}')} | {status} |")
+    if device == "cuda":
+        lines += [""] + target_lines(rows)
+    return "\n".join(lines)
+
+
+def target_lines(rows: Sequence[SplitRow]) -> List[str]:
+    """Issue 10's GPU targets, read off the smallest N's advantage loss: met or not, with the numbers."""
+    if not rows:
+        return []
+    n = min(r.n for r in rows)
+    total = {r.provider: r.total_ms for r in rows if r.n == n and r.loss == "advantage" and r.status == "ok"}
+    loss = total.get("loss")
+    if loss is None:
+        return [f"Targets (N={n:,}, advantage loss): judge_loss not measured."]
+    lines = [f"Targets (N={n:,}, advantage loss):",
+             f"- judge_loss forward+backward {loss:.1f} ms (target <= 140 ms): {'met' if loss <= 140 else 'NOT met'}"]
+    for peer in ("liger", "cce"):
+        if peer in total:
+            lines.append(f"- faster than {peer} ({total[peer]:.1f} ms): {'yes' if loss < total[peer] else 'NO'}")
+        else:
+            lines.append(f"- {peer}: not measured")
+    if "triton" in total:
+        ratio = total["triton"] / loss
+        lines.append(f"- judge_head (triton) / judge_loss = {ratio:.2f}x (target <= 1.5x): "
+                     f"{'met' if ratio <= 1.5 else 'NOT met'}")
+    return lines
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.gpu_check",
-        description="Check the Triton kernels against the reference at real shapes on CUDA, then time and "
-                    "measure naive / torch / triton / liger / cce at N=4096. Needs a CUDA GPU.",
+        description="Check judge_head (triton) and judge_loss against the reference at real shapes on CUDA, time "
+                    "forward and backward apart at N=16,384 / 16,400 (H=5,120) with determinism, then time every "
+                    "provider at N=4096. Needs a CUDA GPU (--device cpu runs the same code on tiny shapes).",
     )
     parser.add_argument("--output-dir", default="bench_results", help="where the tables go (default bench_results/)")
-    parser.add_argument("--n", type=int, default=4096, help="token rows N (default 4096)")
+    parser.add_argument("--n", type=int, default=4096, help="token rows N of the correctness check and the "
+                                                            "per-provider timing (default 4096)")
     parser.add_argument("--hidden", default="4096,5120", help="comma-separated hidden sizes (default 4096,5120)")
     parser.add_argument("--vocab", type=int, default=QWEN3_VOCAB, help=f"vocabulary size (default {QWEN3_VOCAB:,})")
     parser.add_argument("--dtype", default="bfloat16", help="input dtype (default bfloat16)")
-    parser.add_argument("--backends", default="triton",
-                        help="our backends checked against the reference (default triton; torch also works)")
+    parser.add_argument("--backends", default="triton,loss",
+                        help="checked against the reference: judge_head backends triton/torch, and loss "
+                             "(judge_loss, backend auto) (default triton,loss)")
     parser.add_argument("--providers", default="all", help=f"timed providers, subset of {','.join(ALL_PROVIDERS)}")
     parser.add_argument("--row-chunk", type=int, default=1024, help="reference rows per chunk (default 1024)")
     parser.add_argument("--repeats", type=int, default=5, help="about this many timed calls per case (default 5)")
-    parser.add_argument("--budget", type=float, default=420.0,
-                        help="seconds after which no new hidden size is started (default 420, to end under 8 min)")
-    parser.add_argument("--skip-timing", action="store_true", help="only the correctness check")
+    parser.add_argument("--split-n", default="16384,16400",
+                        help="N of the forward/backward timing (default 16384,16400: the second leaves a row tail)")
+    parser.add_argument("--split-hidden", type=int, default=5120, help="H of the forward/backward timing (5120)")
+    parser.add_argument("--split-providers", default="naive,triton,loss,liger,cce",
+                        help="providers of the forward/backward timing (default naive,triton,loss,liger,cce)")
+    parser.add_argument("--split-losses", default=",".join(SPLIT_LOSSES),
+                        help="losses of the forward/backward timing: advantage, judge (default both)")
+    parser.add_argument("--split-repeats", type=int, default=5,
+                        help="timed forward+backward runs per provider after one warm-up, >= 2 (default 5)")
+    parser.add_argument("--skip-split", action="store_true", help="no forward/backward timing")
+    parser.add_argument("--budget", type=float, default=300.0,
+                        help="seconds after which no new work is started; what is left is reported as skipped "
+                             "(default 300)")
+    parser.add_argument("--skip-timing", action="store_true",
+                        help="no per-provider timing at N (python -m benchmarks' presets cover it)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                        help="cuda (default); cpu runs the same code for testing, with --backends torch")
+                        help="cuda (default); cpu runs the same code for testing, with --backends torch,loss")
     return parser
 
 
@@ -228,26 +508,35 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         dtype = canonical_dtype(args.dtype)
         hiddens = parse_int_list(args.hidden, "--hidden")
-        backends = parse_choice_list(args.backends, "--backends", ("triton", "torch"))
+        backends = parse_choice_list(args.backends, "--backends", CHECK_BACKENDS)
         providers = parse_choice_list(args.providers, "--providers", ALL_PROVIDERS)
-        if args.row_chunk < 1 or args.n < 1 or args.vocab < 1:
-            raise ValueError("--n, --vocab and --row-chunk must be positive")
+        split_ns = parse_int_list(args.split_n, "--split-n")
+        split_providers = parse_choice_list(args.split_providers, "--split-providers", ALL_PROVIDERS)
+        split_losses = parse_choice_list(args.split_losses, "--split-losses", SPLIT_LOSSES)
+        if args.row_chunk < 1 or args.n < 1 or args.vocab < 1 or args.split_hidden < 1:
+            raise ValueError("--n, --vocab, --row-chunk and --split-hidden must be positive")
+        if args.split_repeats < 2:
+            raise ValueError("--split-repeats must be >= 2 (two runs are compared bit for bit)")
     except ValueError as exc:
         parser.error(str(exc))
     if args.device == "cpu" and "triton" in backends:
-        parser.error("--device cpu checks the torch backend only: pass --backends torch")
+        parser.error("--device cpu checks the torch backend and loss only: pass --backends torch,loss")
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device_name = describe_device(args.device)
     command = shlex.join(["python", "-m", "benchmarks.gpu_check", *argv])
     start = time.perf_counter()
+    deadline = start + args.budget
+
+    def budget_left(what: str) -> bool:
+        if time.perf_counter() < deadline:
+            return True
+        print(f"gpu_check: time budget of {args.budget:.0f} s spent; {what} not run", file=sys.stderr)
+        return False
 
     check_rows: List[CheckRow] = []
-    timed_hiddens: List[int] = []
-    results = []
     for hidden in hiddens:
-        if time.perf_counter() - start > args.budget:
-            print(f"gpu_check: time budget of {args.budget:.0f} s spent; H={hidden} not run", file=sys.stderr)
+        if not budget_left(f"correctness at H={hidden}"):
             break
         t0 = time.perf_counter()
         rows = check_against_reference(args.n, hidden, args.vocab, dtype=DTYPES[dtype],
@@ -255,17 +544,30 @@ def main(argv: Optional[List[str]] = None) -> int:
         check_rows += rows
         print(f"gpu_check: H={hidden} correctness {'passed' if all(r.passed for r in rows) else 'FAILED'} "
               f"in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-        if args.skip_timing:
-            continue
+
+    split_rows: List[SplitRow] = []
+    if not args.skip_split and budget_left("forward/backward timing"):
+        t0 = time.perf_counter()
+        split_rows = run_split(split_ns, args.split_hidden, args.vocab, dtype=dtype, device=args.device,
+                               providers=split_providers, losses=split_losses, repeats=args.split_repeats,
+                               deadline=deadline)
+        print(f"gpu_check: forward/backward timing done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+
+    results = []
+    for hidden in [] if args.skip_timing else hiddens:
+        if not budget_left(f"timing at H={hidden}"):
+            break
         t0 = time.perf_counter()
         cases = build_cases([Shape(args.n, hidden, args.vocab, dtype)], providers, TIMING_OPS,
                             device=args.device, warmup=1, repeats=args.repeats)
-        results += run_cases(cases, isolation="inprocess", progress=True)
-        timed_hiddens.append(hidden)
+        results += run_cases(cases, isolation="inprocess", progress=True,
+                             budget_s=max(0.0, deadline - time.perf_counter()))
         print(f"gpu_check: H={hidden} timing done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
     sections = [f"## GPU check on {device_name}", "", f"Command: `{command}`", "",
                 correctness_markdown(check_rows, args.n, args.vocab, dtype), ""]
+    if split_rows:
+        sections += [split_markdown(split_rows, dtype, args.device), ""]
     if results:
         timing = write_outputs(results, output_dir=out_dir, stem="gpu_check_timing",
                                title=f"speed and memory at N={args.n:,}", device_name=device_name, command=command,
@@ -275,14 +577,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     text = "\n".join(sections) + "\n"
     (out_dir / "gpu_check.md").write_text(text)
     (out_dir / "gpu_check_correctness.json").write_text(json.dumps([asdict(r) for r in check_rows], indent=1) + "\n")
+    (out_dir / "gpu_check_split.json").write_text(json.dumps([asdict(r) for r in split_rows], indent=1) + "\n")
     print(text)
     failed = [r for r in check_rows if not r.passed]
-    # a peer that fails is reported in the table; a failure of our own backends fails the check
-    errors = [r for r in results if r.status in ("error", "timeout") and r.case.provider in ("torch", "triton")]
+    # a peer that fails is reported in the table; a failure of our own providers fails the check
+    errors = [r for r in results if r.status in ("error", "timeout") and r.case.provider in OUR_PROVIDERS]
+    split_failed = [r for r in split_rows if r.failed]
     for r in failed:
         print(f"FAILED: H={r.hidden} {r.setting} {r.backend} {r.quantity}: max abs {r.max_abs_err:.3e}, "
               f"rel {r.rel_err:.3e} ({r.limit})", file=sys.stderr)
-    return 1 if failed or errors or not check_rows else 0
+    for r in split_failed:
+        print(f"FAILED: N={r.n} {r.loss} {r.provider}: status {r.status} {r.note}, same grads twice "
+              f"{r.deterministic}, rel err dh {r.dh_rel_err}, dW {r.dw_rel_err}", file=sys.stderr)
+    return 1 if failed or errors or split_failed or not check_rows else 0
 
 
 if __name__ == "__main__":

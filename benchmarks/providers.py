@@ -13,7 +13,11 @@ Providers:
 
 - ``naive``: what a plain PyTorch trainer does: ``hidden @ weight.T`` in the
   input dtype (fp32 on the CPU), ``log_softmax`` in fp32, ``gather``.
-- ``torch`` / ``triton``: this library (``real_kernels``), one backend each.
+- ``torch`` / ``triton``: this library (``real_kernels``), one backend each:
+  ``linear_logprobs`` / ``judge_head`` under autograd (recomputing backward);
+- ``loss``: this library's loss mode, ``real_kernels.judge_loss`` with
+  ``backend="auto"`` (torch on the CPU, triton on CUDA): the caller's loss is
+  given to the op, which forms the gradients during its forward (3 GEMMs).
 - ``liger``: Liger-Kernel's fused linear cross entropy, ``reduction="none"``.
 - ``cce``: Cut Cross-Entropy's ``linear_cross_entropy``, ``reduction="none"``
   (its ``torch_compile`` implementation on the CPU, its Triton ``cce`` one on CUDA).
@@ -72,9 +76,12 @@ def score_epilogue(score_logp: torch.Tensor, score_values: torch.Tensor, score_t
     return (expected - score_targets) ** 2
 
 
-def judge_loss(logprobs: torch.Tensor, sq_error: torch.Tensor, inputs: HeadInputs) -> torch.Tensor:
-    """The scalar every provider differentiates: CoT term with per-token weights + regression term."""
-    return (inputs.grad_logprobs * logprobs).sum() + sq_error.sum()
+def judge_objective(logprobs: torch.Tensor, sq_error: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """The judge-head scalar every provider differentiates: per-token weighted CoT term + regression term.
+
+    ``advantages`` are the per-token weights of ``logprobs`` (``HeadInputs.grad_logprobs``, or a slice of them).
+    """
+    return (advantages * logprobs).sum() + sq_error.sum()
 
 
 def _package_version(dist: str) -> str:
@@ -85,7 +92,7 @@ def _package_version(dist: str) -> str:
 
 
 class Provider:
-    """Interface: ``logprobs`` and ``judge``; ``unavailable_reason`` says why it cannot run here."""
+    """Interface: ``logprobs``, ``advantage_loss`` and ``judge``; ``unavailable_reason`` says why it cannot run here."""
 
     name = ""
     description = ""
@@ -99,8 +106,16 @@ class Provider:
     def logprobs(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def advantage_loss(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                       advantages: torch.Tensor) -> torch.Tensor:
+        """``sum(advantages * logprobs)``: the policy-gradient scalar whose gradient ``logprobs-fwdbwd`` times.
+
+        Its gradient is that of ``logprobs`` with ``advantages`` as the upstream gradient.
+        """
+        return (advantages * self.logprobs(hidden, weight, targets)).sum()
+
     def judge(self, inputs: HeadInputs) -> torch.Tensor:
-        """The scalar ``judge_loss`` of this provider's judge head."""
+        """The scalar ``judge_objective`` of this provider's judge head."""
         raise NotImplementedError
 
 
@@ -125,7 +140,7 @@ class NaiveProvider(Provider):
         logprobs = torch.where(valid, picked, 0.0)
         score_logp = logp_all[inputs.score_rows][:, inputs.score_ids]
         sq_error = score_epilogue(score_logp, inputs.score_values, inputs.score_targets)
-        return judge_loss(logprobs, sq_error, inputs)
+        return judge_objective(logprobs, sq_error, inputs.grad_logprobs)
 
 
 class RealKernelsProvider(Provider):
@@ -160,7 +175,49 @@ class RealKernelsProvider(Provider):
             inputs.hidden, inputs.weight, inputs.cot_targets, inputs.score_ids, inputs.score_values,
             score_targets=inputs.score_targets_full, score_mask=inputs.score_mask, backend=self.backend,
         )
-        return judge_loss(out.logprobs, out.sq_error, inputs)
+        return judge_objective(out.logprobs, out.sq_error, inputs.grad_logprobs)
+
+
+class LossProvider(Provider):
+    """This library's loss mode: ``judge_loss`` with the caller's loss, gradients formed in the forward."""
+
+    name = "loss"
+    description = "real_kernels.judge_loss (loss mode, 3 GEMMs), backend='auto': torch on the CPU, triton on CUDA"
+
+    def unavailable_reason(self, device):
+        if device == "cuda" and importlib.util.find_spec("triton") is None:
+            return "not installed: pip install triton"
+        return None
+
+    def version(self):
+        import real_kernels
+
+        return f"real-kernels {real_kernels.__version__}"
+
+    @staticmethod
+    def _judge_loss(hidden, weight, targets, loss_fn, **kwargs):
+        from real_kernels import judge_loss
+
+        return judge_loss(hidden, weight, targets, loss_fn, backend="auto", **kwargs)
+
+    def logprobs(self, hidden, weight, targets):
+        """Detached log-probs (loss mode has no per-token upstream gradient to take later)."""
+        _, out = self._judge_loss(hidden, weight, targets, lambda out, rows: out.logprobs.sum())
+        return out.logprobs
+
+    def advantage_loss(self, hidden, weight, targets, advantages):
+        loss, _ = self._judge_loss(hidden, weight, targets, lambda out, rows: (advantages[rows] * out.logprobs).sum())
+        return loss
+
+    def judge(self, inputs):
+        adv = inputs.grad_logprobs
+        loss, _ = self._judge_loss(
+            inputs.hidden, inputs.weight, inputs.cot_targets,
+            lambda out, rows: judge_objective(out.logprobs, out.sq_error, adv[rows]),
+            score_token_ids=inputs.score_ids, score_values=inputs.score_values,
+            score_targets=inputs.score_targets_full, score_mask=inputs.score_mask,
+        )
+        return loss
 
 
 class PeerProvider(Provider):
@@ -192,7 +249,7 @@ class PeerProvider(Provider):
         lse_s = ce[inputs.score_rows] + (h_s * inputs.weight[k_star].float()).sum(-1)
         score_logp = h_s @ inputs.weight[inputs.score_ids].float().T - lse_s[:, None]  # [B, m]
         sq_error = score_epilogue(score_logp, inputs.score_values, inputs.score_targets)
-        return judge_loss(logprobs, sq_error, inputs)
+        return judge_objective(logprobs, sq_error, inputs.grad_logprobs)
 
 
 class LigerProvider(PeerProvider):
@@ -230,6 +287,7 @@ PROVIDERS: Dict[str, Callable[[], Provider]] = {
     "naive": NaiveProvider,
     "torch": lambda: RealKernelsProvider("torch"),
     "triton": lambda: RealKernelsProvider("triton"),
+    "loss": LossProvider,
     "liger": LigerProvider,
     "cce": CCEProvider,
 }

@@ -7,12 +7,16 @@ default); ``"inprocess"`` measures everything in this process (faster to
 start, used by the smoke tests; peak memory is then less isolated).  On CUDA
 cases run in this process: the CUDA allocator's peak counter is exact per
 call.  Providers are interleaved: all of them at one (operation, N), then the
-next N.
+next operation, then the next N (growing).  With a time budget, cases not
+started once it is spent come back as ``skipped`` with the reason, so a sweep
+on a leased GPU ends on time and still writes its tables; the order makes
+that drop the largest N of every operation, not a whole operation.
 """
 from __future__ import annotations
 
 import sys
-from typing import Dict, List, Sequence
+import time
+from typing import Dict, List, Optional, Sequence
 
 from tqdm.auto import tqdm
 
@@ -46,12 +50,14 @@ def _describe(case: Case) -> str:
 
 
 def run_cases(cases: Sequence[Case], *, isolation: str = "subprocess", timeout_s: float = 3600.0,
-              progress: bool = True) -> List[Result]:
+              progress: bool = True, budget_s: Optional[float] = None) -> List[Result]:
     """Measure every case; one Result per case, in the order given.
 
+    ``budget_s``: seconds after which no further case is started (the rest are ``skipped``).
+
     Measurement order interleaves providers: every provider at one (op, N),
-    then the next N, so a table row is measured within minutes even when the
-    machine's load drifts over a long sweep.
+    then the next op, then the next N, so a table row is measured within
+    minutes even when the machine's load drifts over a long sweep.
     """
     if isolation not in ISOLATIONS:
         raise ValueError(f"isolation must be one of {ISOLATIONS}, got {isolation!r}")
@@ -70,15 +76,20 @@ def run_cases(cases: Sequence[Case], *, isolation: str = "subprocess", timeout_s
             pending.append(i)
     provider_order = {name: k for k, name in enumerate(dict.fromkeys(c.provider for c in cases))}
     op_order = {name: k for k, name in enumerate(dict.fromkeys(c.op for c in cases))}
-    pending.sort(key=lambda i: (op_order[cases[i].op], cases[i].shape.config_key(), cases[i].shape.n,
+    pending.sort(key=lambda i: (cases[i].shape.config_key(), cases[i].shape.n, op_order[cases[i].op],
                                 provider_order[cases[i].provider]))
 
     workers: Dict[str, ProviderWorker] = {}
     bar = tqdm(total=len(cases), initial=len(results), desc="bench", unit="run", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
+    start = time.perf_counter()
     try:
         for i in pending:
             case = cases[i]
+            if budget_s is not None and time.perf_counter() - start > budget_s:
+                results[i] = Result(case, "skipped", f"time budget of {budget_s:.0f} s spent before this case")
+                bar.update(1)
+                continue
             bar.set_postfix_str(_describe(case))
             if case.device == "cpu" and isolation == "subprocess":
                 worker = workers.setdefault(case.provider, ProviderWorker(timeout_s))

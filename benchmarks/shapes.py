@@ -17,7 +17,7 @@ DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half
 
 QWEN3_VOCAB = 151_936
 
-ALL_PROVIDERS = ("naive", "torch", "triton", "liger", "cce")
+ALL_PROVIDERS = ("naive", "torch", "triton", "loss", "liger", "cce")
 ALL_OPS = ("logprobs-fwd", "logprobs-fwdbwd", "judge-fwdbwd")
 
 

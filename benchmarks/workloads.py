@@ -6,8 +6,11 @@ measurement can call it repeatedly:
 
 - ``logprobs-fwd``: per-token log-probs under ``torch.no_grad()`` (reference or
   old-policy log-probs in RL);
-- ``logprobs-fwdbwd``: log-probs, then gradients w.r.t. hidden and weight for a
-  random per-token upstream gradient (advantages of either sign);
+- ``logprobs-fwdbwd``: the policy-gradient scalar ``sum(adv * logprobs)``
+  (``Provider.advantage_loss``), then its gradients w.r.t. hidden and weight,
+  for random per-token advantages of either sign (for an autograd provider the
+  same gradient as log-probs with ``adv`` as the upstream gradient; the loss
+  mode provider gets the loss itself and forms the gradients in its forward);
 - ``judge-fwdbwd``: the full judge head (CoT log-probs, score-token softmax,
   expected score, squared error), then gradients of ``sum(g * logprobs) +
   sum(sq_error)``.
@@ -119,8 +122,8 @@ def make_step(provider: Provider, op_name: str, inputs: HeadInputs) -> Callable[
     elif op.name == "logprobs-fwdbwd":
 
         def step():
-            logprobs = provider.logprobs(inputs.hidden, inputs.weight, inputs.next_tokens)
-            torch.autograd.grad(logprobs, leaves, grad_outputs=inputs.grad_logprobs)
+            loss = provider.advantage_loss(inputs.hidden, inputs.weight, inputs.next_tokens, inputs.grad_logprobs)
+            torch.autograd.grad(loss, leaves)
 
     else:
 
