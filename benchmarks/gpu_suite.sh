@@ -18,7 +18,7 @@
 #   --pack    leave only SUMMARY.md and results.tar.gz (everything) in OUT_DIR, for the device tool,
 #             which brings back at most 8 files
 # Environment: PYTHON (default python3), GPU_SUITE_SECONDS (default 525); for tests, GPU_SUITE_CAPS (the four
-# steps' caps, default "135 135 120 115") and GPU_SUITE_MIN_STEP (a step with less time left is skipped, 20).
+# steps' caps, default "125 165 120 115") and GPU_SUITE_MIN_STEP (a step with less time left is skipped, 20).
 set -u -o pipefail
 
 usage() {
@@ -72,7 +72,7 @@ STATUS=$WORK/steps.tsv
 
 # step name, its own cap in seconds (the later steps' caps are reserved for them)
 STEP_NAMES=(gpu_check fit_32b gpu-32b gpu-8b)
-read -r -a STEP_CAPS <<<"${GPU_SUITE_CAPS:-135 135 120 115}"
+read -r -a STEP_CAPS <<<"${GPU_SUITE_CAPS:-125 165 120 115}"
 if [ ${#STEP_CAPS[@]} -ne ${#STEP_NAMES[@]} ]; then
     echo "gpu_suite: GPU_SUITE_CAPS needs ${#STEP_NAMES[@]} numbers, got '${GPU_SUITE_CAPS:-}'" >&2
     exit 2
@@ -156,7 +156,7 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else "")' 2>&1
 install_peers
 
 PRESET_PROVIDERS=naive,triton,loss,liger,cce  # the torch backend is the CPU path: not timed on the GPU
-run_step 0 "$PY" -m benchmarks.gpu_check --output-dir "$WORK/gpu_check" --skip-timing --budget @BUDGET@
+run_step 0 "$PY" -m benchmarks.gpu_check --output-dir "$WORK/gpu_check" --skip-timing --split-repeats 3 --budget @BUDGET@
 run_step 1 "$PY" -m benchmarks.fit_32b --json "$WORK/fit_32b.json"
 run_step 2 "$PY" -m benchmarks --preset gpu-32b --providers "$PRESET_PROVIDERS" --repeats 3 --no-progress \
     --budget @BUDGET@ --output-dir "$WORK/gpu-32b"
