@@ -11,9 +11,9 @@ per sequence as a :class:`JudgeForward`, the one result type of a head pass in
 - :func:`score_forward`: the score rows alone of a batch built without targets
   (RAIL's read-out: the expected score after the marker);
 - :func:`micro_batch_loss`: the head pass of one training micro-batch and a
-  method's loss on it.  Every method's loss goes through it, so the step can
-  move to a head that forms the gradients in its forward (``judge_loss``,
-  docs/design.md section 6) in this one place.
+  method's loss on it, in loss mode (``real_kernels.judge_loss``, docs/design.md
+  section 6: the gradients formed in the forward).  Every method's loss goes
+  through it.
 """
 from __future__ import annotations
 
@@ -56,6 +56,9 @@ class JudgeForward:
     def pi_star(self) -> torch.Tensor:
         return self.log_pi_star.exp()
 
+    def detached(self) -> "JudgeForward":
+        return JudgeForward(**{k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()})
+
 
 def judge_forward(
     model,
@@ -69,8 +72,7 @@ def judge_forward(
     backend: str = "auto",
 ) -> JudgeForward:
     """One decoder pass + one fused-head pass over a teacher-forced batch with targets."""
-    if bool(torch.isnan(batch.targets).any()) or bool((batch.score_index < 0).any()):
-        raise ValueError("judge_forward needs a batch built with targets (build_teacher_forced_batch(..., targets=...))")
+    _check_targets(batch, "judge_forward")
     return _head_pass(model, batch, score_token_ids, score_values, with_targets=True, normalize=normalize,
                       temperature=temperature, return_entropy=return_entropy, backend=backend)
 
@@ -91,6 +93,10 @@ def _head_pass(model, batch: TeacherForcedBatch, score_token_ids, score_values, 
         score_values, score_pos=batch.score_pos, cot_mask=batch.cot_mask if with_targets else None,
         normalize=normalize, temperature=temperature, return_entropy=return_entropy, backend=backend,
     )
+    return _forward_of(out, batch, with_targets)
+
+
+def _forward_of(out: hf.HFJudgeOutput, batch: TeacherForcedBatch, with_targets: bool) -> JudgeForward:
     log_pi_star = None
     if with_targets:
         index = batch.score_index[:, None].to(out.score_logprobs.device)
@@ -108,6 +114,11 @@ def _head_pass(model, batch: TeacherForcedBatch, score_token_ids, score_values, 
     )
 
 
+def _check_targets(batch: TeacherForcedBatch, caller: str) -> None:
+    if bool(torch.isnan(batch.targets).any()) or bool((batch.score_index < 0).any()):
+        raise ValueError(f"{caller} needs a batch built with targets (build_teacher_forced_batch(..., targets=...))")
+
+
 def cot_entropy_mean(fwd: JudgeForward) -> float:
     """Mean entropy over the CoT tokens (NaN when the head pass did not compute it)."""
     if fwd.cot_entropy is None:
@@ -117,17 +128,52 @@ def cot_entropy_mean(fwd: JudgeForward) -> float:
 
 def micro_batch_loss(model, batch: TeacherForcedBatch, score_token_ids: Sequence[int],
                      score_values: Sequence[float], loss_fn: LossFn, *, normalize: bool = False,
-                     return_entropy: bool = True, backend: str = "auto") -> Tuple[torch.Tensor, Dict[str, float]]:
-    """The head pass of one training micro-batch and ``loss_fn`` on it: ``(loss, terms)``.
+                     temperature: float = 1.0, return_entropy: bool = True, backend: str = "auto",
+                     chunk_size: Optional[int] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """The head pass of one training micro-batch and ``loss_fn`` on it, in loss mode: ``(loss, terms)``.
 
-    ``loss_fn(fwd) -> (loss, terms)`` is the method's loss (``real.methods``);
-    ``terms`` gets the CoT entropy when the loss does not report it.  Called as
-    ``wrapped(micro_batch_loss, ...)`` (``real.distributed``), so under FSDP the
-    whole pass runs inside the root module's forward.
+    ``loss_fn(fwd) -> (loss, terms)`` is the method's loss (``real.methods``).
+    The head runs as ``real_kernels.judge_loss`` (docs/design.md section 6): the
+    gradient is formed chunk by chunk in the forward (3 GEMMs, no ``[rows, V]``
+    logits beyond one chunk), and ``loss.backward()`` hands it back.  Each chunk
+    calls ``loss_fn`` on a :class:`JudgeForward` whose entries at the chunk's
+    rows are live and whose others are constants, minus the same loss on the
+    all-constant view: a loss that is a sum of per-row terms given the batch's
+    constants (advantages, old / reference log-probs, token counts: every
+    method's is) then contributes exactly its live rows' gradient.  The value
+    and ``terms`` come from one last call on the whole detached forward; the
+    CoT entropy is added to ``terms`` when the loss does not report it.  Called
+    as ``wrapped(micro_batch_loss, ...)`` (``real.distributed``), so under FSDP
+    the whole pass runs inside the root module's forward.
     """
-    fwd = judge_forward(model, batch, score_token_ids, score_values, normalize=normalize,
-                        return_entropy=return_entropy, backend=backend)
-    loss, terms = loss_fn(fwd)
+    _check_targets(batch, "micro_batch_loss")
+
+    def chunk_loss(view: hf.HFJudgeOutput, live: torch.Tensor) -> torch.Tensor:
+        fwd = _forward_of(view, batch, with_targets=True)
+        live_loss, _ = loss_fn(fwd)
+        frozen_loss, _ = loss_fn(fwd.detached())
+        return live_loss - frozen_loss
+
+    carrier, out = hf.judge_loss_outputs(
+        model, batch.input_ids, batch.attention_mask, batch.targets, score_token_ids, score_values, chunk_loss,
+        score_pos=batch.score_pos, cot_mask=batch.cot_mask, normalize=normalize, temperature=temperature,
+        return_entropy=return_entropy, chunk_size=chunk_size, backend=backend,
+    )
+    fwd = _forward_of(out, batch, with_targets=True)
+    value, terms = loss_fn(fwd)
     if "entropy" not in terms and fwd.cot_entropy is not None:  # the SFT losses do not report it
         terms["entropy"] = cot_entropy_mean(fwd)
-    return loss, terms
+    return _ValueWithGradientOf.apply(value.detach(), carrier), terms
+
+
+class _ValueWithGradientOf(torch.autograd.Function):
+    """``value`` in the forward; in backward the incoming gradient goes to ``carrier`` (loss mode's scalar,
+    whose own value is meaningless: each chunk's live-minus-frozen loss is 0 up to rounding)."""
+
+    @staticmethod
+    def forward(ctx, value, carrier):
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, grad

@@ -15,7 +15,7 @@ This module must not import ``real`` (the algorithm layer sits on top of it).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -169,6 +169,40 @@ def judge_outputs(
     distribution), ``cot_mask`` ``[B, T]`` bool, True at positions whose next
     token is a CoT token (None: no CoT rows, e.g. RAIL or RAFT).
     """
+    rows = _judge_rows(model, input_ids, attention_mask, targets, score_pos, cot_mask, score_first=False)
+    out = judge_head(
+        rows.hidden, lm_head_weight(model), rows.targets, score_token_ids, score_values,
+        score_targets=rows.score_targets, score_mask=rows.score_mask, normalize=normalize,
+        temperature=_effective_temperature(model, temperature), return_entropy=return_entropy, backend=backend,
+    )
+    return rows.per_sequence(out, return_entropy)
+
+
+@dataclass
+class _JudgeRows:
+    """The head's rows of a teacher-forced batch: the CoT rows and one score row per sequence."""
+
+    hidden: torch.Tensor  # [R, H], differentiable into the decoder
+    targets: torch.Tensor  # [R] next token on CoT rows, IGNORE_INDEX on score rows
+    score_targets: Optional[torch.Tensor]  # [R] y* on score rows, 0 elsewhere; None without targets
+    score_mask: Optional[torch.Tensor]  # [R] True on score rows; None without targets
+    cot_rows: torch.Tensor  # flat [B * T] positions of the CoT rows
+    score_slice: slice  # where the score rows sit among the R rows
+    cot_slice: slice
+    shape: tuple  # (B, T)
+
+    def per_sequence(self, out, return_entropy: bool) -> HFJudgeOutput:
+        b, t = self.shape
+        return HFJudgeOutput(
+            cot_logprobs=_scatter_rows(out.logprobs[self.cot_slice], self.cot_rows, b, t),
+            score_logprobs=out.score_logprobs[self.score_slice],
+            expected_score=out.expected_score[self.score_slice],
+            sq_error=out.sq_error[self.score_slice],
+            cot_entropy=_scatter_rows(out.entropy[self.cot_slice], self.cot_rows, b, t) if return_entropy else None,
+        )
+
+
+def _judge_rows(model, input_ids, attention_mask, targets, score_pos, cot_mask, score_first: bool) -> _JudgeRows:
     b, t = input_ids.shape
     device = input_ids.device
     score_pos = torch.as_tensor(score_pos, device=device).long()
@@ -188,41 +222,103 @@ def judge_outputs(
         raise ValueError("cot_mask is True at the last position, which has no next token")
 
     hidden = decoder_hidden_states(model, input_ids, attention_mask)
-    flat_hidden = hidden.reshape(b * t, -1)
     next_tokens = torch.cat([input_ids[:, 1:], input_ids.new_full((b, 1), IGNORE_INDEX)], dim=1).reshape(-1)
-
     cot_rows = cot_mask.reshape(-1).nonzero().squeeze(1)
     score_rows = torch.arange(b, device=device) * t + score_pos
-    rows = torch.cat([cot_rows, score_rows])
     n_cot = cot_rows.numel()
+    if score_first:
+        rows = torch.cat([score_rows, cot_rows])
+        score_slice, cot_slice = slice(0, b), slice(b, b + n_cot)
+    else:
+        rows = torch.cat([cot_rows, score_rows])
+        score_slice, cot_slice = slice(n_cot, n_cot + b), slice(0, n_cot)
     is_score_row = torch.zeros(rows.numel(), dtype=torch.bool, device=device)
-    is_score_row[n_cot:] = True
+    is_score_row[score_slice] = True
     row_targets = next_tokens.index_select(0, rows)
-    row_targets[n_cot:] = IGNORE_INDEX  # the score token is not part of the CoT log-probs
+    row_targets[score_slice] = IGNORE_INDEX  # the score token is not part of the CoT log-probs
     score_targets = None
     if targets is not None:
         score_targets = torch.zeros(rows.numel(), dtype=torch.float32, device=device)
-        score_targets[n_cot:] = targets
+        score_targets[score_slice] = targets
+    return _JudgeRows(
+        hidden=hidden.reshape(b * t, -1).index_select(0, rows), targets=row_targets, score_targets=score_targets,
+        score_mask=is_score_row if targets is not None else None, cot_rows=cot_rows, score_slice=score_slice,
+        cot_slice=cot_slice, shape=(b, t),
+    )
 
-    out = judge_head(
-        flat_hidden.index_select(0, rows),
-        lm_head_weight(model),
-        row_targets,
-        score_token_ids,
-        score_values,
-        score_targets=score_targets,
-        score_mask=is_score_row if targets is not None else None,
-        normalize=normalize,
-        temperature=_effective_temperature(model, temperature),
-        return_entropy=return_entropy,
-        backend=backend,
+
+def judge_loss_outputs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    targets: Optional[torch.Tensor],
+    score_token_ids,
+    score_values,
+    loss_fn: Callable[[HFJudgeOutput, torch.Tensor], torch.Tensor],
+    *,
+    score_pos: torch.Tensor,
+    cot_mask: Optional[torch.Tensor] = None,
+    normalize: bool = False,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, HFJudgeOutput]:
+    """``judge_outputs`` in loss mode (``real_kernels.judge_loss``): gradients formed in the forward.
+
+    The rows go to the head score rows first, and the first chunk holds them
+    all, so that every chunk sees the true score outputs.  ``loss_fn(view,
+    live)`` is called once per chunk with a per-sequence ``HFJudgeOutput``
+    whose entries at this chunk's rows are differentiable and whose others are
+    constants (the values of earlier chunks, 0 for later CoT rows), and
+    ``live`` ``[B, T]`` bool marking this chunk's CoT positions (the score
+    outputs are live in the first chunk only).  The loss must be a sum of
+    per-row terms given such constants (every REAL-family loss is); the caller
+    makes each chunk's contribution count only its live rows (``real.head``
+    subtracts the same loss on the detached view).  Returns ``(loss, outputs)``
+    with the detached per-sequence outputs.
+    """
+    from .loss import default_chunk_size, judge_loss
+
+    rows = _judge_rows(model, input_ids, attention_mask, targets, score_pos, cot_mask, score_first=True)
+    b, t = rows.shape
+    weight = lm_head_weight(model)
+    n = rows.hidden.shape[0]
+    chunk = max(chunk_size or default_chunk_size(n, weight.shape[0], rows.hidden.device), b)
+    device = rows.hidden.device
+    known_logp = torch.zeros(b * t, dtype=torch.float32, device=device)
+    known_ent = torch.zeros(b * t, dtype=torch.float32, device=device) if return_entropy else None
+    score = {}
+
+    def chunk_loss(out, span: slice) -> torch.Tensor:
+        if span.start == 0:
+            score.update(score_logprobs=out.score_logprobs[:b], expected_score=out.expected_score[:b],
+                         sq_error=out.sq_error[:b])
+            live_score = score
+        else:
+            live_score = {k: v.detach() for k, v in score.items()}
+        first_cot = max(span.start, b)
+        positions = rows.cot_rows[first_cot - b: span.stop - b]
+        local = slice(first_cot - span.start, span.stop - span.start)
+        cot_logp = known_logp.index_put((positions,), out.logprobs[local])
+        cot_ent = None if known_ent is None else known_ent.index_put((positions,), out.entropy[local])
+        live = torch.zeros(b * t, dtype=torch.bool, device=device)
+        live[positions] = True
+        view = HFJudgeOutput(
+            cot_logprobs=cot_logp.view(b, t), score_logprobs=live_score["score_logprobs"],
+            expected_score=live_score["expected_score"], sq_error=live_score["sq_error"],
+            cot_entropy=None if cot_ent is None else cot_ent.view(b, t),
+        )
+        loss = loss_fn(view, live.view(b, t))
+        known_logp[positions] = out.logprobs[local].detach()
+        if known_ent is not None:
+            known_ent[positions] = out.entropy[local].detach()
+        return loss
+
+    loss, out = judge_loss(
+        rows.hidden, weight, rows.targets, chunk_loss, score_token_ids=score_token_ids, score_values=score_values,
+        score_targets=rows.score_targets, score_mask=rows.score_mask, normalize=normalize,
+        temperature=_effective_temperature(model, temperature), return_entropy=return_entropy,
+        chunk_size=chunk, backend=backend,
     )
-    cot_logprobs = _scatter_rows(out.logprobs[:n_cot], cot_rows, b, t)
-    cot_entropy = _scatter_rows(out.entropy[:n_cot], cot_rows, b, t) if return_entropy else None
-    return HFJudgeOutput(
-        cot_logprobs=cot_logprobs,
-        score_logprobs=out.score_logprobs[n_cot:],
-        expected_score=out.expected_score[n_cot:],
-        sq_error=out.sq_error[n_cot:],
-        cot_entropy=cot_entropy,
-    )
+    return loss, rows.per_sequence(out, return_entropy)

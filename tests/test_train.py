@@ -164,8 +164,11 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(tmp_path, method, b
     assert one["micro_batches"] == 1 and many["micro_batches"] > 1
     assert many["loss"] == pytest.approx(one["loss"], rel=1e-4, abs=1e-6)
     assert many["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-3)
+    # Adam's first step moves each weight by about lr * sign(g) (lr = 1e-3): a gradient component near 0
+    # turns a rounding-level difference (another chunking of the head's rows) into a visible one, so the
+    # bound is 1% of the learning rate
     for a, b in zip(w_one, w_many):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_tract_micro_batches_of_unequal_cot_lengths_match_the_full_batch(tmp_path):
@@ -188,8 +191,11 @@ def test_tract_micro_batches_of_unequal_cot_lengths_match_the_full_batch(tmp_pat
     assert one["micro_batches"] == 1 and many["micro_batches"] > 1
     assert many["loss"] == pytest.approx(one["loss"], rel=1e-5)
     assert many["ce"] == pytest.approx(one["ce"], rel=1e-5)
+    # Adam's first step moves each weight by about lr * sign(g) (lr = 1e-3): a gradient component near 0
+    # turns a rounding-level difference (another chunking of the head's rows) into a visible one, so the
+    # bound is 1% of the learning rate
     for a, b in zip(w_one, w_many):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_a_stop_file_stops_after_the_step_with_a_checkpoint(tmp_path):
