@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional
 
 from real.distributed import PARALLEL_MODES
 from real.methods import METHODS
-from real.objectives import AGGREGATIONS
+from real.objectives import ADVANTAGE_NORMS, AGGREGATIONS, check_aggregation
 
 SCHEDULES = ("constant", "cosine")
 ROLLOUT_ENGINES = ("hf", "vllm")
@@ -85,17 +85,29 @@ class TrainConfig:
                        "squared error (raft's loss is the squared error alone)", group="objective")
     lam: float = _opt(0.0, "REAL's reward weight of log pi(k*), the log-probability of the true score token "
                       "(real only)", group="objective")
-    mu: float = _opt(0.0, "REAL's reward weight of pi(k*) (the released code's probability bonus; real only)",
-                     group="objective")
+    mu: float = _opt(0.0, "REAL's reward weight of pi(k*) inside r (differentiated in both terms; real only). "
+                     "Not the released code's probability bonus: that is --prob-bonus", group="objective")
+    prob_bonus: float = _opt(0.0, "the released code's probability-bonus advantage (its beta_supp): the "
+                             "leave-one-out advantages of pi(k*), normalised (--adv-norm) and clipped on their own, "
+                             "times this weight, added to the advantages; moves the CoT term only (real only)",
+                             group="objective")
     adv_clip: float = _opt(1.0, "clip advantages to [-adv_clip, adv_clip]; <= 0 disables", group="objective")
-    normalize_adv: bool = _opt(True, "divide leave-one-out advantages by the group std", group="objective")
+    adv_norm: str = _opt("reward-std", "scaling of the leave-one-out advantages within a group: reward-std "
+                         "(divide by the std of the group's rewards), advantage-std (by the std of the advantages "
+                         "themselves, as the released code: G/(G-1) times smaller) or none", ADVANTAGE_NORMS,
+                         "objective")
+    group_filter: str = _opt("all", "which prompt groups REAL trains on: all, or partial (the released "
+                             "real_data_type='partial': rollouts also write their score, and only groups whose "
+                             "written scores are neither all right nor all wrong against round(y*) are kept)",
+                             ("all", "partial"), "objective")
     clip_ratio: float = _opt(0.2, "PPO ratio clip epsilon when a rollout batch is reused", group="objective")
     kl_coef: float = _opt(0.0, "weight of the k3 KL penalty to the initial policy (0 = off, no reference "
                           "model kept)", group="objective")
-    loss_agg: str = _opt("token-mean", "aggregation of the CoT term: token-mean (mean per sequence, then over "
-                         "sequences), sequence-sum, batch-token-mean (every token of the batch weighs the same, "
-                         "per micro-batch)", AGGREGATIONS,
-                         "objective")
+    loss_agg: str = _opt("seq-mean-token-mean", "aggregation of the CoT term, named as verl names it: token-mean "
+                         "(every CoT token of the step's batch weighs the same; the released code's), "
+                         "seq-mean-token-sum (sum per sequence, mean over sequences), seq-mean-token-mean (mean "
+                         "per sequence, mean over sequences); one of " + ", ".join(AGGREGATIONS),
+                         group="objective")
     normalize_scores: bool = _opt(False, "renormalise the score softmax over the score tokens only",
                                   group="objective")
 
@@ -163,6 +175,7 @@ class TrainConfig:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)!r}")
+        check_aggregation(self.loss_agg)
         METHODS[self.method].check_config(self)
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1]; got {self.top_p}")

@@ -41,11 +41,12 @@ to plain PyTorch):
 Rollouts and advantages: each rank takes a contiguous, equal share of the
 step's prompts and samples all G CoTs of each of its prompts, so every RLOO
 group is complete on one rank and advantages need no communication.  With
-per-sequence loss aggregation (token-mean, sequence-sum) the mean of the
-ranks' losses is the global loss, and DDP/FSDP average gradients, so K ranks
-with B/K prompts each take the same step as one process with B prompts (the
-tests check losses and updated weights).  A loss normalised by the batch's
-total token count (batch-token-mean) is normalised per rank instead.
+per-sequence loss aggregation (seq-mean-token-mean, seq-mean-token-sum) the
+mean of the ranks' losses is the global loss, and DDP/FSDP average gradients,
+so K ranks with B/K prompts each take the same step as one process with B
+prompts (the tests check losses and updated weights).  A loss normalised by
+the batch's total token count (token-mean, TRACT's CE) is divided by the
+step's tokens per row over all ranks, so it matches too.
 Sampling uses ``rank_seed(seed, env)`` so ranks draw different CoTs.
 """
 from __future__ import annotations

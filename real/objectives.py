@@ -10,7 +10,8 @@ is docs/design.md section 1:
   CoTs per prompt by the loss
   ``L = (1/G) sum_i [ -A_i agg_t log pi(c_{i,t}) - beta * r_i ]``
   (which is ``+ beta ((yhat_i - y*)^2 - lam log pi_i(k*))`` when mu = 0),
-  ``A_i`` the leave-one-out advantage computed without grad;
+  ``A_i`` the leave-one-out advantage computed without grad (optionally plus the
+  released code's probability bonus, ``prob_bonus``);
 - PPO-style ratio clipping against old log-probs when one rollout batch is
   used for several epochs (without old log-probs the batch is on-policy and the
   term is plain REINFORCE, ``-A log pi``), optional k3 KL to a reference policy.
@@ -26,7 +27,25 @@ import torch
 
 from real.head import JudgeForward, cot_entropy_mean, judge_forward
 
-AGGREGATIONS = ("token-mean", "sequence-sum", "batch-token-mean")
+# The CoT term's aggregation, named as verl names it (``loss_agg_mode``):
+# token-mean: every CoT token of the batch weighs the same (the released REAL code's setting);
+# seq-mean-token-sum: the sum over a sequence's tokens, then the mean over sequences;
+# seq-mean-token-mean: the mean over a sequence's tokens, then the mean over sequences.
+AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+RENAMED_AGGREGATIONS = {"sequence-sum": "seq-mean-token-sum", "batch-token-mean": "token-mean"}
+# How leave-one-out advantages are scaled within a group: by the std of the group's rewards, by the std of
+# the advantages themselves (the released REAL code: A / (std(A) + eps), which is G/(G-1) times smaller), or not.
+ADVANTAGE_NORMS = ("reward-std", "advantage-std", "none")
+
+
+def check_aggregation(agg: str) -> str:
+    """``agg`` if it is one of AGGREGATIONS; an old name is an error that names its new one."""
+    if agg in RENAMED_AGGREGATIONS:
+        raise ValueError(f"loss aggregation {agg!r} was renamed {RENAMED_AGGREGATIONS[agg]!r} (verl's names: "
+                         f"{', '.join(AGGREGATIONS)}; 'token-mean' now means every token of the batch weighs the same)")
+    if agg not in AGGREGATIONS:
+        raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
+    return agg
 
 
 def regression_reward(expected, target, log_pi_star=None, pi_star=None, lam: float = 0.0, mu: float = 0.0):
@@ -55,12 +74,17 @@ def _rewards_of(fwd: JudgeForward, lam: float, mu: float) -> torch.Tensor:
     return reward
 
 
-def rloo_advantages(rewards: torch.Tensor, normalize: bool = True, clip: Optional[float] = 1.0, eps: float = 1e-6):
+def rloo_advantages(rewards: torch.Tensor, normalize=True, clip: Optional[float] = 1.0, eps: float = 1e-6):
     """Leave-one-out advantages ``r_i - mean_{j != i} r_j`` for ``rewards`` ``[B, G]`` (no grad).
 
-    ``normalize`` divides by the group's population std + eps; ``clip`` clamps
-    to ``[-clip, clip]`` (None: no clipping).
+    ``normalize``: ``True`` or ``"reward-std"`` divides by the population std of the group's rewards + eps;
+    ``"advantage-std"`` by the population std of the group's advantages + eps (the released code);
+    ``False`` or ``"none"`` leaves them as they are (see ADVANTAGE_NORMS).  ``clip`` clamps to
+    ``[-clip, clip]`` (None: no clipping).
     """
+    norm = ("reward-std" if normalize else "none") if isinstance(normalize, bool) else normalize
+    if norm not in ADVANTAGE_NORMS:
+        raise ValueError(f"normalize must be a bool or one of {ADVANTAGE_NORMS}, got {normalize!r}")
     if not isinstance(rewards, torch.Tensor) or rewards.dim() != 2:
         raise ValueError(f"rewards must be a [B, G] tensor, got {getattr(rewards, 'shape', type(rewards))}")
     g = rewards.shape[1]
@@ -72,18 +96,37 @@ def rloo_advantages(rewards: torch.Tensor, normalize: bool = True, clip: Optiona
         r = rewards.detach().float()
         baseline = (r.sum(dim=1, keepdim=True) - r) / (g - 1)
         adv = r - baseline
-        if normalize:
-            adv = adv / (r.std(dim=1, unbiased=False, keepdim=True) + eps)
+        if norm != "none":
+            scale = r if norm == "reward-std" else adv
+            adv = adv / (scale.std(dim=1, unbiased=False, keepdim=True) + eps)
         if clip is not None:
             adv = adv.clamp(-clip, clip)
     return adv
 
 
 def real_advantages(fwd: JudgeForward, group_size: int, *, lam: float = 0.0, mu: float = 0.0,
-                    normalize: bool = True, clip: Optional[float] = 1.0, eps: float = 1e-6) -> torch.Tensor:
-    """[B*G] RLOO advantages of REAL's rewards; keep them to reuse a rollout batch for several epochs."""
-    rewards = _rewards_of(fwd, lam, mu).detach()
-    return rloo_advantages(_grouped(rewards, group_size), normalize=normalize, clip=clip, eps=eps).reshape(-1)
+                    normalize=True, clip: Optional[float] = 1.0, eps: float = 1e-6,
+                    prob_bonus: float = 0.0) -> torch.Tensor:
+    """[B*G] RLOO advantages of REAL's rewards; keep them to reuse a rollout batch for several epochs.
+
+    ``prob_bonus`` adds the released code's probability-bonus advantage: the leave-one-out advantages
+    of ``pi(k*)``, normalised and clipped on their own, times ``prob_bonus`` (the released
+    ``beta_supp``).  Unlike ``mu`` (a weight of ``pi(k*)`` inside the reward, differentiated in both
+    terms), it moves only the CoT term, not the prediction term.
+    """
+    return combined_advantages(_rewards_of(fwd, lam, mu).detach(), fwd.pi_star.detach(), group_size,
+                               normalize=normalize, clip=clip, eps=eps, prob_bonus=prob_bonus)
+
+
+def combined_advantages(rewards: torch.Tensor, pi_star: torch.Tensor, group_size: int, *, normalize=True,
+                        clip: Optional[float] = 1.0, eps: float = 1e-6, prob_bonus: float = 0.0) -> torch.Tensor:
+    """[B*G] RLOO advantages of ``rewards`` plus ``prob_bonus`` times those of ``pi_star`` (each normalised
+    and clipped on its own, as the released code adds its probability bonus)."""
+    adv = rloo_advantages(_grouped(rewards, group_size), normalize=normalize, clip=clip, eps=eps)
+    if prob_bonus:
+        bonus = rloo_advantages(_grouped(pi_star, group_size), normalize=normalize, clip=clip, eps=eps)
+        adv = adv + prob_bonus * bonus
+    return adv.reshape(-1)
 
 
 def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -92,16 +135,23 @@ def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
     return x.reshape(-1, group_size)
 
 
-def _aggregate(per_token: torch.Tensor, mask: torch.Tensor, agg: str) -> torch.Tensor:
-    """Mean over sequences of the per-sequence aggregate (see AGGREGATIONS)."""
+def _aggregate(per_token: torch.Tensor, mask: torch.Tensor, agg: str,
+               tokens_per_row: Optional[float] = None) -> torch.Tensor:
+    """The CoT term aggregated as ``agg`` says (see AGGREGATIONS).
+
+    ``tokens_per_row``: for token-mean over a larger batch than this one (a micro-batch, one rank's
+    share), that batch's tokens per row; the sum here is then divided by ``rows x tokens_per_row``, so
+    that micro-batch losses weighted by their share of rows add up to the whole batch's token mean.
+    """
     per_token = per_token * mask
-    if agg == "token-mean":
+    agg = check_aggregation(agg)
+    if agg == "seq-mean-token-mean":
         return (per_token.sum(1) / mask.sum(1).clamp(min=1)).mean()
-    if agg == "sequence-sum":
+    if agg == "seq-mean-token-sum":
         return per_token.sum(1).mean()
-    if agg == "batch-token-mean":  # what verl calls token-mean: every token of the batch weighs the same
-        return per_token.sum() / mask.sum().clamp(min=1)
-    raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
+    if tokens_per_row is not None:
+        return per_token.sum() / max(mask.shape[0] * tokens_per_row, 1e-12)
+    return per_token.sum() / mask.sum().clamp(min=1)
 
 
 def _policy_gradient(
@@ -111,6 +161,7 @@ def _policy_gradient(
     old_logprobs: Optional[torch.Tensor],
     ppo_clip: Optional[float],
     agg: str,
+    tokens_per_row: Optional[float] = None,
 ) -> Tuple[torch.Tensor, float]:
     """Clipped-surrogate policy-gradient term and the fraction of clipped tokens.
 
@@ -121,7 +172,7 @@ def _policy_gradient(
     adv = advantages.detach().to(logprobs.dtype)[:, None]
     if old_logprobs is None:
         # on-policy: the ratio is 1, its gradient is grad log pi; write the REINFORCE form directly
-        return _aggregate(-adv * logprobs, mask, agg), 0.0
+        return _aggregate(-adv * logprobs, mask, agg, tokens_per_row), 0.0
     old = old_logprobs.detach().to(logprobs.dtype)
     if old.shape != logprobs.shape:
         raise ValueError(f"old_logprobs must have shape {tuple(logprobs.shape)}, got {tuple(old.shape)}")
@@ -132,15 +183,16 @@ def _policy_gradient(
         clipped = -adv * ratio.clamp(1.0 - ppo_clip, 1.0 + ppo_clip)
         clip_frac = float(((clipped > surrogate) & mask).sum() / mask.sum().clamp(min=1))
         surrogate = torch.maximum(surrogate, clipped)
-    return _aggregate(surrogate, mask, agg), clip_frac
+    return _aggregate(surrogate, mask, agg, tokens_per_row), clip_frac
 
 
-def _k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, agg: str) -> torch.Tensor:
+def _k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, agg: str,
+           tokens_per_row: Optional[float] = None) -> torch.Tensor:
     """Low-variance KL(pi || ref) estimator: exp(ref - logp) - (ref - logp) - 1 per token."""
     if ref_logprobs.shape != logprobs.shape:
         raise ValueError(f"ref_logprobs must have shape {tuple(logprobs.shape)}, got {tuple(ref_logprobs.shape)}")
     delta = (ref_logprobs.detach().to(logprobs.dtype) - logprobs) * mask
-    return _aggregate(torch.exp(delta) - delta - 1, mask.bool(), agg)
+    return _aggregate(torch.exp(delta) - delta - 1, mask.bool(), agg, tokens_per_row)
 
 
 def real_loss(
@@ -150,39 +202,45 @@ def real_loss(
     beta: float = 1.0,
     lam: float = 0.0,
     mu: float = 0.0,
-    agg: str = "token-mean",
-    normalize_advantages: bool = True,
+    agg: str = "seq-mean-token-mean",
+    normalize_advantages=True,
     advantage_clip: Optional[float] = 1.0,
     eps: float = 1e-6,
+    prob_bonus: float = 0.0,
     advantages: Optional[torch.Tensor] = None,
     old_logprobs: Optional[torch.Tensor] = None,
     ppo_clip: Optional[float] = 0.2,
     ref_logprobs: Optional[torch.Tensor] = None,
     kl_coef: float = 0.0,
+    tokens_per_row: Optional[float] = None,
 ) -> Tuple[torch.Tensor, Dict[str, float]]:
     """REAL: ``mean_i [ -A_i agg_t log pi(c_{i,t}) - beta * r_i ] (+ kl_coef * k3 KL)``.
 
     ``advantages`` ``[B*G]`` overrides the RLOO advantages of the current
     rewards (pass the first epoch's when reusing a rollout batch, together with
-    its ``old_logprobs`` ``[B, T]``).  ``ref_logprobs`` ``[B, T]`` with
-    ``kl_coef > 0`` adds the k3 KL; it is off by default.
+    its ``old_logprobs`` ``[B, T]``); else they are :func:`real_advantages`
+    (``normalize_advantages``: see :func:`rloo_advantages`; ``prob_bonus``).
+    ``ref_logprobs`` ``[B, T]`` with ``kl_coef > 0`` adds the k3 KL; it is off
+    by default.  ``tokens_per_row``: see ``_aggregate`` (token-mean over a larger batch).
     """
     rewards = _rewards_of(fwd, lam, mu)
     if advantages is None:
-        advantages = rloo_advantages(_grouped(rewards.detach(), group_size), normalize=normalize_advantages,
-                                     clip=advantage_clip, eps=eps).reshape(-1)
+        advantages = combined_advantages(rewards.detach(), fwd.pi_star.detach(), group_size,
+                                         normalize=normalize_advantages, clip=advantage_clip, eps=eps,
+                                         prob_bonus=prob_bonus)
     elif advantages.shape != rewards.shape:
         raise ValueError(f"advantages must have shape {tuple(rewards.shape)}, got {tuple(advantages.shape)}")
     else:
         _grouped(rewards, group_size)
-    pg, clip_frac = _policy_gradient(fwd.cot_logprobs, fwd.cot_mask, advantages, old_logprobs, ppo_clip, agg)
+    pg, clip_frac = _policy_gradient(fwd.cot_logprobs, fwd.cot_mask, advantages, old_logprobs, ppo_clip, agg,
+                                     tokens_per_row)
     prediction = -rewards.mean()
     loss = pg + beta * prediction
     kl = torch.zeros((), device=loss.device)
     if kl_coef:
         if ref_logprobs is None:
             raise ValueError("kl_coef > 0 needs ref_logprobs")
-        kl = _k3_kl(fwd.cot_logprobs, ref_logprobs, fwd.cot_mask, agg)
+        kl = _k3_kl(fwd.cot_logprobs, ref_logprobs, fwd.cot_mask, agg, tokens_per_row)
         loss = loss + kl_coef * kl
     grouped = _grouped(rewards.detach(), group_size)
     terms = {
@@ -221,11 +279,7 @@ def tract_loss(fwd: JudgeForward, *, lam: float = 1.0,
     token sum over ``rows x tokens_per_row``, so that micro-batch losses weighted
     by their share of rows add up to the whole batch's token mean.
     """
-    if tokens_per_row is None:
-        ce = -_aggregate(fwd.cot_logprobs, fwd.cot_mask, "batch-token-mean")
-    else:
-        rows = fwd.cot_mask.shape[0]
-        ce = -(fwd.cot_logprobs * fwd.cot_mask).sum() / max(rows * tokens_per_row, 1e-12)
+    ce = -_aggregate(fwd.cot_logprobs, fwd.cot_mask, "token-mean", tokens_per_row)
     regression = fwd.sq_error.mean()
     loss = ce + lam * regression
     return loss, {"loss": float(loss.detach()), "ce": float(ce.detach()), "sq_error": float(regression.detach()),
@@ -286,12 +340,13 @@ def grpo_loss(
     group_size: int,
     *,
     sampled_score_index: Optional[torch.Tensor] = None,
-    agg: str = "token-mean",
+    agg: str = "seq-mean-token-mean",
     eps: float = 1e-6,
     old_logprobs: Optional[torch.Tensor] = None,
     ppo_clip: Optional[float] = 0.2,
     ref_logprobs: Optional[torch.Tensor] = None,
     kl_coef: float = 0.0,
+    tokens_per_row: Optional[float] = None,
 ) -> Tuple[torch.Tensor, Dict[str, float]]:
     """Standard RL baseline: GRPO with binary rewards ``[B*G]`` (see :func:`binary_rewards`), PPO clip.
 
@@ -301,13 +356,13 @@ def grpo_loss(
     rewards = torch.as_tensor(rewards, dtype=torch.float32, device=fwd.cot_logprobs.device)
     advantages = group_normalized_advantages(_grouped(rewards, group_size), eps=eps).reshape(-1)
     logprobs, mask = grpo_token_logprobs(fwd, sampled_score_index)
-    pg, clip_frac = _policy_gradient(logprobs, mask, advantages, old_logprobs, ppo_clip, agg)
+    pg, clip_frac = _policy_gradient(logprobs, mask, advantages, old_logprobs, ppo_clip, agg, tokens_per_row)
     loss = pg
     kl = torch.zeros((), device=loss.device)
     if kl_coef:
         if ref_logprobs is None:
             raise ValueError("kl_coef > 0 needs ref_logprobs")
-        kl = _k3_kl(logprobs, ref_logprobs, mask, agg)
+        kl = _k3_kl(logprobs, ref_logprobs, mask, agg, tokens_per_row)
         loss = loss + kl_coef * kl
     return loss, {
         "loss": float(loss.detach()), "pg_loss": float(pg.detach()), "reward_mean": float(rewards.mean()),
@@ -318,7 +373,7 @@ def grpo_loss(
 
 
 __all__ = [
-    "AGGREGATIONS", "JudgeForward", "judge_forward", "regression_reward", "rloo_advantages", "real_advantages",
+    "AGGREGATIONS", "ADVANTAGE_NORMS", "RENAMED_AGGREGATIONS", "check_aggregation", "JudgeForward", "judge_forward", "regression_reward", "rloo_advantages", "real_advantages", "combined_advantages",
     "real_loss", "raft_loss", "tract_loss", "binary_rewards", "group_normalized_advantages",
     "grpo_token_logprobs", "sampled_score_indices", "grpo_loss",
 ]

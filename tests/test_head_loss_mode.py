@@ -33,7 +33,7 @@ def _losses(batch):
     return {
         "real-ppo-kl": lambda f: real_loss(f, 2, beta=0.5, lam=0.1, mu=0.2, advantages=adv, old_logprobs=old,
                                            ppo_clip=0.2, ref_logprobs=ref, kl_coef=0.05),
-        "real-on-policy": lambda f: real_loss(f, 2, beta=1.0, agg="sequence-sum", ppo_clip=None),
+        "real-on-policy": lambda f: real_loss(f, 2, beta=1.0, agg="seq-mean-token-sum", ppo_clip=None),
         "grpo": lambda f: grpo_loss(f, torch.tensor([1.0, 0.0, 0.0, 1.0]), 2,
                                     sampled_score_index=torch.tensor([4, 0, -1, 2]), old_logprobs=old),
         "tract": lambda f: tract_loss(f, lam=0.7, tokens_per_row=5.0),

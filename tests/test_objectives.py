@@ -82,7 +82,7 @@ def test_rloo_advantages_carry_no_grad_and_check_input():
         rloo_advantages(torch.randn(2, 2), clip=0.0)
 
 
-@pytest.mark.parametrize("agg", ["token-mean", "sequence-sum", "batch-token-mean"])
+@pytest.mark.parametrize("agg", ["seq-mean-token-mean", "seq-mean-token-sum", "token-mean"])
 def test_real_loss_gradients_by_term(agg):
     fwd = _fake_forward()
     beta, lam, mu, g = 0.5, 0.1, 0.2, 2
@@ -93,8 +93,8 @@ def test_real_loss_gradients_by_term(agg):
     adv = rloo_advantages(rewards.view(-1, g), normalize=False, clip=None).view(-1)
     n = fwd.cot_mask.sum(1).float()
     b = 4
-    weight = {"token-mean": 1 / (b * n), "sequence-sum": torch.full((b,), 1 / b),
-              "batch-token-mean": torch.full((b,), 1 / n.sum())}[agg]
+    weight = {"seq-mean-token-mean": 1 / (b * n), "seq-mean-token-sum": torch.full((b,), 1 / b),
+              "token-mean": torch.full((b,), 1 / n.sum())}[agg]
     torch.testing.assert_close(fwd.cot_logprobs.grad, (-adv * weight)[:, None] * fwd.cot_mask)
     targets = fwd.targets
     expected_grad = beta / b * 2 * (fwd.expected_score.detach() - targets)
@@ -124,7 +124,7 @@ def test_ppo_clipping_and_k3_kl():
     old = fwd.cot_logprobs.detach().clone()
     old[0] -= 1.0  # ratio e > 1 + eps with A > 0: clipped, no gradient
     old[1] += 1.0  # ratio 1/e < 1 - eps with A < 0: clipped, no gradient
-    loss, terms = real_loss(fwd, 2, beta=0.0, advantages=adv, old_logprobs=old, ppo_clip=0.2, agg="sequence-sum")
+    loss, terms = real_loss(fwd, 2, beta=0.0, advantages=adv, old_logprobs=old, ppo_clip=0.2, agg="seq-mean-token-sum")
     loss.backward()
     g = fwd.cot_logprobs.grad
     assert (g[0] == 0).all() and (g[1] == 0).all()
@@ -135,7 +135,7 @@ def test_ppo_clipping_and_k3_kl():
     fwd = _fake_forward()
     ref = fwd.cot_logprobs.detach() + 0.3 * torch.randn(4, 6)
     loss_kl, terms = real_loss(fwd, 2, beta=0.0, advantages=torch.zeros(4), ref_logprobs=ref, kl_coef=0.5,
-                               agg="sequence-sum")
+                               agg="seq-mean-token-sum")
     delta = (ref - fwd.cot_logprobs.detach()) * fwd.cot_mask
     k3 = ((delta.exp() - delta - 1) * fwd.cot_mask).sum(1).mean()
     assert terms["kl"] > 0 and math.isclose(terms["kl"], float(k3), rel_tol=1e-6)
@@ -236,7 +236,7 @@ def _estimates(params, chunks=200, groups=25, g=4, **loss_kwargs):
                 grouped = rewards.view(-1, g)
                 kwargs = dict(advantages=(grouped - grouped.mean(1, keepdim=True)).view(-1))
             kwargs = dict(kwargs)
-            loss, _ = real_loss(fwd, g, beta=kwargs.pop("beta", 1.0), lam=LAM, mu=MU, agg="sequence-sum",
+            loss, _ = real_loss(fwd, g, beta=kwargs.pop("beta", 1.0), lam=LAM, mu=MU, agg="seq-mean-token-sum",
                                 normalize_advantages=False, advantage_clip=None, ppo_clip=None, **kwargs)
             grads = torch.autograd.grad(loss, params, retain_graph=True)
             out[name].append(-torch.cat([x.reshape(-1) for x in grads]))
@@ -308,7 +308,7 @@ def test_grpo_loss_includes_the_sampled_score_token():
     logprobs, mask = grpo_token_logprobs(fwd, idx)
     assert mask.sum() == fwd.cot_mask.sum() + 3
     assert logprobs[0, 3] == fwd.score_logprobs[0, 2] and not mask[1, 5]
-    loss, terms = grpo_loss(fwd, rewards, 2, sampled_score_index=idx, ppo_clip=0.2, agg="sequence-sum")
+    loss, terms = grpo_loss(fwd, rewards, 2, sampled_score_index=idx, ppo_clip=0.2, agg="seq-mean-token-sum")
     loss.backward()
     adv = group_normalized_advantages(rewards.view(2, 2)).view(-1)
     torch.testing.assert_close(fwd.cot_logprobs.grad, (-adv / 4)[:, None] * fwd.cot_mask)

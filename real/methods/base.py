@@ -108,6 +108,12 @@ def teacher_forced(loop, prompts, cots, targets, *, quiet: bool = False) -> Teac
             max_prompt_tokens=cfg.max_prompt_tokens, max_cot_tokens=cfg.max_cot_tokens, device=loop.device)
 
 
+def step_tokens_per_row(loop, tokens: float, rows: int) -> float:
+    """The step's action tokens per row over every rank: the normaliser of a token-mean taken over the
+    whole step's batch when it is trained in micro-batches or on several ranks (see ``_aggregate``)."""
+    return dist_utils.sum_over_ranks(float(tokens), loop.env) / dist_utils.sum_over_ranks(float(rows), loop.env)
+
+
 def reward_metrics(rewards: torch.Tensor, advantages: torch.Tensor, group_size: int) -> Dict[str, float]:
     """Rewards and advantages of the step's rollouts, as the RL methods log them."""
     return {
@@ -145,13 +151,22 @@ class PolicyGradientMethod(Method):
         examples = dist_utils.shard_for_rank(examples, loop.env)
         rollouts = loop.sample_rollouts([e.prompt for e in examples], step, with_score=self.with_score)
         targets = [e.target for e in examples for _ in range(self.config.group_size)]
+        rollouts, targets, metrics = self.select_groups(rollouts, targets)
         batch = teacher_forced(loop, rollouts.prompts, rollouts.cots, targets, quiet=True)
-        step_batch = StepBatch(batch, generated_tokens=int(batch.cot_lengths.sum()))
+        step_batch = StepBatch(batch, generated_tokens=int(batch.cot_lengths.sum()), metrics=metrics)
         self.read_rollouts(loop, rollouts, targets, step_batch)
         return step_batch
 
+    def select_groups(self, rollouts, targets: List[float]):
+        """``(rollouts, targets, metrics)`` of the prompt groups this method trains on (all, by default)."""
+        return rollouts, targets, {}
+
     def read_rollouts(self, loop, rollouts, targets: List[float], step_batch: StepBatch) -> None:
         """Per-row loss inputs and metrics read off the rollouts (GRPO: rewards of the written scores)."""
+
+    def action_tokens(self, step_batch: StepBatch) -> float:
+        """Tokens the policy-gradient term sums over in the step's batch (on this rank)."""
+        return float(step_batch.batch.cot_mask.sum())
 
     def action_logprobs(self, fwd: JudgeForward, mb: MicroBatch) -> torch.Tensor:
         """[B, T] log-probs of the tokens the policy chose (the PPO ratio and the KL are over these)."""
@@ -166,6 +181,10 @@ class PolicyGradientMethod(Method):
     def prepare(self, loop, step_batch: StepBatch, ranges, n_slots: int) -> List[MicroBatch]:
         cfg, batch = self.config, step_batch.batch
         micro_batches = super().prepare(loop, step_batch, ranges, n_slots)
+        if cfg.loss_agg == "token-mean" and (len(micro_batches) > 1 or loop.env.is_distributed):
+            per_row = step_tokens_per_row(loop, self.action_tokens(step_batch), len(batch))
+            for mb in micro_batches:
+                mb.inputs["tokens_per_row"] = per_row
         split = any((e - s) % self.group_size for s, e in ranges)
         # Every rank must agree whether the pre-pass (more forwards) runs.
         step_batch.prepass = (cfg.epochs_per_batch > 1 or cfg.kl_coef > 0

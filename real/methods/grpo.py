@@ -30,7 +30,11 @@ class GRPO(PolicyGradientMethod):
         cfg, inputs = self.config, mb.inputs
         return grpo_loss(fwd, inputs["rewards"], cfg.group_size, sampled_score_index=inputs["sampled_index"],
                          agg=cfg.loss_agg, old_logprobs=inputs.get("old_logprobs"), ppo_clip=cfg.clip_ratio,
-                         ref_logprobs=inputs.get("ref_logprobs"), kl_coef=cfg.kl_coef)
+                         ref_logprobs=inputs.get("ref_logprobs"), kl_coef=cfg.kl_coef,
+                         tokens_per_row=inputs.get("tokens_per_row"))
+
+    def action_tokens(self, step_batch: StepBatch) -> float:  # the written score token is an action too
+        return super().action_tokens(step_batch) + float((step_batch.rows["sampled_index"] >= 0).sum())
 
     def step_metrics(self, step_batch: StepBatch):
         rewards = step_batch.rows["rewards"].float()

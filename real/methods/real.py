@@ -2,23 +2,53 @@
 
 ``L = mean_i [ -A_i agg_t log pi(c_{i,t}) - beta * r_i ] (+ kl_coef * KL)``
 with ``r = -(yhat - y*)^2 + lam * log pi(k*) + mu * pi(k*)`` (``real.objectives.real_loss``,
-docs/design.md section 1).  A prompt group may be split over micro-batches: its
-advantages then come from the pre-pass over the whole batch.
+docs/design.md section 1); ``A`` optionally carries the released code's probability bonus
+(``--prob-bonus``).  A prompt group may be split over micro-batches: its advantages then come from
+the pre-pass over the whole batch.  ``--group-filter partial`` keeps only the prompt groups whose
+written scores are neither all right nor all wrong (the released ``real_data_type="partial"``).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import List
 
 import torch
 
 from real.methods.base import MicroBatch, PolicyGradientMethod, StepBatch, reward_metrics
-from real.objectives import real_advantages, real_loss, regression_reward, rloo_advantages
+from real.objectives import binary_rewards, combined_advantages, real_advantages, real_loss, regression_reward
+
+
+def partial_groups(decoded_scores, targets, group_size: int) -> List[int]:
+    """Indices of the groups whose written scores are neither all right nor all wrong against round(y*)."""
+    right = binary_rewards(decoded_scores, targets).view(-1, group_size)
+    mixed = (right.min(dim=1).values != right.max(dim=1).values)
+    return [int(i) for i in torch.nonzero(mixed).flatten()]
 
 
 class Real(PolicyGradientMethod):
     name = "real"
     description = "REAL policy gradient + regression term"
     split_groups = True
+
+    @property
+    def with_score(self) -> bool:  # the partial filter reads the score each rollout writes
+        return self.config.group_filter == "partial"
+
+    def select_groups(self, rollouts, targets):
+        if self.config.group_filter != "partial":
+            return rollouts, targets, {}
+        g = self.config.group_size
+        n_groups = len(targets) // g
+        kept = partial_groups(rollouts.decoded_scores, targets, g)
+        metrics = {"groups_kept": len(kept) / n_groups}
+        self._live = bool(kept)
+        if not kept:  # nothing to learn from on this rank: one group goes through with its loss zeroed
+            kept = [0]
+        rows = [i * g + j for i in kept for j in range(g)]
+        pick = lambda values: [values[r] for r in rows]  # noqa: E731
+        rollouts = replace(rollouts, prompts=pick(rollouts.prompts), cots=pick(rollouts.cots),
+                           decoded_scores=pick(rollouts.decoded_scores))
+        return rollouts, pick(targets), metrics
 
     def _reward(self, fwd) -> torch.Tensor:
         return regression_reward(fwd.expected_score, fwd.targets, fwd.log_pi_star, lam=self.config.lam,
@@ -29,15 +59,20 @@ class Real(PolicyGradientMethod):
         self.rewards = torch.zeros(rows, device=loop.device)  # epoch 0's rewards and advantages, for the log
         self.advantages = torch.zeros(rows, device=loop.device)
         self._prepass_rewards = torch.zeros(rows, device=loop.device)
+        self._prepass_pi_star = torch.zeros(rows, device=loop.device)
         return super().prepare(loop, step_batch, ranges, n_slots)
 
     def observe_prepass(self, fwd, mb: MicroBatch) -> None:
         self._prepass_rewards[mb.start:mb.end] = self._reward(fwd)
+        self._prepass_pi_star[mb.start:mb.end] = fwd.pi_star
+
+    def _advantage_settings(self) -> dict:
+        cfg = self.config
+        return dict(normalize=cfg.adv_norm, clip=cfg.advantage_clip, prob_bonus=cfg.prob_bonus)
 
     def finish_prepass(self, micro_batches: List[MicroBatch]) -> None:
-        cfg = self.config
-        adv = rloo_advantages(self._prepass_rewards.view(-1, cfg.group_size), normalize=cfg.normalize_adv,
-                              clip=cfg.advantage_clip).reshape(-1)
+        adv = combined_advantages(self._prepass_rewards, self._prepass_pi_star, self.config.group_size,
+                                  **self._advantage_settings())
         for mb in micro_batches:
             mb.inputs["advantages"] = adv[mb.start:mb.end]
 
@@ -45,16 +80,17 @@ class Real(PolicyGradientMethod):
         cfg, inputs = self.config, mb.inputs
         if "advantages" not in inputs:  # no pre-pass: whole groups, on-policy
             inputs["advantages"] = real_advantages(fwd, cfg.group_size, lam=cfg.lam, mu=cfg.mu,
-                                                   normalize=cfg.normalize_adv, clip=cfg.advantage_clip)
+                                                   **self._advantage_settings())
         rows = fwd.targets.shape[0]
         # A micro-batch holding part of a group carries precomputed advantages; real_loss then only
         # uses group_size to report the group std, which step_metrics recomputes over the whole batch.
         group = cfg.group_size if rows % cfg.group_size == 0 else rows
         loss, terms = real_loss(fwd, group, beta=cfg.beta, lam=cfg.lam, mu=cfg.mu, agg=cfg.loss_agg,
-                                normalize_advantages=cfg.normalize_adv, advantage_clip=cfg.advantage_clip,
                                 advantages=inputs["advantages"], old_logprobs=inputs.get("old_logprobs"),
                                 ppo_clip=cfg.clip_ratio, ref_logprobs=inputs.get("ref_logprobs"),
-                                kl_coef=cfg.kl_coef)
+                                kl_coef=cfg.kl_coef, tokens_per_row=inputs.get("tokens_per_row"))
+        if not getattr(self, "_live", True):  # --group-filter partial kept no group on this rank
+            loss = loss * 0.0
         if epoch == 0:
             with torch.no_grad():
                 self.advantages[mb.start:mb.end] = inputs["advantages"]
@@ -62,4 +98,4 @@ class Real(PolicyGradientMethod):
         return loss, terms
 
     def step_metrics(self, step_batch: StepBatch):
-        return reward_metrics(self.rewards, self.advantages, self.config.group_size)
+        return dict(step_batch.metrics, **reward_metrics(self.rewards, self.advantages, self.config.group_size))

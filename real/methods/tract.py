@@ -13,7 +13,7 @@ import random
 import warnings
 
 from real import distributed as dist_utils
-from real.methods.base import Method, MicroBatch, StepBatch, teacher_forced
+from real.methods.base import Method, MicroBatch, StepBatch, step_tokens_per_row, teacher_forced
 from real.objectives import tract_loss
 from real.prompts import format_cot
 
@@ -49,8 +49,7 @@ class TRACT(Method):
         batch = step_batch.batch
         if len(micro_batches) > 1 or loop.env.is_distributed:
             # TRACT's CE is a mean over all CoT tokens of the step: normalise every micro-batch (and rank) by it
-            per_row = (dist_utils.sum_over_ranks(float(batch.cot_mask.sum()), loop.env)
-                       / dist_utils.sum_over_ranks(float(len(batch)), loop.env))
+            per_row = step_tokens_per_row(loop, float(batch.cot_mask.sum()), len(batch))
             for mb in micro_batches:
                 mb.inputs["tokens_per_row"] = per_row
         return micro_batches
