@@ -12,7 +12,11 @@ JSON:
   carry ``"source"`` = the data file's stem (e.g. ``"vicuna_eval"``).  An
   optional ``"method"`` field gives one table line per method (files written by
   ``--save-predictions`` carry it).  ``prediction`` may be null (an unparsable
-  generation): such rows are dropped with a warning and counted.
+  generation).  Such rows are reported both ways (``--unparsable both``, the
+  default): dropped (the method's own line) and scored 0 as the released REAL
+  evaluation does (the line ``METHOD [unparsable=0]``); ``--unparsable drop`` or
+  ``zero`` keeps one rule.  Under the table one line always gives each method's
+  count of unparsable rows per benchmark.
 - ``--baseline gpt4-loo``: the human-level reference.  Each row has three GPT-4
   grades; for each choice of held-out grade, every row is predicted by the mean
   of the other two and scored against the held-out one; the coefficients are
@@ -37,6 +41,8 @@ from real.metrics import average_correlations, correlations, format_table, json_
 BASELINES = ("gpt4-loo",)
 PREDICTION_METHODS = ("rail", "decode")  # how a judge model predicts (not the training methods)
 DEFAULT_METHOD = "predictions"
+UNPARSABLE_RULES = ("both", "drop", "zero")  # zero: the released REAL evaluation's rule
+ZERO_SUFFIX = " [unparsable=0]"
 
 Results = Dict[str, Dict[str, dict]]  # method -> benchmark -> correlations
 
@@ -73,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "runs RAIL and standard-decoding inference")
     parser.add_argument("--output", metavar="FILE.json", help="also write the table (raw coefficients) as JSON")
     parser.add_argument("--limit", type=int, metavar="N", help="use only the first N rows of each data file")
+    parser.add_argument("--unparsable", choices=UNPARSABLE_RULES, default="both",
+                        help="predictions that are null (an unparsable generation): drop them from the "
+                             "correlations, score them 0 (the released REAL evaluation), or report both lines; "
+                             "their count is always printed")
     parser.add_argument("--skip-malformed", action="store_true",
                         help="skip malformed data rows (with a warning and a count) instead of failing")
 
@@ -215,12 +225,25 @@ def read_predictions(paths: Sequence[str], sources: Sequence[str]) -> Dict[str, 
     return out
 
 
+def _unparsable(value: Optional[float]) -> bool:
+    return value is None or not math.isfinite(value)
+
+
 def score_predictions(benchmarks: Dict[str, List[JudgeExample]],
-                      predictions: Dict[str, Dict[Tuple[str, int], Optional[float]]]) -> Results:
+                      predictions: Dict[str, Dict[Tuple[str, int], Optional[float]]],
+                      unparsable: str = "both") -> Results:
+    """method -> benchmark -> correlations (with ``unparsable``: the count of null predictions).
+
+    ``unparsable`` (UNPARSABLE_RULES): null predictions dropped (``drop``), scored 0 (``zero``, the
+    released REAL evaluation), or both: the method's line drops them and, where there are any, a line
+    ``METHOD [unparsable=0]`` scores them 0.
+    """
+    if unparsable not in UNPARSABLE_RULES:
+        raise ValueError(f"unparsable must be one of {UNPARSABLE_RULES}, got {unparsable!r}")
     results: Results = {}
     for method, table in predictions.items():
         used = set()
-        per_benchmark = {}
+        dropped, zeroed = {}, {}
         for name, examples in benchmarks.items():
             keys = [(name, e.meta["row"]) for e in examples]
             missing = [k[1] for k in keys if k not in table]
@@ -228,14 +251,41 @@ def score_predictions(benchmarks: Dict[str, List[JudgeExample]],
                 raise ValueError(f"predictions ({method}) miss {len(missing)} of {len(keys)} rows of {name}, "
                                  f"first rows: {missing[:5]}")
             used.update(keys)
-            per_benchmark[name] = _correlations_for(f"{method} on {name}", [table[k] for k in keys],
-                                                    [e.target for e in examples])
+            values, targets = [table[k] for k in keys], [e.target for e in examples]
+            count = sum(map(_unparsable, values))
+            if unparsable != "zero":
+                dropped[name] = dict(_correlations_for(f"{method} on {name}", values, targets), unparsable=count)
+            if unparsable == "both" and not count:
+                zeroed[name] = dropped[name]  # nothing to score 0: the same numbers
+            elif unparsable != "drop":
+                zeroed[name] = dict(_correlations_for(f"{method} (unparsable = 0) on {name}",
+                                                      [0.0 if _unparsable(v) else v for v in values], targets),
+                                    unparsable=count)
         unused = len(table) - len(used)
         if unused:
             print(f"real eval: note: {unused} prediction(s) ({method}) match no evaluated row "
                   "(beyond --limit or skipped rows) and were ignored", file=sys.stderr)
-        results[method] = per_benchmark
+        if unparsable == "zero":
+            results[method] = zeroed
+            continue
+        results[method] = dropped
+        if unparsable == "both" and any(r["unparsable"] for r in zeroed.values()):
+            results[method + ZERO_SUFFIX] = zeroed
     return results
+
+
+def unparsable_line(results: Results) -> str:
+    """One line: every method's count of unparsable predictions, per benchmark."""
+    parts = []
+    for method, per_benchmark in results.items():
+        if method.endswith(ZERO_SUFFIX):
+            continue
+        counts = {name: r.get("unparsable", 0) for name, r in per_benchmark.items() if name != "Average"}
+        total = sum(counts.values())
+        rows = sum(r.get("n", 0) + r.get("dropped", 0) for name, r in per_benchmark.items() if name != "Average")
+        parts.append(f"{method} {total} of {rows}" + (" (" + ", ".join(f"{k} {v}" for k, v in counts.items()) + ")"
+                                                      if len(counts) > 1 else ""))
+    return "unparsable predictions: " + "; ".join(parts)
 
 
 def run_model(benchmarks: Dict[str, List[JudgeExample]], args) -> Dict[str, Dict[Tuple[str, int], Optional[float]]]:
@@ -307,17 +357,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             mode, results = f"baseline:{args.baseline}", gpt4_loo(benchmarks)
         elif args.predictions:
             mode = "predictions"
-            results = score_predictions(benchmarks, read_predictions(args.predictions, list(benchmarks)))
+            results = score_predictions(benchmarks, read_predictions(args.predictions, list(benchmarks)),
+                                        args.unparsable)
         else:
             mode = f"model:{args.model}"
             predictions = run_model(benchmarks, args)
             if args.save_predictions:
                 save_predictions(args.save_predictions, predictions)
-            results = score_predictions(benchmarks, predictions)
+            results = score_predictions(benchmarks, predictions, args.unparsable)
     except (ValueError, FileNotFoundError) as exc:
         print(f"real eval: error: {exc}", file=sys.stderr)
         return 2
     print(format_table(results))
+    if not args.baseline:
+        print(unparsable_line(results))
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         with open(args.output, "w", encoding="utf-8") as handle:

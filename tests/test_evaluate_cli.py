@@ -181,7 +181,8 @@ def test_model_tiny_runs_rail_and_decoding(tmp_path):
         assert main(argv) == 0
     results = json.loads(out.read_text())["results"]
     assert results["rail"]["short_a"]["n"] == 3 and results["decode"]["short_a"]["dropped"] == 3
-    assert set(results) == {"rail", "decode"}
+    assert set(results) == {"rail", "decode", "decode [unparsable=0]"}  # both rules (issue 11, item 5)
+    assert results["decode [unparsable=0]"]["short_a"]["unparsable"] == 3
     assert set(results["rail"]) == {"short_a", "short_b", "Average"}
     rows = [json.loads(line) for line in saved.read_text().splitlines()]
     assert len(rows) == 2 * 2 * 3  # methods x benchmarks x rows
@@ -194,3 +195,31 @@ def test_model_tiny_runs_rail_and_decoding(tmp_path):
     with pytest.warns(UserWarning, match="decode on short_"):
         assert main(["--data", *data, "--predictions", str(saved), "--output", str(again)]) == 0
     assert json.loads(again.read_text())["results"] == results
+
+
+def test_unparsable_predictions_are_reported_both_ways_and_counted(tmp_path, capsys):
+    """Issue 11, item 5: the released evaluation scores an unparsable output 0; both rules are reported, with
+    the count of unparsable rows always shown."""
+    predictions, targets = noisy_predictions(VICUNA, 3)
+    rows = [{"idx": i, "prediction": None if i % 10 == 0 else float(p)} for i, p in enumerate(predictions[:50])]
+    preds = write_jsonl(tmp_path / "p.jsonl", rows)
+    out = tmp_path / "t.json"
+    with pytest.warns(UserWarning, match="dropped 5 of 50"):
+        assert main(["--data", str(VICUNA), "--predictions", preds, "--limit", "50", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "predictions [unparsable=0]" in printed and "unparsable predictions: predictions 5 of 50" in printed
+    results = json.loads(out.read_text())["results"]
+    zeroed = np.where(np.arange(50) % 10 == 0, 0.0, predictions[:50])
+    assert results["predictions [unparsable=0]"]["vicuna_eval"]["pearson"] == pytest.approx(
+        stats.pearsonr(zeroed, targets[:50])[0], abs=1e-12)
+    assert results["predictions [unparsable=0]"]["vicuna_eval"]["unparsable"] == 5
+    # the released rule alone
+    assert main(["--data", str(VICUNA), "--predictions", preds, "--limit", "50", "--unparsable", "zero",
+                 "--output", str(out)]) == 0
+    assert set(json.loads(out.read_text())["results"]) == {"predictions"}
+    assert json.loads(out.read_text())["results"]["predictions"]["vicuna_eval"]["n"] == 50
+    # no unparsable rows: one line, and the count still shown
+    write_jsonl(tmp_path / "q.jsonl", [{"idx": i, "prediction": float(p)} for i, p in enumerate(predictions[:50])])
+    assert main(["--data", str(VICUNA), "--predictions", str(tmp_path / "q.jsonl"), "--limit", "50"]) == 0
+    printed = capsys.readouterr().out
+    assert "[unparsable=0]" not in printed and "unparsable predictions: predictions 0 of 50" in printed
