@@ -356,10 +356,14 @@ def loss_head_bytes(shape: ModelShape, setup: TrainSetup) -> int:
 
 
 def fused_workspace_bytes(shape: ModelShape, setup: TrainSetup) -> int:
-    """The fused head's workspace: ``setup.fused_tile_bytes``, or what the kernels report for these rows."""
+    """The fused head's workspace: ``setup.fused_tile_bytes``, or what the kernels report for these rows.
+
+    ``real train`` runs the head in loss mode (``judge_loss``): one chunk of logits on the GPU; the fp32
+    ``dW`` it also holds is counted by ``fused_head_bytes`` when the head trains."""
     if setup.fused_tile_bytes is not None:
         return setup.fused_tile_bytes
-    return head_workspace_bytes(setup.head_rows_fused, shape.vocab_size, shape.hidden_size, setup.dtype)
+    return head_workspace_bytes(setup.head_rows_fused, shape.vocab_size, shape.hidden_size, setup.dtype,
+                                mode="loss", device_type="cuda", weight_grad=False)
 
 
 # ----------------------------------------------------------------------------------------------

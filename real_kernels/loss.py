@@ -24,7 +24,7 @@ import torch
 
 from . import reference
 from .loss_rows import LossFn, check_scalar, chunk_loss, special_columns
-from .grad_gemms import DW_TILE_ROWS, GradBuffers
+from .grad_gemms import GradBuffers
 from .loss_torch import TorchChunkPass
 from .outputs import JudgeHeadOutput
 from .validation import HeadArgs, first_order_only, resolve_backend, validate_head_args
@@ -41,17 +41,6 @@ def default_chunk_size(n: int, vocab: int, device: torch.device) -> int:
     budget = GPU_CHUNK_ELEMS if device.type == "cuda" else CPU_CHUNK_ELEMS
     rows = min(max(1, n // 4), max(1, budget // vocab))
     return rows - rows % 128 if rows >= 256 else rows
-
-
-def chunk_workspace_bytes(n: int, vocab: int, hidden: int, dtype: torch.dtype, device_type: str = "cuda",
-                          chunk_size: Optional[int] = None) -> int:
-    """Extra bytes loss mode allocates besides the returned gradients: the logits chunk and the fp32 dW."""
-    chunk = chunk_size or default_chunk_size(n, vocab, torch.device(device_type))
-    on_gpu = device_type == "cuda"
-    logit_bytes = (torch.finfo(dtype).bits // 8) if on_gpu else 4
-    dw32 = vocab * hidden * 4
-    tile = min(vocab, DW_TILE_ROWS) * hidden * logit_bytes if dtype != torch.float32 else 0
-    return chunk * vocab * logit_bytes + dw32 + tile
 
 
 def _make_pass(backend: str, chunk: int, args: HeadArgs):

@@ -10,8 +10,12 @@ need not restate tile sizes:
   ``DEFAULT_TILE_ELEMS`` elements); the Triton kernels keep their tiles in
   registers and shared memory, so this is the larger of the two.
 - ``mode="loss"`` (``judge_loss``, gradients formed in the forward,
-  docs/design.md section 6): ``chunk_size`` rows of logits over the whole
-  vocabulary in the compute dtype, plus the fp32 ``dW`` ``[V, H]`` accumulator.
+  docs/design.md section 6; also the Triton head's backward, which recomputes
+  the logits through the same chunks): ``chunk_size`` rows (default
+  ``loss.default_chunk_size``) of logits over the whole vocabulary, in the
+  input dtype on CUDA and fp32 on the CPU, plus, when the LM head trains
+  (``weight_grad``), the fp32 ``dW`` ``[V, H]`` accumulator and, for bf16 /
+  fp16, one ``[DW_TILE_ROWS, H]`` GEMM result on its way into it.
 """
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ from typing import Optional, Union
 
 import torch
 
+from .grad_gemms import DW_TILE_ROWS
+from .loss import default_chunk_size
 from .torch_backend import DEFAULT_TILE_ELEMS, _chunks
 
 HEAD_MODES = ("head", "loss")
@@ -36,7 +42,8 @@ def _element_size(dtype: Union[str, torch.dtype]) -> int:
 
 
 def head_workspace_bytes(n_rows: int, vocab: int, hidden: int, dtype: Union[str, torch.dtype] = torch.float32,
-                         mode: str = "head", chunk_size: Optional[int] = None) -> int:
+                         mode: str = "head", chunk_size: Optional[int] = None, device_type: str = "cuda",
+                         weight_grad: bool = True) -> int:
     """Bytes of scratch memory one head call over ``n_rows`` rows needs (see the module docstring)."""
     if n_rows < 1 or vocab < 1 or hidden < 1:
         raise ValueError(f"n_rows, vocab and hidden must be >= 1, got {n_rows}, {vocab}, {hidden}")
@@ -44,6 +51,9 @@ def head_workspace_bytes(n_rows: int, vocab: int, hidden: int, dtype: Union[str,
         token_chunk, vocab_chunk = _chunks(n_rows, vocab, DEFAULT_TILE_ELEMS)
         return token_chunk * vocab_chunk * 4
     if mode == "loss":
-        rows = min(n_rows, chunk_size or n_rows)
-        return rows * vocab * _element_size(dtype) + vocab * hidden * 4
+        element = _element_size(dtype) if device_type == "cuda" else 4
+        rows = min(n_rows, chunk_size or default_chunk_size(n_rows, vocab, torch.device(device_type)))
+        dw = vocab * hidden * 4 if weight_grad else 0
+        dw_tile = min(vocab, DW_TILE_ROWS) * hidden * element if weight_grad and element != 4 else 0
+        return rows * vocab * element + dw + dw_tile
     raise ValueError(f"mode must be one of {HEAD_MODES}, got {mode!r}")
