@@ -18,7 +18,7 @@ import argparse
 import json
 import re
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import List, Optional
 
 from real.memory_model import (ATTENTION_KERNELS, DTYPE_BYTES, GIB, HEADS, LORA_TARGET_SETS, OPTIMIZER_STATES,
@@ -265,19 +265,63 @@ def format_table(result: MemoryPlan) -> str:
     return "\n".join(lines)
 
 
+def suggestions(shape: ModelShape, setup: TrainSetup) -> List[dict]:
+    """Single changes that make a run that does not fit, fit: ``{"change", "flags", "peak_gib", "fits"}``.
+
+    Tried one at a time: more GPUs (FSDP-sharded), LoRA, a micro-batch of one sequence, gradient
+    checkpointing, the fused head; the first GPU count that fits is the one reported.
+    """
+    options = []
+    for gpus in (2, 4, 8, 16, 32, 64, 128):
+        if gpus > setup.gpus:
+            options.append((f"{gpus} GPUs, FSDP", f"--gpus {gpus} --parallel fsdp",
+                            replace(setup, gpus=gpus, parallel="fsdp")))
+    if setup.lora_rank == 0:
+        options.append(("LoRA r=64", "--lora-rank 64", replace(setup, lora_rank=64)))
+    if (setup.micro_batch_tokens or 0) != setup.sequence_tokens:
+        options.append(("one sequence per micro-batch", f"--micro-batch-tokens {setup.sequence_tokens}",
+                        replace(setup, micro_batch_tokens=setup.sequence_tokens)))
+    if not setup.gradient_checkpointing:
+        options.append(("gradient checkpointing", "(drop --no-gradient-checkpointing)",
+                        replace(setup, gradient_checkpointing=True)))
+    if setup.head != "fused":
+        options.append(("the fused head", "--head fused", replace(setup, head="fused")))
+    found, more_gpus_found = [], False
+    for change, flags, candidate in options:
+        if change.endswith("GPUs, FSDP") and more_gpus_found:
+            continue
+        plan = memory_plan(shape, candidate)
+        if plan.fits:
+            more_gpus_found = more_gpus_found or change.endswith("GPUs, FSDP")
+            found.append({"change": change, "flags": flags, "peak_gib": plan.peak / GIB, "fits": True})
+    return found
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Exit 0 when the run fits, 2 when it does not (with what would fit) or the arguments are wrong."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         shape = load_shape(args.model)
-        result = memory_plan(shape, setup_from_args(args))
+        setup = setup_from_args(args)
+        result = memory_plan(shape, setup)
+        fixes = [] if result.fits else suggestions(shape, setup)
     except ValueError as exc:
         print(f"real plan: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(result.to_json(), indent=2))
+        print(json.dumps({**result.to_json(), "suggestions": fixes}, indent=2))
     else:
         print(format_table(result))
-    return 0
+        if not result.fits:
+            print("")
+            if fixes:
+                print("would fit with one change:")
+                for fix in fixes:
+                    print(f"  {fix['change']:<32} {fix['flags']:<40} peak {fix['peak_gib']:.2f} GiB")
+            else:
+                print("no single change tried (more GPUs, LoRA, one sequence per micro-batch, gradient "
+                      "checkpointing, the fused head) makes it fit; combine them or use GPUs with more memory")
+    return 0 if result.fits else 2
 
 
 if __name__ == "__main__":

@@ -262,3 +262,17 @@ def test_config_json_and_errors(tmp_path, capsys):
     assert "prompt_tokens" in capsys.readouterr().err
     out = json.loads(_run_cli(capsys, "--model", "qwen3-8b", "--gpu-memory", "141GB", "--json"))
     assert math.isclose(out["capacity_gib"], 141e9 / GIB)
+
+
+def test_a_run_that_does_not_fit_exits_2_and_says_what_would(capsys):
+    args = ["--model", "qwen3-32b", "--gpus", "1", "--gpu-memory", "80"]
+    assert plan_cli.main(args) == 2
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT" in out and "would fit with one change:" in out
+    assert "--gpus 8 --parallel fsdp" in out  # the smallest GPU count that fits, alone
+    assert plan_cli.main(args + ["--json"]) == 2
+    report = json.loads(capsys.readouterr().out)
+    assert not report["fits"] and report["suggestions"]
+    for fix in report["suggestions"]:
+        assert fix["fits"] and fix["peak_gib"] <= 80
+    assert plan_cli.main(["--model", "qwen3-32b", "--gpus", "1", "--gpu-memory", "141", "--lora-rank", "64"]) == 0
