@@ -3,10 +3,14 @@
 - :func:`generate_cots` runs ``model.generate`` on left-padded batches and
   stops each row at the score marker (RAIL, REAL rollouts) or once a score
   has been written after it (standard decoding).
-- :func:`score_cots` is RAIL's read-out: the prompt, the CoT and the marker are
-  teacher-forced through the decoder (``real_kernels.hf``) and the fused judge
-  head gives the expected score ``sum_j pi_j v_j`` at the position after the
-  marker, without computing logits for the whole sequence.
+- :func:`rail_scores` is RAIL's read-out, the one implementation training,
+  evaluation and ``real eval`` share: the prompt, the CoT and the marker are
+  teacher-forced through the decoder (``real_kernels.hf``), laid out as the
+  training losses read them, and the fused judge head gives the expected score
+  ``sum_j pi_j v_j`` at the position that predicts the score token (after the
+  marker, and after the space token where the tokenizer keeps it apart from the
+  digit, as Qwen's do), without logits for the whole sequence; :func:`score_cots`
+  is its form with score ids and values.
 - :func:`predict_rail` = generate (greedy, or n sampled CoTs) + score_cots,
   averaged over the CoTs; :func:`predict_decode` = generate + ``parse_score``.
 - :func:`rail_predictions` is the training loop's held-out evaluation: RAIL
@@ -156,6 +160,45 @@ def _end_at_marker(text: str) -> str:
     return f"{body} {SCORE_MARKER}" if body else SCORE_MARKER
 
 
+def rail_scores(model, tokenizer, prompts: Sequence[str], cots: Sequence[Optional[str]], scale: ScoreScale, *,
+                batch_size: int = 8, normalize: bool = False, backend: str = "auto",
+                max_prompt_tokens: Optional[int] = None, max_cot_tokens: Optional[int] = None,
+                progress: bool = False) -> List[float]:
+    """RAIL's read-out, the one implementation training, evaluation and ``real eval`` share.
+
+    The expected score ``sum_j pi_j v_j`` at the position that predicts the score token, in a batch
+    laid out exactly as the training losses read it (``build_teacher_forced_batch`` with targets):
+    prompt + CoT (cut at its marker) + the marker + whatever the tokenizer writes between the marker
+    and a score (the space token, for tokenizers that keep it apart from the digit, as Qwen's do).
+    A placeholder target only fixes that layout: the score token it appends comes after the score
+    position and, the model being causal, cannot change the prediction read there.  A ``None`` CoT
+    reads the score right after the prompt (RAFT).  Prompts go longest first; results come back in
+    the caller's order.
+    """
+    prompts = _check_common(prompts, batch_size)
+    cots = list(cots)
+    if len(cots) != len(prompts):
+        raise ValueError(f"cots has {len(cots)} entries but prompts has {len(prompts)}")
+    device = _model_device(model)
+    placeholder = float(scale.values[0])
+    out: List[Optional[float]] = [None] * len(prompts)
+    order = _longest_first(tokenizer, prompts)
+    bar = tqdm(total=len(prompts), desc="RAIL scoring", unit="cot", disable=not progress)
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            batch = build_teacher_forced_batch(
+                tokenizer, [prompts[i] for i in chunk], [cots[i] for i in chunk], [placeholder] * len(chunk),
+                scale.token_ids, scale.values, max_prompt_tokens=max_prompt_tokens or _UNLIMITED,
+                max_cot_tokens=max_cot_tokens or _UNLIMITED, device=device)
+            head = score_forward(model, batch, scale.token_ids, scale.values, normalize=normalize, backend=backend)
+            for j, i in enumerate(chunk):
+                out[i] = float(head.expected_score[j])
+            bar.update(len(chunk))
+    bar.close()
+    return out  # type: ignore[return-value]
+
+
 def score_cots(
     model,
     tokenizer,
@@ -171,33 +214,17 @@ def score_cots(
     backend: str = "auto",
     progress: bool = True,
 ) -> List[float]:
-    """RAIL read-out: the expected score at the position after ``prompt + CoT (cut at its marker) + marker``.
+    """RAIL read-out of given CoTs (:func:`rail_scores`): the expected score at the score position.
 
     ``normalize`` renormalises the score-token probabilities over the score
     tokens (the paper's RAIL uses the full-vocabulary softmax: off).
     """
-    prompts = _check_common(prompts, batch_size)
-    cots = list(cots)
-    if len(cots) != len(prompts):
-        raise ValueError(f"cots has {len(cots)} entries but prompts has {len(prompts)}")
-    device = _model_device(model)
-    out: List[Optional[float]] = [None] * len(prompts)
-    order = _longest_first(tokenizer, prompts)
-    bar = tqdm(total=len(prompts), desc="RAIL scoring", unit="cot", disable=not progress)
-    with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            batch = build_teacher_forced_batch(
-                tokenizer, [prompts[i] for i in chunk], [cots[i] for i in chunk], None, score_token_ids,
-                score_values, max_prompt_tokens=max_prompt_tokens or _UNLIMITED,
-                max_cot_tokens=max_cot_tokens or _UNLIMITED, device=device,
-            )
-            head = score_forward(model, batch, score_token_ids, score_values, normalize=normalize, backend=backend)
-            for j, i in enumerate(chunk):
-                out[i] = float(head.expected_score[j])
-            bar.update(len(chunk))
-    bar.close()
-    return out  # type: ignore[return-value]
+    scale = ScoreScale(tuple(int(i) for i in score_token_ids), tuple(score_values))
+    if len(scale.token_ids) != len(scale.values):
+        raise ValueError(f"score_token_ids has {len(scale.token_ids)} ids but score_values has {len(scale.values)}")
+    return rail_scores(model, tokenizer, prompts, cots, scale, batch_size=batch_size, normalize=normalize,
+                       backend=backend, max_prompt_tokens=max_prompt_tokens, max_cot_tokens=max_cot_tokens,
+                       progress=progress)
 
 
 def predict_rail(
@@ -238,35 +265,20 @@ def rail_predictions(model, tokenizer, prompts: Sequence[str], scale: ScoreScale
                      max_new_tokens: int, batch_size: int, normalize: bool = False, backend: str = "auto",
                      max_prompt_tokens: int = 2048, max_cot_tokens: int = 1024,
                      with_cot: bool = True) -> List[float]:
-    """RAIL with a greedy CoT: the expected score at the position that predicts the score token.
+    """The training loop's held-out evaluation: RAIL (:func:`rail_scores`) after a greedy CoT.
 
-    ``with_cot=False`` reads it right after the prompt instead (how a RAFT judge, trained without a
-    CoT, is meant to be used).
-
-    The position is laid out exactly as in training (``build_teacher_forced_batch`` with targets), so
-    it is the same token the losses read: with tokenizers that keep the space after the marker
-    apart, that is the space token after ``[RESULT]``, not the marker itself.  The placeholder
-    target only fixes that layout; the appended score token comes after the score position and, the
-    model being causal, cannot change the prediction read there.
+    ``with_cot=False`` reads the score right after the prompt instead (how a RAFT judge, trained
+    without a CoT, is meant to be used).
     """
+    prompts = list(prompts)
     if with_cot:
-        cots = [c[0] for c in generate_cots(model, tokenizer, list(prompts), n=1, greedy=True,
+        cots = [c[0] for c in generate_cots(model, tokenizer, prompts, n=1, greedy=True,
                                              max_new_tokens=max_new_tokens, batch_size=batch_size,
                                              stop_at_marker=True, progress=False)]
     else:
         cots = [None] * len(prompts)
-    device = next(model.parameters()).device
-    out: List[float] = []
-    with torch.no_grad():
-        for start in range(0, len(prompts), batch_size):
-            chunk = slice(start, start + batch_size)
-            n = len(prompts[chunk])
-            batch = build_teacher_forced_batch(
-                tokenizer, prompts[chunk], cots[chunk], [float(scale.values[0])] * n, scale.token_ids, scale.values,
-                max_prompt_tokens=max_prompt_tokens, max_cot_tokens=max_cot_tokens, device=device)
-            head = score_forward(model, batch, scale.token_ids, scale.values, normalize=normalize, backend=backend)
-            out.extend(float(x) for x in head.expected_score)
-    return out
+    return rail_scores(model, tokenizer, prompts, cots, scale, batch_size=batch_size, normalize=normalize,
+                       backend=backend, max_prompt_tokens=max_prompt_tokens, max_cot_tokens=max_cot_tokens)
 
 
 def predict_decode(

@@ -115,7 +115,8 @@ def test_score_cots_is_the_expected_score_after_the_marker(tok, model, score_ids
     cots = ["Feedback: good and clear [RESULT] 2", "Feedback: bad", ""]
     scores = inference.score_cots(model, tok, PROMPTS, cots, score_token_ids=score_ids, score_values=VALUES,
                                   batch_size=2, progress=False)
-    batch = build_teacher_forced_batch(tok, PROMPTS, cots, None, score_ids, VALUES)
+    # laid out as training reads it (a target appended): the position predicts the score digit
+    batch = build_teacher_forced_batch(tok, PROMPTS, cots, [1.0] * 3, score_ids, VALUES)
     with torch.no_grad():
         logp = torch.log_softmax(model(batch.input_ids, attention_mask=batch.attention_mask).logits, -1)
     pi = logp[torch.arange(3), batch.score_pos][:, score_ids].exp()
