@@ -39,8 +39,9 @@ class TrainConfig:
     # --- what to train, on what --------------------------------------------------
     method: str = _opt("real", "objective: " + ", ".join(f"{name} ({cls.description})" for name, cls in METHODS.items()),
                        tuple(METHODS), "run")
-    model: str = _opt("tiny", "a local model folder for from_pretrained, or 'tiny' (a small random Qwen3 and a "
-                      "tokenizer built on the spot; runs offline)", group="run")
+    model: str = _opt("tiny", "a local model folder, a Hugging Face Hub name (e.g. Qwen/Qwen3-8B: the local cache "
+                      "first, else downloaded), or 'tiny' (a small random Qwen3 and a tokenizer built on the spot; "
+                      "runs offline)", group="run")
     data: List[str] = _opt(["synthetic"], "training data files (Prometheus / Feedback-Collection .json/.jsonl), "
                            "or 'synthetic' for the built-in synthetic judge task", group="run")
     eval_data: List[str] = _opt([], "held-out data files; default: the synthetic held-out split for "

@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="gpt4-loo: leave-one-grade-out GPT-4 agreement (predict each grade by the mean of "
                              "the other grades, average over the held-out choice)")
     source.add_argument("--model", metavar="PATH",
-                        help="a local transformers causal LM directory, or 'tiny' for the built-in random model; "
+                        help="a local transformers causal LM directory, a Hugging Face Hub name (e.g. Qwen/Qwen3-8B; "
+                             "the local cache first), or 'tiny' for the built-in random model; "
                              "runs RAIL and standard-decoding inference")
     parser.add_argument("--output", metavar="FILE.json", help="also write the table (raw coefficients) as JSON")
     parser.add_argument("--limit", type=int, metavar="N", help="use only the first N rows of each data file")

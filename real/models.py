@@ -1,8 +1,9 @@
 """Loading a judge: the device, the dtype, the attention kernel, and the (model, tokenizer) pair.
 
 ``load_model_and_tokenizer`` is what every command calls: ``"tiny"`` builds the
-random tiny pair of ``real.tiny`` on the spot, anything else is a local
-``from_pretrained`` folder (nothing is downloaded).  ``resolve_device`` turns
+random tiny pair of ``real.tiny`` on the spot; a local ``from_pretrained``
+folder loads as it is; a Hugging Face Hub name (``Qwen/Qwen3-8B``) loads from
+the local cache first, else from the Hub, with a clear error when neither works.  ``resolve_device`` turns
 ``--device auto|cpu|cuda[:N]`` into a ``torch.device``.
 """
 from __future__ import annotations
@@ -72,9 +73,8 @@ def load_model_and_tokenizer(
     """Return ``(model, tokenizer)`` in eval mode on ``device``.
 
     ``"tiny"`` builds the random tiny pair (``seed`` and ``tiny_config``, overrides
-    of its Qwen3Config, apply to it only); anything else must be a local
-    directory holding a transformers causal LM and its tokenizer (nothing is
-    downloaded).  dtype defaults to bf16 on CUDA and fp32 on the CPU.  The
+    of its Qwen3Config, apply to it only); else a local directory holding a
+    transformers causal LM and its tokenizer, or a Hub name (cache first).  dtype defaults to bf16 on CUDA and fp32 on the CPU.  The
     tokenizer gets a pad token (eos) if it has none.
     """
     device = torch.device(device)
@@ -88,23 +88,57 @@ def load_model_and_tokenizer(
     if tiny_config:
         raise ValueError("tiny_config only applies to the tiny model")
     path = os.fspath(name_or_path)
-    if not os.path.exists(path):
+    if os.path.exists(path):
+        if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(f"model path {path!r} is not a transformers model directory (no config.json in it)")
+    elif not _looks_like_hub_id(path):
         raise FileNotFoundError(
-            f"model path {path!r} does not exist (give a local directory saved with save_pretrained, or 'tiny'; "
-            "nothing is downloaded)"
-        )
-    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"model path {path!r} is not a transformers model directory (no config.json in it)")
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            f"model path {path!r} does not exist (give a local directory saved with save_pretrained, a Hugging Face "
+            "Hub name such as Qwen/Qwen3-8B, or 'tiny')")
+    tokenizer = _from_pretrained(AutoTokenizer, path)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ValueError(f"the tokenizer in {path!r} has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch_dtype, attn_implementation=attn, local_files_only=True
-    )
+    model = _from_pretrained(AutoModelForCausalLM, path, dtype=torch_dtype, attn_implementation=attn)
     logger.info("loaded %s: attention %s, dtype %s, device %s", path, attn, torch_dtype, device)
     return model.to(device).eval(), tokenizer
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """``owner/name`` (one slash, no leading dot or slash): a Hugging Face Hub repository id."""
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
+
+
+def _from_pretrained(loader, name: str, **kwargs):
+    """``loader.from_pretrained(name)``: a local folder as it is; a Hub id from the local cache first, then
+    from the Hub; a clear error when it is in neither (e.g. offline)."""
+    if os.path.isdir(name):
+        return loader.from_pretrained(name, local_files_only=True, **kwargs)
+    try:
+        return loader.from_pretrained(name, local_files_only=True, **kwargs)
+    except (OSError, ValueError):
+        pass  # not (wholly) in the cache: fetch it
+    try:
+        return loader.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+        raise FileNotFoundError(
+            f"cannot load {name!r}: it is not in the Hugging Face cache ({_hf_cache()}) and could not be fetched "
+            f"from the Hub{' (HF_HUB_OFFLINE is set)' if offline else ' (no network, or no such repository?)'}. "
+            f"On a machine with a network run `huggingface-cli download {name}` (or pass a local folder saved "
+            f"with save_pretrained). Cause: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from None
+
+
+def _hf_cache() -> str:
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        return HF_HUB_CACHE
+    except ImportError:  # pragma: no cover
+        return "~/.cache/huggingface/hub"
 
 
 def init_weights_from(model, folder: str, *, lora_rank: int, log=lambda msg: None) -> Optional[str]:
