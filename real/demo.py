@@ -27,7 +27,9 @@ training on the labels through the model's own CoTs can unlearn it.
 It prints held-out Pearson / Spearman / Kendall (RAIL: expected score after a
 greedy CoT) for the untrained model and after each phase, and writes
 ``results.json`` (the table, timings, settings) and ``curves.png`` (held-out
-Pearson and training regression error over steps).
+Pearson and MSE, the warm-up and the branches on their own axes: ``real.demo_plots``).
+``--seeds 0 1 2 --report DIR`` runs it once per seed and writes one markdown
+table with mean +- std over the seeds, and the figures (``real.demo_report``).
 """
 from __future__ import annotations
 
@@ -56,9 +58,6 @@ QUICK = dict(
 )
 ROWS = (("untrained", "untrained (random tiny Qwen3)"), ("warmup", "after warm-up (TRACT)"),
         ("real", "after REAL"), ("grpo", "after GRPO (binary reward)"), ("tract", "warm-up continued (TRACT)"))
-LABELS = {"warmup_cot": "TRACT warm-up, CoT stage", "warmup": "TRACT warm-up, score stage", "real": "REAL",
-          "grpo": "GRPO (binary reward)", "tract": "TRACT continued (control)"}
-COLOURS = {"warmup_cot": "tab:gray", "warmup": "black", "real": "tab:red", "grpo": "tab:blue", "tract": "tab:green"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="runs/demo", help="where the runs, results.json and curves.png go "
                    "(default: runs/demo; an earlier demo there is replaced)")
     p.add_argument("--seed", type=int, default=0, help="seed of the task data, the model and sampling (default: 0)")
+    p.add_argument("--seeds", type=int, nargs="+", help="run the whole demo once per seed (OUTPUT_DIR/seed-S) "
+                   "instead of --seed")
+    p.add_argument("--report", metavar="DIR", help="write DIR/report.md (per-seed and mean +- std table, run "
+                   "times, the command and the commit) and DIR/curves.png (mean and band over the seeds)")
     p.add_argument("--quick", action="store_true", help="a drastically shortened run (seconds; for tests, the "
                    "numbers mean nothing)")
     p.add_argument("--cot-steps", type=int, help="warm-up stage 1: TRACT steps with a small regression weight, "
@@ -166,54 +169,6 @@ def format_table(table: Dict[str, Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(path: str, histories: Dict[str, List[Dict[str, Any]]], offsets: Dict[str, int],
-                untrained: Optional[Dict[str, Any]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_eval, ax_mse) = plt.subplots(1, 2, figsize=(13, 4.8))
-    def last_eval(name):
-        evals = [r for r in histories.get(name, []) if r.get("type") == "eval" and r.get("pearson") is not None]
-        return evals[-1] if evals else None
-
-    for name, records in histories.items():
-        offset = offsets[name]
-        evals = [r for r in records if r.get("type") == "eval" and r.get("pearson") is not None]
-        if name == "warmup_cot" and untrained and untrained.get("pearson") is not None:
-            evals = [dict(untrained, step=0)] + evals
-        else:  # each later run starts where the one it was initialised from ended
-            start = last_eval("warmup_cot" if name == "warmup" else "warmup")
-            if start is not None:
-                evals = [dict(start, step=0)] + evals
-        if evals:
-            ax_eval.plot([offset + r["step"] for r in evals], [r["pearson"] for r in evals], marker="o",
-                         markersize=3, color=COLOURS[name], label=LABELS[name])
-        train = [r for r in records if r.get("type") == "train" and r.get("mse") is not None]
-        if train:
-            window = max(1, len(train) // 40)
-            ys = [r["mse"] for r in train]
-            smooth = [sum(ys[max(0, i - window + 1):i + 1]) / len(ys[max(0, i - window + 1):i + 1])
-                      for i in range(len(ys))]
-            ax_mse.plot([offset + r["step"] for r in train], smooth, color=COLOURS[name], label=LABELS[name])
-    branch = offsets.get("real")
-    for ax in (ax_eval, ax_mse):
-        if branch is not None:
-            ax.axvline(branch, color="black", linestyle=":", linewidth=1)
-        ax.set_xlabel("step (warm-up, then each method from the same warm-up checkpoint)")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    ax_eval.set_ylabel("held-out Pearson (RAIL, greedy CoT)")
-    ax_eval.set_title("held-out correlation with the mean grade")
-    ax_mse.set_ylabel("(expected score - label)^2 on training CoTs")
-    ax_mse.set_yscale("log")
-    ax_mse.set_title("training regression error (smoothed)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def run_phase(config: Dict[str, Any], threads: int):
     """One ``real train`` run from a config dict: ``(records, final eval, seconds)`` (also in a worker process)."""
     from real.config import make_config
@@ -305,14 +260,40 @@ def run_demo(args) -> Dict[str, Any]:
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as fh:
         json.dump(json_safe(summary), fh, indent=2)
     if not args.no_plot:
-        plot_curves(os.path.join(out, "curves.png"), histories, offsets, untrained)
+        from real.demo_plots import plot_curves
+
+        plot_curves(os.path.join(out, "curves.png"), [histories], offsets.get("real", 0), [untrained])
     print()
     print(format_table(table))
     print("best held-out Pearson along the curves (optimistic: picked on the held-out set): "
           + ", ".join(f"{k} {_fmt(best[k]).strip()}" for k, _ in ROWS if k in best and k != "warmup"))
     print(f"\ntotal {timings['total']:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in timings.items() if k != 'total')})"
           f"; {os.path.join(out, 'results.json')}" + ("" if args.no_plot else f", {os.path.join(out, 'curves.png')}"))
-    return summary
+    return summary, histories, untrained, offsets.get("real", 0)
+
+
+def run_seeds(args, argv: List[str]) -> None:
+    """The demo once per seed (``--seeds``, else ``--seed``), then the report when ``--report`` is given."""
+    import copy
+
+    seeds = args.seeds or [args.seed]
+    summaries, seed_runs, untrained, branch = [], [], [], 0
+    for seed in seeds:
+        run_args = copy.copy(args)
+        run_args.seed = seed
+        if args.seeds:
+            run_args.output_dir = os.path.join(args.output_dir, f"seed-{seed}")
+            print(f"[demo] seed {seed} -> {run_args.output_dir}", flush=True)
+        summary, histories, first, branch = run_demo(run_args)
+        summaries.append(summary)
+        seed_runs.append(histories)
+        untrained.append(first)
+    if args.report:
+        from real.demo_report import write_report
+
+        path = write_report(args.report, summaries, ROWS, "real demo " + " ".join(argv), seed_runs, branch,
+                            untrained, plot=not args.no_plot)
+        print(f"report: {path}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -326,7 +307,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            run_demo(args)
+            run_seeds(args, list(sys.argv[1:] if argv is None else argv))
     except (ValueError, FileNotFoundError) as exc:
         print(f"real demo: error: {exc}", file=sys.stderr)
         return 2

@@ -48,3 +48,19 @@ def test_help_and_table_format(capsys):
     table = format_table({"untrained": {"pearson": 0.1234, "spearman": None, "kendall": float("nan"), "mse": 2.0},
                           "real": {"pearson": 0.9, "spearman": 0.8, "kendall": 0.7, "mse": 0.25}})
     assert "12.3" in table and "n/a" in table and "90.0" in table and "0.250" in table
+
+
+def test_seeds_report_writes_one_table_over_seeds_and_the_figures(tmp_path, capsys):
+    out, report = tmp_path / "demo", tmp_path / "report"
+    assert main(["--quick", "--seeds", "0", "1", "--output-dir", str(out), "--report", str(report)]) == 0
+    text = (report / "report.md").read_text()
+    assert "| row | seed 0 | seed 1 |" in text and "Mean ± std over 2 seed(s)" in text
+    assert "commit " in text and "--seeds 0 1" in text
+    for _, label in ROWS:
+        assert label in text
+    for seed in (0, 1):
+        summary = json.loads((out / f"seed-{seed}" / "results.json").read_text())
+        assert summary["seed"] == seed
+        assert f"{100 * summary['table']['real']['pearson']:.1f}" in text  # each seed's number, as it ran
+    png = (report / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
