@@ -103,7 +103,7 @@ def save_model(model, tokenizer, folder: str, state_dict: Optional[Dict[str, tor
     """Model (or LoRA adapter) as safetensors plus the tokenizer, loadable with from_pretrained.
 
     ``state_dict``: the full weights to write instead of the model's own (under
-    FSDP the model holds shards; ``real.distributed.full_model_state_dict``
+    FSDP the model holds shards; ``real.full_state.full_model_state_dict``
     gathers them); keyed like ``model.state_dict()``.
     """
     if state_dict is not None:
@@ -187,7 +187,7 @@ def save_checkpoint(output_dir: str, step: int, *, model, tokenizer, optimizer, 
 
     ``model_state`` / ``optimizer_state``: full state dicts to write instead of
     ``model`` / ``optimizer``'s own (the training loop passes the gathered,
-    parameter-name keyed ones of ``real.distributed``, which load on any
+    parameter-name keyed ones of ``real.full_state``, which load on any
     number of ranks).  An existing checkpoint of the same step is replaced
     only once the new one is complete.
     """
@@ -234,7 +234,7 @@ def load_checkpoint(folder: str, *, model, optimizer=None, scheduler=None, resto
 
 def is_legacy_optimizer_state(state: Dict[str, Any]) -> bool:
     """``optimizer.state_dict()`` (integer parameter ids) rather than the parameter-name keyed full state that
-    ``real.distributed.full_optimizer_state_dict`` gives (what the training loop writes)."""
+    ``real.full_state.full_optimizer_state_dict`` gives (what the training loop writes)."""
     groups = state.get("param_groups") or [{}]
     return any(isinstance(p, int) for p in groups[0].get("params", []))
 
@@ -296,12 +296,13 @@ def save_training_checkpoint(output_dir: str, step: int, *, env, wrapped, model,
     """A checkpoint of full, parameter-name keyed states (collective: every rank calls it; rank 0 writes).
 
     Full states do not depend on the number of ranks: a run saved on K ranks resumes on any number.
-    ``wrapped`` is the ``real.distributed.wrap_model`` wrapper of ``model``.
+    ``wrapped`` is the ``real.parallel.wrap_model`` wrapper of ``model``.
     """
     from real import distributed as dist_utils
+    from real import full_state
 
-    model_state = dist_utils.full_model_state_dict(wrapped) if env.is_distributed else None
-    optimizer_state = dist_utils.full_optimizer_state_dict(wrapped, optimizer)
+    model_state = full_state.full_model_state_dict(wrapped) if env.is_distributed else None
+    optimizer_state = full_state.full_optimizer_state_dict(wrapped, optimizer)
     path = checkpoint_path(output_dir, step)
     if env.is_main:
         path = save_checkpoint(output_dir, step, model=model, tokenizer=tokenizer, optimizer=optimizer,
@@ -315,6 +316,7 @@ def save_training_checkpoint(output_dir: str, step: int, *, env, wrapped, model,
 def load_training_state(folder: str, *, env, wrapped, optimizer, scheduler) -> Dict[str, Any]:
     """Optimizer, schedule and RNG of a checkpoint (the weights are already in); returns its trainer state."""
     from real import distributed as dist_utils
+    from real import full_state
 
     optimizer_state = read_optimizer_state(folder) if env.is_main else None
     legacy = dist_utils.broadcast_object(env.is_main and is_legacy_optimizer_state(optimizer_state), env)
@@ -324,7 +326,7 @@ def load_training_state(folder: str, *, env, wrapped, optimizer, scheduler) -> D
                              "in one process (it is rewritten in the new format at the next checkpoint)")
         optimizer.load_state_dict(optimizer_state)
     else:
-        dist_utils.load_full_optimizer_state(wrapped, optimizer, optimizer_state)
+        full_state.load_full_optimizer_state(wrapped, optimizer, optimizer_state)
     scheduler.load_state_dict(read_scheduler_state(folder))
     restore_rng_state(read_rng_state(folder))
     return read_trainer_state(folder)

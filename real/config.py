@@ -17,7 +17,7 @@ import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
-from real.distributed import PARALLEL_MODES
+from real.parallel import PARALLEL_MODES
 from real.methods import METHODS
 from real.objectives import ADVANTAGE_NORMS, AGGREGATIONS, check_aggregation
 

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from real import checkpoint as ckpt
 from real import distributed as dist_utils
+from real import parallel
 from real.batching import TeacherForcedBatch, micro_batch_ranges, slice_batch
 from real.config import TrainConfig, build_parser, config_from_args
 from real.data import JudgeExample, PromptStream, load_train_and_eval
@@ -125,14 +126,14 @@ class Trainer:
         self.resume_from = self.run_dir.resume_checkpoint(config.resume)
         if self.resume_from:  # the weights go in before sharding; optimizer etc. after it
             ckpt.load_model_weights(self.model, self.resume_from)
-        # Everything the loop does with the model runs as self.wrapped(fn, ...) (real.distributed): under
+        # Everything the loop does with the model runs as self.wrapped(fn, ...) (real.parallel): under
         # FSDP that gathers the LM-head weight the fused head reads and reduce-scatters its gradient.
-        self.wrapped = dist_utils.wrap_model(self.model, config.parallel, self.env)
+        self.wrapped = parallel.wrap_model(self.model, config.parallel, self.env)
         # FSDP warns that the root returns views (the head's outputs); the loop never writes into them in place.
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
         self.ref_wrapped = None
         if self.ref_model is not None:
-            self.ref_wrapped = dist_utils.wrap_model(self.ref_model, "fsdp" if config.parallel == "fsdp" else "none",
+            self.ref_wrapped = parallel.wrap_model(self.ref_model, "fsdp" if config.parallel == "fsdp" else "none",
                                                      self.env)
         self.trainable = [p for p in self.wrapped.parameters() if p.requires_grad]
         if not self.trainable:
@@ -182,7 +183,7 @@ class Trainer:
     def sample_rollouts(self, prompts: List[str], step: int, *, with_score: bool):
         """``--group-size`` sampled CoTs per prompt, seeded by (seed, step, rank), through the wrapper."""
         cfg = self.config
-        gathered = dist_utils.unsharded_for_generation(self.wrapped) if cfg.unsharded_rollouts else nullcontext()
+        gathered = parallel.unsharded_for_generation(self.wrapped) if cfg.unsharded_rollouts else nullcontext()
         with gathered, torch.no_grad():  # (no grad: DDP would otherwise prepare a gradient all-reduce)
             return self.wrapped(_generate_with, self.engine, prompts, cfg.group_size,
                                 seed=dist_utils.rank_seed(self.step_seed(step), self.env), with_score=with_score)
@@ -196,7 +197,7 @@ class Trainer:
                              backend=self.config.head_backend)
 
     def forward(self, mb: TeacherForcedBatch, entropy: bool = True):
-        """Decoder + fused head on the policy, inside the wrapper (see real.distributed)."""
+        """Decoder + fused head on the policy, inside the wrapper (see real.parallel)."""
         return self.wrapped(self._judge_forward, mb, entropy)
 
     def reference_forward(self, mb: TeacherForcedBatch):
@@ -247,7 +248,7 @@ class Trainer:
             sums: Dict[str, float] = {}
             for k in range(n_slots):
                 # Gradient accumulation: ranks exchange gradients only after the last micro-batch.
-                with dist_utils.gradient_sync(self.wrapped, enabled=k == n_slots - 1):
+                with parallel.gradient_sync(self.wrapped, enabled=k == n_slots - 1):
                     if k >= len(micro_batches):
                         self.dummy_forward(batch, grad=True)
                         continue
@@ -258,7 +259,7 @@ class Trainer:
                     (loss * share).backward()
                 for name, value in terms.items():
                     sums[name] = sums.get(name, 0.0) + value * share
-            grad_norms.append(dist_utils.clip_grad_norm(self.wrapped, cfg.grad_clip))  # <= 0: measured, not clipped
+            grad_norms.append(parallel.clip_grad_norm(self.wrapped, cfg.grad_clip))  # <= 0: measured, not clipped
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -336,7 +337,7 @@ class Trainer:
                              step=self.step)
         self.run_dir.write_config(dict(cfg.to_dict(), attn_implementation_used=self.attn_implementation,
                                        world_size=self.env.world_size,
-                                       parallel=dist_utils.parallel_mode(self.wrapped)))
+                                       parallel=parallel.parallel_mode(self.wrapped)))
         records: List[Dict[str, Any]] = []
         last_saved: Optional[str] = None
         final_eval = None

@@ -34,9 +34,9 @@ import torch.multiprocessing as mp
 from rank_utils import assert_same_weights, free_port
 
 from real.batching import build_teacher_forced_batch
-from real.distributed import (DistEnv, all_gather_list, all_reduce_metrics, clip_grad_norm, full_model_state_dict,
-                              full_optimizer_state_dict, gradient_sync, load_full_state, shard_for_rank,
-                              unsharded_for_generation, unwrap_model, wrap_model)
+from real.distributed import DistEnv, all_gather_list, all_reduce_metrics, shard_for_rank
+from real.full_state import full_model_state_dict, full_optimizer_state_dict, load_full_state
+from real.parallel import clip_grad_norm, gradient_sync, unsharded_for_generation, unwrap_model, wrap_model
 from real.memory_model import TrainSetup, param_bytes
 from real.model_shapes import shape_from_config
 from real.objectives import judge_forward, real_loss
