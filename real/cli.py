@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "train": ("real.train", "train a judge with REAL or a baseline (RAFT, TRACT, GRPO)"),
     "eval": ("real.evaluate", "score predictions or a judge model: Pearson / Spearman / Kendall"),
     "plan": ("real.plan", "memory planner: will this model and batch fit on these GPUs?"),
+    "data": ("real.download", "download the paper's training set and benchmarks (real data download NAME DIR)"),
 }
 ENTRY_POINT_GROUP = "real.commands"  # name = "module:main" of a command another package adds
 

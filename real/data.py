@@ -3,9 +3,14 @@
 Both formats become :class:`JudgeExample` (prompt, real-valued target, the
 individual grades, reference CoTs, and everything else in ``meta``):
 
-- **Prometheus eval** rows (``vicuna_eval.json``, ``mt_bench_eval.json``):
-  ``instruction`` (the whole rendered prompt), ``gpt4_score`` (several grades),
-  ``gpt4_feedback`` (one feedback per grade).  target = mean of the grades.
+- **Prometheus eval** rows (``vicuna_eval.json``, ``mt_bench_eval.json``,
+  ``flask_eval.json``, and Feedback Bench as ``feedback_collection_ood_test.json``):
+  ``instruction`` (the whole rendered prompt), ``gpt4_score`` (several grades, or
+  one), ``gpt4_feedback`` (one feedback per grade, or one text).  target = mean of
+  the grades; other fields (FLASK's ``human_score``) stay in ``meta``.
+- **Feedback Bench** as published on the Hugging Face Hub
+  (``prometheus-eval/Feedback-Bench``) has the Feedback-Collection layout below:
+  one GPT-4 grade per row (``orig_score``).
 - **Feedback-Collection** rows: ``instruction`` (rendered prompt), ``output``
   (``"Feedback: ... [RESULT] N"``) and the ``orig_*`` parts
   (``orig_instruction``, ``orig_response``, ``orig_reference_answer``,
@@ -177,12 +182,16 @@ def bare_feedback(output: str) -> str:
 
 def _eval_example(row: dict, score_range) -> JudgeExample:
     scores = row["gpt4_score"]
+    if isinstance(scores, (int, float)) and not isinstance(scores, bool):
+        scores = [scores]  # Feedback Bench (feedback_collection_ood_test.json): one grade per row
     if not isinstance(scores, list) or not scores:
-        raise MalformedRow("field 'gpt4_score' must be a non-empty list of grades")
+        raise MalformedRow("field 'gpt4_score' must be a number or a non-empty list of grades")
     grades = [_grade(s, f"gpt4_score[{i}]", score_range) for i, s in enumerate(scores)]
     feedback = row.get("gpt4_feedback", [])
     if feedback is None:
         feedback = []
+    if isinstance(feedback, str):
+        feedback = [bare_feedback(feedback)]
     if not isinstance(feedback, list) or not all(isinstance(f, str) for f in feedback):
         raise MalformedRow("field 'gpt4_feedback' must be a list of strings")
     if feedback and len(feedback) != len(grades):

@@ -7,10 +7,7 @@ import pytest
 from real.data import JudgeExample, group_by_source, load_judge_data, load_prometheus
 from real.prompts import format_cot, render_prompt
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "prometheus"
-SHIPPED = [SHARED_DATA / "vicuna_eval.json", SHARED_DATA / "mt_bench_eval.json"]
-needs_shipped = pytest.mark.skipif(not all(p.exists() for p in SHIPPED),
-                                   reason=f"shipped data not found in {SHARED_DATA}")
+from tests.data_paths import SHIPPED, needs_shipped
 
 DESCRIPTIONS = ["wrong", "weak", "partial", "good", "perfect"]
 

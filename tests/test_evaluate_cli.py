@@ -1,7 +1,6 @@
 """`real eval` end to end: the GPT-4 leave-one-out baseline on the shipped files, predictions files, a model."""
 import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,10 +9,9 @@ from scipy import stats
 from real import cli
 from real.evaluate import main
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "prometheus"
-VICUNA, MT_BENCH = SHARED_DATA / "vicuna_eval.json", SHARED_DATA / "mt_bench_eval.json"
-pytestmark = pytest.mark.skipif(not (VICUNA.exists() and MT_BENCH.exists()),
-                                reason=f"shipped data not found in {SHARED_DATA}")
+from tests.data_paths import MT_BENCH, VICUNA, needs_shipped
+
+pytestmark = needs_shipped
 
 
 def grades(path):

@@ -3,7 +3,6 @@ import json
 import math
 import re
 import time
-from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -12,8 +11,7 @@ from transformers import PreTrainedTokenizerFast
 from real.prompts import (SCORE_MARKER, format_cot, format_rubric, parse_score, render_prompt,
                           resolve_score_token_ids)
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "prometheus"
-SHIPPED = [SHARED_DATA / "vicuna_eval.json", SHARED_DATA / "mt_bench_eval.json"]
+from tests.data_paths import HOW_TO_GET, SHIPPED
 
 
 # --- parse_score --------------------------------------------------------------------
@@ -136,7 +134,7 @@ _PARTS = re.compile(
 )
 
 
-@pytest.mark.skipif(not all(p.exists() for p in SHIPPED), reason=f"shipped data not found in {SHARED_DATA}")
+@pytest.mark.skipif(not all(p.exists() for p in SHIPPED), reason=HOW_TO_GET)
 def test_render_prompt_reproduces_every_shipped_prompt():
     rows = [row for path in SHIPPED for row in json.loads(path.read_text())]
     assert len(rows) == 640
