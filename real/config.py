@@ -344,6 +344,9 @@ def build_parser(prog: str = "real train", description: Optional[str] = None) ->
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", metavar="FILE", help="YAML or TOML file of settings (flags override it)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved configuration (defaults < --config file < flags) as JSON, with "
+                             "TrainConfig's field names, and exit without loading anything")
     groups: Dict[str, argparse._ArgumentGroup] = {}
     for f in fields(TrainConfig):
         group_name = f.metadata["group"]
@@ -391,6 +394,11 @@ def config_from_args(args: argparse.Namespace, base: Optional[Dict[str, Any]] = 
                 value = _parse_key_values(value)
             values[name] = value
     return make_config(**values)
+
+
+def config_json(config: TrainConfig) -> str:
+    """The resolved configuration as ``--print-config`` prints it: JSON, keys = TrainConfig's field names."""
+    return json.dumps(config.to_dict(), indent=2)
 
 
 def make_config(**values: Any) -> TrainConfig:

@@ -39,7 +39,7 @@ from real import checkpoint as ckpt
 from real import distributed as dist_utils
 from real import parallel
 from real.batching import TeacherForcedBatch, micro_batch_ranges, slice_batch
-from real.config import TrainConfig, build_parser, config_from_args
+from real.config import TrainConfig, build_parser, config_from_args, config_json
 from real.data import JudgeExample, PromptStream, load_train_and_eval
 from real.head import judge_forward, micro_batch_loss
 from real.inference import rail_predictions
@@ -395,6 +395,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         config = config_from_args(args)
         if config.data == ["synthetic"]:  # the synthetic task's CoTs are ~15 tokens: do not sample 256
             config = config_from_args(args, base=SYNTHETIC_DEFAULTS)
+        if getattr(args, "print_config", False):
+            print(config_json(config))
+            return 0
         if not config.progress:
             from transformers.utils import logging as hf_logging
 
