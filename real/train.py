@@ -193,8 +193,8 @@ class Trainer:
             with model.disable_adapter():
                 return self._judge_forward(model, mb, entropy)
         return judge_forward(model, mb, self.scale.token_ids, self.scale.values,
-                             normalize=self.config.normalize_scores, return_entropy=entropy,
-                             backend=self.config.head_backend)
+                             normalize=self.config.normalize_scores, temperature=self.method.head_temperature,
+                             return_entropy=entropy, backend=self.config.head_backend)
 
     def forward(self, mb: TeacherForcedBatch, entropy: bool = True):
         """Decoder + fused head on the policy, inside the wrapper (see real.parallel)."""
@@ -211,7 +211,8 @@ class Trainer:
         """``method.loss`` on the head pass of one micro-batch, inside the wrapper."""
         cfg = self.config
         return self.wrapped(micro_batch_loss, mb, self.scale.token_ids, self.scale.values, loss_fn,
-                            normalize=cfg.normalize_scores, return_entropy=entropy, backend=cfg.head_backend)
+                            normalize=cfg.normalize_scores, temperature=self.method.head_temperature,
+                            return_entropy=entropy, backend=cfg.head_backend)
 
     def dummy_forward(self, batch: TeacherForcedBatch, grad: bool) -> None:
         """A forward (and backward) that changes nothing, on a rank with fewer micro-batches than another:

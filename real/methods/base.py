@@ -76,6 +76,12 @@ class Method:
         """Raise ValueError for settings this method cannot train with."""
 
     @property
+    def head_temperature(self) -> float:
+        """The softmax temperature of every head pass in training: the distribution the CoTs were drawn
+        from (the rollout temperature) for the methods that sample them, else 1."""
+        return float(self.config.temperature) if self.needs_rollouts else 1.0
+
+    @property
     def group_size(self) -> int:
         """Rows per prompt in the step's batch."""
         return self.config.group_size if self.needs_rollouts else 1
