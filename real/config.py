@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional
 from real.parallel import PARALLEL_MODES
 from real.methods import METHODS
 from real.objectives import ADVANTAGE_NORMS, AGGREGATIONS, check_aggregation
+from real.prompts import score_phrase
 
 SCHEDULES = ("constant", "cosine")
 ROLLOUT_ENGINES = ("hf", "vllm")
@@ -54,8 +55,17 @@ class TrainConfig:
     resume: bool = _opt(False, "continue from the newest complete checkpoint in --output-dir", group="run")
     overwrite: bool = _opt(False, "start afresh in an --output-dir that holds an earlier run (its checkpoints and "
                            "metrics are deleted)", group="run")
+    allow_config_change: bool = _opt(False, "with --resume, continue even where a setting that makes it another run "
+                                     "(method, seed, data, model, objective, optimiser) differs from the "
+                                     "checkpoint's; the new values are used and recorded", group="run")
     seed: int = _opt(0, "seed for data order, sampling and initialisation", group="run")
     steps: int = _opt(100, "number of training steps (one rollout batch each)", group="run")
+    chat_template: bool = _opt(True, "lay each prompt out as a user turn of the tokenizer's chat template, when "
+                               "it has one (the released code does: its prompts are chat messages); "
+                               "--no-chat-template feeds the raw Prometheus prompt", group="run")
+    score_phrase: str = _opt("prometheus", "the phrase the judge writes before its score, in training, inference "
+                             "and parsing: prometheus ('[RESULT] N'), released ('So the overall score is N', the "
+                             "released code's delimiter), or the phrase itself", group="run")
     skip_malformed: bool = _opt(False, "skip malformed data rows (with a count) instead of failing", group="run")
 
     # --- batch shape ---------------------------------------------------------------
@@ -138,6 +148,8 @@ class TrainConfig:
                          "fully_shard: weights, gradients and AdamW states sharded over the ranks), ddp (a full "
                          "replica per rank, gradients all-reduced) or none; a plain one-process run ignores it",
                          PARALLEL_MODES, "model")
+    collective_timeout: float = _opt(1800.0, "under torchrun, seconds a collective waits for the other ranks; then "
+                                     "the run stops with an error that names the late rank", group="model")
     threads: int = _opt(0, "torch CPU threads; 0 = auto: 1 for --model tiny on the CPU (its ops are too small to "
                         "split, and one thread does not stall on a shared CPU), else torch's default", group="model")
     head_backend: str = _opt("auto", "judge_head backend: auto, triton, torch or reference", group="model")
@@ -176,7 +188,14 @@ class TrainConfig:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)!r}")
+        for f in fields(self):  # inf / nan (e.g. --lr inf) would train on until the weights are NaN
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number; got {value!r}")
+        if self.collective_timeout <= 0:
+            raise ValueError(f"collective_timeout must be > 0 seconds; got {self.collective_timeout!r}")
         check_aggregation(self.loss_agg)
+        score_phrase(self.score_phrase)
         METHODS[self.method].check_config(self)
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1]; got {self.top_p}")

@@ -287,6 +287,19 @@ def load_judge_data(paths: Union[PathLike, Iterable[PathLike]], skip_malformed: 
     return examples
 
 
+def with_chat_templates(examples: Sequence[JudgeExample], tokenizer, enabled: bool = True) -> List[JudgeExample]:
+    """The examples with their prompts laid out by the tokenizer's chat template (``--chat-template``; a
+    tokenizer without one leaves them as they are)."""
+    if not enabled or not getattr(tokenizer, "chat_template", None):
+        return list(examples)
+    from dataclasses import replace
+
+    from real.prompts import with_chat_template
+
+    return [replace(e, prompt=with_chat_template(tokenizer, e.prompt), meta=dict(e.meta, chat_template=True))
+            for e in examples]
+
+
 def group_by_source(examples: Sequence[JudgeExample]) -> Dict[str, List[JudgeExample]]:
     """Examples grouped by ``meta["source"]``, in first-seen order."""
     groups: Dict[str, List[JudgeExample]] = {}

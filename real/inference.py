@@ -110,6 +110,7 @@ def generate_cots(
     batch_size: int = 8,
     stop_at_marker: bool = True,
     progress: bool = True,
+    marker: str = SCORE_MARKER,
 ) -> List[List[str]]:
     """``n`` generated continuations per prompt (``result[i][k]``), as text.
 
@@ -144,20 +145,20 @@ def generate_cots(
             chunk = order[start:start + per_call]
             enc = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True).to(device)
             width = enc["input_ids"].shape[1]
-            stop = StopAtMarker(tokenizer, width, need_score=not stop_at_marker)
+            stop = StopAtMarker(tokenizer, width, marker=marker, need_score=not stop_at_marker)
             out = model.generate(**enc, generation_config=config, stopping_criteria=StoppingCriteriaList([stop]))
             texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
             for j, i in enumerate(chunk):
                 mine = texts[j * n:(j + 1) * n]
-                results[i] = [_end_at_marker(t) for t in mine] if stop_at_marker else mine
+                results[i] = [_end_at_marker(t, marker) for t in mine] if stop_at_marker else mine
             bar.update(len(chunk) * n)
     bar.close()
     return results  # type: ignore[return-value]
 
 
-def _end_at_marker(text: str) -> str:
-    body = cut_at_marker(text)
-    return f"{body} {SCORE_MARKER}" if body else SCORE_MARKER
+def _end_at_marker(text: str, marker: str = SCORE_MARKER) -> str:
+    body = cut_at_marker(text, marker)
+    return f"{body} {marker}" if body else marker
 
 
 def rail_scores(model, tokenizer, prompts: Sequence[str], cots: Sequence[Optional[str]], scale: ScoreScale, *,
@@ -190,7 +191,7 @@ def rail_scores(model, tokenizer, prompts: Sequence[str], cots: Sequence[Optiona
             batch = build_teacher_forced_batch(
                 tokenizer, [prompts[i] for i in chunk], [cots[i] for i in chunk], [placeholder] * len(chunk),
                 scale.token_ids, scale.values, max_prompt_tokens=max_prompt_tokens or _UNLIMITED,
-                max_cot_tokens=max_cot_tokens or _UNLIMITED, device=device)
+                max_cot_tokens=max_cot_tokens or _UNLIMITED, marker=scale.marker, device=device)
             head = score_forward(model, batch, scale.token_ids, scale.values, normalize=normalize, backend=backend)
             for j, i in enumerate(chunk):
                 out[i] = float(head.expected_score[j])
@@ -213,13 +214,14 @@ def score_cots(
     max_cot_tokens: Optional[int] = None,
     backend: str = "auto",
     progress: bool = True,
+    marker: str = SCORE_MARKER,
 ) -> List[float]:
     """RAIL read-out of given CoTs (:func:`rail_scores`): the expected score at the score position.
 
     ``normalize`` renormalises the score-token probabilities over the score
     tokens (the paper's RAIL uses the full-vocabulary softmax: off).
     """
-    scale = ScoreScale(tuple(int(i) for i in score_token_ids), tuple(score_values))
+    scale = ScoreScale(tuple(int(i) for i in score_token_ids), tuple(score_values), marker)
     if len(scale.token_ids) != len(scale.values):
         raise ValueError(f"score_token_ids has {len(scale.token_ids)} ids but score_values has {len(scale.values)}")
     return rail_scores(model, tokenizer, prompts, cots, scale, batch_size=batch_size, normalize=normalize,
@@ -243,6 +245,7 @@ def predict_rail(
     normalize: bool = False,
     backend: str = "auto",
     progress: bool = True,
+    marker: str = SCORE_MARKER,
 ) -> List[float]:
     """RAIL prediction per prompt: expected score after a greedy CoT, or the mean over ``n_samples`` sampled CoTs."""
     prompts = _check_common(prompts, batch_size, n_samples)
@@ -252,12 +255,12 @@ def predict_rail(
         return []
     cots = generate_cots(model, tokenizer, prompts, n=n_samples, greedy=greedy, temperature=temperature,
                          top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size, stop_at_marker=True,
-                         progress=progress)
+                         progress=progress, marker=marker)
     flat_prompts = [p for p in prompts for _ in range(n_samples)]
     flat_cots = [c for per_prompt in cots for c in per_prompt]
     scores = score_cots(model, tokenizer, flat_prompts, flat_cots, score_token_ids=score_token_ids,
                         score_values=score_values, batch_size=batch_size, normalize=normalize, backend=backend,
-                        progress=progress)
+                        progress=progress, marker=marker)
     return [math.fsum(scores[i * n_samples:(i + 1) * n_samples]) / n_samples for i in range(len(prompts))]
 
 
@@ -274,7 +277,7 @@ def rail_predictions(model, tokenizer, prompts: Sequence[str], scale: ScoreScale
     if with_cot:
         cots = [c[0] for c in generate_cots(model, tokenizer, prompts, n=1, greedy=True,
                                              max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                             stop_at_marker=True, progress=False)]
+                                             stop_at_marker=True, progress=False, marker=scale.marker)]
     else:
         cots = [None] * len(prompts)
     return rail_scores(model, tokenizer, prompts, cots, scale, batch_size=batch_size, normalize=normalize,
@@ -294,6 +297,7 @@ def predict_decode(
     low: float = 1,
     high: float = 5,
     progress: bool = True,
+    marker: str = SCORE_MARKER,
 ) -> List[Optional[float]]:
     """Standard decoding: generate a judgement and parse its score (None when unreadable or out of range)."""
     prompts = _check_common(prompts, batch_size)
@@ -301,5 +305,5 @@ def predict_decode(
         return []
     texts = generate_cots(model, tokenizer, prompts, n=1, greedy=greedy, temperature=temperature, top_p=top_p,
                           max_new_tokens=max_new_tokens, batch_size=batch_size, stop_at_marker=False,
-                          progress=progress)
-    return [parse_score(t[0], low=low, high=high) for t in texts]
+                          progress=progress, marker=marker)
+    return [parse_score(t[0], low=low, high=high, marker=marker) for t in texts]

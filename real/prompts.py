@@ -24,6 +24,9 @@ from dataclasses import dataclass
 from typing import Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 SCORE_MARKER = "[RESULT]"
+# The phrase a judge writes before its score, by name: Prometheus' marker (the default) and the released REAL
+# code's delimiter (" So the overall score is N", how Feedback-Collection's feedback texts end).
+SCORE_PHRASES = {"prometheus": SCORE_MARKER, "released": "So the overall score is"}
 SCORE_VALUES = (1, 2, 3, 4, 5)  # the judge's score scale: the Prometheus rubric's five scores
 FEEDBACK_PREFIX = "Feedback:"
 
@@ -49,6 +52,22 @@ _STEPS = (
 )
 
 RubricLike = Union[str, Mapping]
+
+
+def with_chat_template(tokenizer, prompt: str) -> str:
+    """``prompt`` as one user turn of the tokenizer's chat template, ready for the reply (``prompt`` itself
+    when the tokenizer has no template).  A BOS the template writes is dropped when the tokenizer adds
+    one itself, so the encoded prompt does not start with two."""
+    if not getattr(tokenizer, "chat_template", None):
+        return prompt
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and text.startswith(bos):
+        adds_bos = tokenizer("", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id]
+        if adds_bos:
+            text = text[len(bos):]
+    return text
 
 
 def format_rubric(criteria: str, descriptions: Union[Sequence[str], Mapping]) -> str:
@@ -133,10 +152,20 @@ def _format_value(score) -> str:
     return str(int(value)) if value.is_integer() else f"{value:g}"
 
 
-def format_cot(feedback: str, score) -> str:
-    """``"Feedback: <feedback> [RESULT] <score>"`` (integral scores written as ``4``, not ``4.0``).
+def score_phrase(name_or_phrase: str) -> str:
+    """The score phrase of ``--score-phrase``: a name of SCORE_PHRASES, or the phrase itself."""
+    phrase = SCORE_PHRASES.get(name_or_phrase, name_or_phrase)
+    if not isinstance(phrase, str) or not phrase.strip() or phrase != phrase.strip():
+        raise ValueError(f"score phrase must be one of {', '.join(SCORE_PHRASES)} or a phrase without leading or "
+                         f"trailing spaces; got {name_or_phrase!r}")
+    return phrase
 
-    A feedback that already starts with ``Feedback:`` is not prefixed twice.
+
+def format_cot(feedback: str, score, marker: str = SCORE_MARKER) -> str:
+    """``"Feedback: <feedback> <marker> <score>"`` (integral scores written as ``4``, not ``4.0``).
+
+    A feedback that already starts with ``Feedback:`` is not prefixed twice; one that already holds the
+    marker (Feedback-Collection's texts end in "So the overall score is 4.") is cut before it.
     """
     if not isinstance(feedback, str):
         raise ValueError(f"feedback must be a string, got {type(feedback).__name__}")
@@ -147,7 +176,8 @@ def format_cot(feedback: str, score) -> str:
     body = feedback.strip()
     if body.startswith(FEEDBACK_PREFIX):
         body = body[len(FEEDBACK_PREFIX):].strip()
-    return f"{FEEDBACK_PREFIX} {body} {SCORE_MARKER} {value}"
+    body = body.split(marker, 1)[0].rstrip()
+    return f"{FEEDBACK_PREFIX} {body} {marker} {value}"
 
 
 # --- reading a score back from generated text -------------------------------------
@@ -200,10 +230,17 @@ def _as_value(token: str) -> Optional[float]:
     return value if math.isfinite(value) else None
 
 
-def parse_score(text, low: float = 1, high: float = 5) -> Optional[float]:
+def _marker_re(marker: str) -> "re.Pattern[str]":
+    if marker == SCORE_MARKER:
+        return _MARKER_RE
+    return re.compile(re.escape(marker) + r"\s*(?:[:=]\s*)?" + _OPENERS + _NUM + _DENOMINATOR, re.IGNORECASE)
+
+
+def parse_score(text, low: float = 1, high: float = 5, marker: str = SCORE_MARKER) -> Optional[float]:
     """The score a judge wrote, or ``None``.
 
-    Recognised forms (case-insensitive): ``[RESULT] 4`` (also ``[RESULT]: 4``,
+    Recognised forms (case-insensitive): ``[RESULT] 4`` (or ``marker 4`` for another score
+    phrase; also ``[RESULT]: 4``,
     ``[RESULT] (4)``, ``[RESULT] **4**``), ``So the overall score is 4``,
     ``Score: 4``, ``a score of 4``, ``Rating = 4``, ``4/5``, ``4 out of 5``, and
     number words (``score is four``).  When the text holds several, the **last
@@ -227,7 +264,7 @@ def parse_score(text, low: float = 1, high: float = 5) -> Optional[float]:
     if not isinstance(text, str) or not text:
         return None
     last_pos, last_value = -1, None
-    for pattern in (_MARKER_RE, _PHRASE_RE, _fraction_re(high)):
+    for pattern in (_marker_re(marker), _PHRASE_RE, _fraction_re(high)):
         for match in pattern.finditer(text):
             pos = match.start("num")
             if pos > last_pos:
@@ -258,7 +295,7 @@ def _decode(tokenizer, ids: List[int]) -> str:
     return tokenizer.decode(ids)
 
 
-def resolve_score_token_ids(tokenizer, values: Iterable = SCORE_VALUES) -> List[int]:
+def resolve_score_token_ids(tokenizer, values: Iterable = SCORE_VALUES, marker: str = SCORE_MARKER) -> List[int]:
     """One vocabulary id per score value: the token a judge emits after the marker.
 
     The id is read in context: ``"[RESULT] 4"`` is tokenized and its last token
@@ -273,25 +310,25 @@ def resolve_score_token_ids(tokenizer, values: Iterable = SCORE_VALUES) -> List[
     values = list(values)
     if not values:
         raise ValueError("values must not be empty")
-    marker_ids = _encode(tokenizer, SCORE_MARKER)
+    marker_ids = _encode(tokenizer, marker)
     if not marker_ids:
-        raise ValueError(f"tokenizer encodes the marker {SCORE_MARKER!r} to no tokens")
+        raise ValueError(f"tokenizer encodes the marker {marker!r} to no tokens")
     ids: List[int] = []
     for value in values:
         try:
             text = _format_value(value)
         except (TypeError, ValueError):
             raise ValueError(f"score value {value!r} is not a finite number") from None
-        context = _encode(tokenizer, f"{SCORE_MARKER} {text}")
+        context = _encode(tokenizer, f"{marker} {text}")
         if len(context) < 2:
-            raise ValueError(f"score value {text!r}: '{SCORE_MARKER} {text}' encodes to {len(context)} token(s); "
+            raise ValueError(f"score value {text!r}: '{marker} {text}' encodes to {len(context)} token(s); "
                              "the value is not a separate token after the marker")
         last = context[-1]
-        if _decode(tokenizer, [last]).strip() != text or _decode(tokenizer, context[:-1]).strip() != SCORE_MARKER:
+        if _decode(tokenizer, [last]).strip() != text or _decode(tokenizer, context[:-1]).strip() != marker:
             pieces = [_decode(tokenizer, [i]) for i in context]
             raise ValueError(
-                f"score value {text!r} is not a single token after {SCORE_MARKER!r}: "
-                f"'{SCORE_MARKER} {text}' tokenizes as {pieces!r}")
+                f"score value {text!r} is not a single token after {marker!r}: "
+                f"'{marker} {text}' tokenizes as {pieces!r}")
         ids.append(last)
     if len(set(ids)) != len(ids):
         raise ValueError(f"score values {values!r} do not map to distinct tokens: {ids!r}")
@@ -308,11 +345,12 @@ class ScoreScale:
 
     token_ids: Tuple[int, ...]
     values: Tuple[float, ...]
+    marker: str = SCORE_MARKER  # the phrase the score follows (SCORE_PHRASES)
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, values: Iterable = SCORE_VALUES) -> "ScoreScale":
+    def from_tokenizer(cls, tokenizer, values: Iterable = SCORE_VALUES, marker: str = SCORE_MARKER) -> "ScoreScale":
         values = tuple(values)
-        return cls(tuple(resolve_score_token_ids(tokenizer, values)), values)
+        return cls(tuple(resolve_score_token_ids(tokenizer, values, marker)), values, marker)
 
     @property
     def low(self) -> float:

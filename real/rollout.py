@@ -51,7 +51,7 @@ def _value_text(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
-def decoded_score(text: str, score_values: Sequence[float]) -> Optional[float]:
+def decoded_score(text: str, score_values: Sequence[float], marker: str = SCORE_MARKER) -> Optional[float]:
     """The score value written right after the first score marker, else None.
 
     Score values are single tokens, so the score is the value whose text starts
@@ -60,10 +60,10 @@ def decoded_score(text: str, score_values: Sequence[float]) -> Optional[float]:
     and GRPO reinforces that token.  The first marker is where the
     teacher-forced batch puts the score position.
     """
-    cut = text.find(SCORE_MARKER)
+    cut = text.find(marker)
     if cut < 0:
         return None
-    rest = text[cut + len(SCORE_MARKER):].lstrip()
+    rest = text[cut + len(marker):].lstrip()
     for value in sorted(score_values, key=lambda v: -len(_value_text(v))):
         if rest.startswith(_value_text(value)):
             return float(value)
@@ -71,10 +71,10 @@ def decoded_score(text: str, score_values: Sequence[float]) -> Optional[float]:
 
 
 def _group(prompts: Sequence[str], per_prompt: Sequence[Sequence[str]], group_size: int, with_score: bool,
-           score_values: Sequence[float]) -> Rollouts:
+           score_values: Sequence[float], marker: str = SCORE_MARKER) -> Rollouts:
     flat_prompts = [p for p in prompts for _ in range(group_size)]
     flat = [c for cots in per_prompt for c in cots]
-    scores = [decoded_score(c, score_values) if with_score else None for c in flat]
+    scores = [decoded_score(c, score_values, marker) if with_score else None for c in flat]
     return Rollouts(prompts=flat_prompts, cots=flat, decoded_scores=scores, group_size=group_size)
 
 
@@ -84,8 +84,9 @@ class HFRollout:
     name = "hf"
 
     def __init__(self, tokenizer, *, temperature: float, top_p: float, max_new_tokens: int, batch_size: int,
-                 score_values: Sequence[float], progress: bool = False):
+                 score_values: Sequence[float], progress: bool = False, marker: str = SCORE_MARKER):
         self.tokenizer = tokenizer
+        self.marker = marker
         self.temperature = temperature
         self.top_p = top_p
         self.max_new_tokens = max_new_tokens
@@ -106,11 +107,11 @@ class HFRollout:
                     model, self.tokenizer, list(prompts), n=group_size, greedy=False,
                     temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
                     batch_size=max(self.batch_size, group_size), stop_at_marker=not with_score,
-                    progress=self.progress,
+                    progress=self.progress, marker=self.marker,
                 )
         finally:
             model.train(was_training)
-        return _group(prompts, per_prompt, group_size, with_score, self.score_values)
+        return _group(prompts, per_prompt, group_size, with_score, self.score_values, self.marker)
 
     def close(self) -> None:
         pass
@@ -122,7 +123,7 @@ class VLLMRollout:
     name = "vllm"
 
     def __init__(self, model, tokenizer, *, temperature: float, top_p: float, max_new_tokens: int,
-                 score_values: Sequence[float], gpu_memory_utilization: float = 0.3):
+                 score_values: Sequence[float], gpu_memory_utilization: float = 0.3, marker: str = SCORE_MARKER):
         try:
             import vllm
         except ImportError as exc:
@@ -136,6 +137,7 @@ class VLLMRollout:
         self.top_p = top_p
         self.max_new_tokens = max_new_tokens
         self.score_values = list(score_values)
+        self.marker = marker
         # vLLM loads from a folder: write the starting weights once, then push updates in memory.
         self._folder = tempfile.mkdtemp(prefix="real-vllm-")
         base = _merged_state_model(model)
@@ -175,16 +177,16 @@ class VLLMRollout:
         self.sync_weights(model)
         params = self._vllm.SamplingParams(
             n=group_size, temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_new_tokens,
-            seed=seed, stop=None if with_score else [SCORE_MARKER], include_stop_str_in_output=True,
+            seed=seed, stop=None if with_score else [self.marker], include_stop_str_in_output=True,
         )
         outputs = self.llm.generate(list(prompts), params, use_tqdm=False)
         per_prompt = []
         for out in outputs:
             texts = [c.text for c in out.outputs]
             if not with_score:
-                texts = [t if SCORE_MARKER in t else f"{t.rstrip()} {SCORE_MARKER}" for t in texts]
+                texts = [t if self.marker in t else f"{t.rstrip()} {self.marker}" for t in texts]
             per_prompt.append(texts)
-        return _group(prompts, per_prompt, group_size, with_score, self.score_values)
+        return _group(prompts, per_prompt, group_size, with_score, self.score_values, self.marker)
 
     def close(self) -> None:
         shutil.rmtree(self._folder, ignore_errors=True)
@@ -213,13 +215,14 @@ def _merged_state_dict(model):
 
 
 def make_rollout_engine(name: str, model, tokenizer, *, temperature: float, top_p: float, max_new_tokens: int,
-                        batch_size: int, score_values: Sequence[float], progress: bool = False):
+                        batch_size: int, score_values: Sequence[float], progress: bool = False,
+                        marker: str = SCORE_MARKER):
     if name == "hf":
         return HFRollout(tokenizer, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                         batch_size=batch_size, score_values=score_values, progress=progress)
+                         batch_size=batch_size, score_values=score_values, progress=progress, marker=marker)
     if name == "vllm":
         if os.environ.get("VLLM_USE_V1") is None:
             os.environ["VLLM_USE_V1"] = "0"  # in-process engine, so weights can be refreshed in memory
         return VLLMRollout(model, tokenizer, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                           score_values=score_values)
+                           score_values=score_values, marker=marker)
     raise ValueError(f"rollout must be 'hf' or 'vllm'; got {name!r}")

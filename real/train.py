@@ -40,14 +40,14 @@ from real import distributed as dist_utils
 from real import parallel
 from real.batching import TeacherForcedBatch, micro_batch_ranges, slice_batch
 from real.config import TrainConfig, build_parser, config_from_args, config_json
-from real.data import JudgeExample, PromptStream, load_train_and_eval
+from real.data import JudgeExample, PromptStream, load_train_and_eval, with_chat_templates
 from real.head import judge_forward, micro_batch_loss
 from real.inference import rail_predictions
 from real.methods import method_class
 from real.metrics import prediction_report
 from real.models import (frozen_copy, init_weights_from, load_model_and_tokenizer, prepare_for_training,
                          resolve_device)
-from real.prompts import ScoreScale
+from real.prompts import ScoreScale, score_phrase
 from real.run_dir import METRICS_FILE, CtrlC, RunDir
 
 SYNTHETIC_DEFAULTS = {"max_new_tokens": 32}  # defaults for --data synthetic, below config file and flags
@@ -108,7 +108,7 @@ class Trainer:
             config.model, device=self.device, dtype=None if config.dtype == "auto" else config.dtype,
             attn_implementation=None if config.attn_implementation == "auto" else config.attn_implementation,
             seed=config.seed, tiny_config=config.tiny_config)
-        self.scale = ScoreScale.from_tokenizer(self.tokenizer)
+        self.scale = ScoreScale.from_tokenizer(self.tokenizer, marker=score_phrase(config.score_phrase))
         self.method = method_class(config.method)(config, self.scale)
         if train_examples is None:
             train_examples, eval_examples = load_train_and_eval(config)
@@ -116,6 +116,8 @@ class Trainer:
             raise ValueError("the training data is empty")
         self.train_examples = self.method.check_data(list(train_examples))
         self.eval_examples = list(eval_examples or [])
+        self.train_examples, self.eval_examples = (with_chat_templates(x, self.tokenizer, config.chat_template)
+                                                   for x in (self.train_examples, self.eval_examples))
 
         adapter_from = (init_weights_from(self.model, config.init_from, lora_rank=config.lora_rank, log=self.log)
                         if config.init_from else None)
@@ -148,7 +150,7 @@ class Trainer:
             self.engine = make_rollout_engine(
                 config.rollout, self.model, self.tokenizer, temperature=config.temperature, top_p=config.top_p,
                 max_new_tokens=config.max_new_tokens, batch_size=config.rollout_batch_size,
-                score_values=self.scale.values)
+                score_values=self.scale.values, marker=self.scale.marker)
         self.step = 0
         self.stream = PromptStream(len(self.train_examples), config.seed)
         if self.resume_from:  # optimizer, schedule, RNG, step and data position

@@ -111,7 +111,8 @@ def teacher_forced(loop, prompts, cots, targets, *, quiet: bool = False) -> Teac
         warnings.simplefilter("ignore" if quiet else "default")
         return build_teacher_forced_batch(
             loop.tokenizer, prompts, cots, targets, loop.scale.token_ids, loop.scale.values,
-            max_prompt_tokens=cfg.max_prompt_tokens, max_cot_tokens=cfg.max_cot_tokens, device=loop.device)
+            max_prompt_tokens=cfg.max_prompt_tokens, max_cot_tokens=cfg.max_cot_tokens, marker=loop.scale.marker,
+            device=loop.device)
 
 
 def step_tokens_per_row(loop, tokens: float, rows: int) -> float:

@@ -15,14 +15,14 @@ import warnings
 from real import distributed as dist_utils
 from real.methods.base import Method, MicroBatch, StepBatch, step_tokens_per_row, teacher_forced
 from real.objectives import tract_loss
-from real.prompts import format_cot
+from real.prompts import SCORE_MARKER, format_cot
 
 
-def reference_cot(example, rng: random.Random) -> str:
+def reference_cot(example, rng: random.Random, marker: str = SCORE_MARKER) -> str:
     """One of the example's reference feedbacks (drawn by ``rng``), written as a scored CoT."""
     j = rng.randrange(len(example.feedback))
     grade = example.grades[j] if len(example.grades) == len(example.feedback) else example.target
-    return format_cot(example.feedback[j], grade)
+    return format_cot(example.feedback[j], grade, marker)
 
 
 class TRACT(Method):
@@ -40,7 +40,7 @@ class TRACT(Method):
 
     def collect(self, loop, step: int, examples: list) -> StepBatch:
         rng = random.Random(loop.step_seed(step))
-        cots = dist_utils.shard_for_rank([reference_cot(e, rng) for e in examples], loop.env)
+        cots = dist_utils.shard_for_rank([reference_cot(e, rng, loop.scale.marker) for e in examples], loop.env)
         examples = dist_utils.shard_for_rank(examples, loop.env)
         return StepBatch(teacher_forced(loop, [e.prompt for e in examples], cots, [e.target for e in examples]))
 
