@@ -21,9 +21,13 @@ JSON:
   grades; for each choice of held-out grade, every row is predicted by the mean
   of the other two and scored against the held-out one; the coefficients are
   averaged over the three choices.
-- ``--model PATH`` (or ``tiny``): runs the judge with RAIL (expected score at
-  the score position after a greedy or sampled CoT) and standard decoding
-  (generate, parse the score), via ``real.inference``.
+- ``--model PATH`` (a folder, a Hub name, or ``tiny``): runs the judge as the
+  paper evaluates it (``real.inference``): RAIL (the expected score at the score
+  position) averaged over ``--n-samples`` CoTs sampled at temperature 1.0 and
+  top-p 0.9 (``rail-sampled``), RAIL after a greedy CoT (``rail-greedy``), and
+  standard decoding (``decode``: generate, parse the score); a line under the
+  table says when the model is a random or an untrained one.  ``--data DIR``
+  stands for the paper's four benchmarks in DIR.
 """
 from __future__ import annotations
 
@@ -39,7 +43,11 @@ from real.data import JudgeExample, group_by_source, load_prometheus
 from real.metrics import average_correlations, correlations, format_table, json_safe, with_average
 
 BASELINES = ("gpt4-loo",)
-PREDICTION_METHODS = ("rail", "decode")  # how a judge model predicts (not the training methods)
+# How a judge model predicts (not the training methods): RAIL on sampled CoTs (n averaged), RAIL on a greedy
+# CoT, standard decoding (generate, parse the score).  The paper reports RAIL on sampled CoTs (temperature 1.0,
+# top-p 0.9, as the released validation) and greedy.
+PREDICTION_METHODS = ("rail-sampled", "rail-greedy", "decode")
+PAPER_BENCHMARKS = ("feedback_bench.json", "flask_eval.json", "vicuna_eval.json", "mt_bench_eval.json")
 DEFAULT_METHOD = "predictions"
 UNPARSABLE_RULES = ("both", "drop", "zero")  # zero: the released REAL evaluation's rule
 ZERO_SUFFIX = " [unparsable=0]"
@@ -65,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--data", nargs="+", required=True, metavar="FILE",
                         help="benchmark files (Prometheus eval .json or Feedback-Collection .json/.jsonl); "
-                             "each is one column of the table, named by its file stem")
+                             "each is one column of the table, named by its file stem; a folder stands for the "
+                             "paper's four benchmarks in it (" + ", ".join(PAPER_BENCHMARKS) + ", as `real data "
+                             "download benchmarks DIR` writes them)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--predictions", nargs="+", metavar="FILE",
                         help="JSON-lines predictions: rows {idx, prediction[, source][, method]}, idx = 0-based "
@@ -89,11 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = parser.add_argument_group("judge model options (with --model)")
     model.add_argument("--methods", nargs="+", choices=PREDICTION_METHODS, default=list(PREDICTION_METHODS),
-                       help="rail: expected score after the CoT; decode: generate and parse the score")
+                       help="rail-sampled: expected score averaged over --n-samples sampled CoTs; rail-greedy: "
+                            "after one greedy CoT; decode: generate (greedy) and parse the score")
     model.add_argument("--n-samples", type=int, default=1, metavar="N",
-                       help="CoTs per prompt for RAIL; 1 = one greedy CoT, more = sampled CoTs averaged")
-    model.add_argument("--temperature", type=float, default=1.0, metavar="T", help="sampling temperature when --n-samples > 1")
-    model.add_argument("--top-p", type=float, default=0.9, metavar="P", help="nucleus sampling when --n-samples > 1")
+                       help="sampled CoTs per prompt for rail-sampled, their expected scores averaged (the released "
+                            "validation samples 1)")
+    model.add_argument("--temperature", type=float, default=1.0, metavar="T", help="sampling temperature of rail-sampled")
+    model.add_argument("--top-p", type=float, default=0.9, metavar="P", help="nucleus sampling of rail-sampled")
+    model.add_argument("--seed", type=int, default=0, help="seed of the sampled CoTs")
+    model.add_argument("--score-phrase", default="prometheus",
+                       help="the phrase the score follows: prometheus ('[RESULT] N'), released ('So the overall "
+                            "score is N') or the phrase itself")
+    model.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True,
+                       help="lay each prompt out as a user turn of the tokenizer's chat template, when it has one")
     model.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="longest CoT generated per prompt")
     model.add_argument("--batch-size", type=int, default=8, metavar="N", help="prompts per generation batch")
     model.add_argument("--normalize", action="store_true",
@@ -116,6 +134,7 @@ def _positive(name: str, value: Optional[int]) -> None:
 
 def load_benchmarks(paths: Sequence[str], limit: Optional[int], skip_malformed: bool) -> Dict[str, List[JudgeExample]]:
     """Benchmark name (file stem) -> its examples (the first ``limit`` rows)."""
+    paths = expand_benchmark_folders(paths)
     stems = [Path(p).stem for p in paths]
     duplicates = sorted({s for s in stems if stems.count(s) > 1})
     if duplicates:
@@ -125,6 +144,21 @@ def load_benchmarks(paths: Sequence[str], limit: Optional[int], skip_malformed: 
         examples = load_prometheus(path, skip_malformed=skip_malformed)
         benchmarks[Path(path).stem] = examples[:limit] if limit else examples
     return benchmarks
+
+
+def expand_benchmark_folders(paths: Sequence[str]) -> List[str]:
+    """Each folder replaced by the paper's benchmark files found in it (in the paper's column order)."""
+    out: List[str] = []
+    for path in paths:
+        if not Path(path).is_dir():
+            out.append(path)
+            continue
+        found = [str(Path(path) / name) for name in PAPER_BENCHMARKS if (Path(path) / name).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{path} holds none of the benchmark files {', '.join(PAPER_BENCHMARKS)}; "
+                                    f"fetch them with `real data download benchmarks {path}`")
+        out.extend(found)
+    return out
 
 
 # --- the three sources of predictions --------------------------------------------
@@ -289,37 +323,61 @@ def unparsable_line(results: Results) -> str:
     return "unparsable predictions: " + "; ".join(parts)
 
 
+def model_caution(name: str) -> Optional[str]:
+    """A line saying when ``--model`` is a random or an untrained judge (its numbers are then no result)."""
+    import os
+
+    from real.tiny import TINY_NAME
+
+    if name == TINY_NAME:
+        return (f"caution: --model {TINY_NAME} is a random, untrained model built on the spot: its correlations are "
+                "noise, not a result about judges")
+    if not os.path.exists(name):
+        return (f"caution: --model {name} is a published model, not a judge trained here (the paper's "
+                "'before training' row); train one with `real train` for the other rows")
+    if not os.path.isfile(os.path.join(name, "trainer_state.json")):
+        return (f"note: {name} is not a checkpoint of `real train` (no trainer_state.json): make sure it is the judge "
+                "you mean to evaluate")
+    return None
+
+
 def run_model(benchmarks: Dict[str, List[JudgeExample]], args) -> Dict[str, Dict[Tuple[str, int], Optional[float]]]:
-    """method -> (source, idx) -> prediction, by running the judge (RAIL and/or decoding)."""
+    """method -> (source, idx) -> prediction, by running the judge (PREDICTION_METHODS)."""
     # Imported here: torch/transformers and the inference code are only needed for --model.
     import torch
 
+    from real.data import with_chat_templates
     from real.inference import predict_decode, predict_rail
-    from real.prompts import ScoreScale
     from real.models import load_model_and_tokenizer, resolve_device
+    from real.prompts import ScoreScale, score_phrase
 
     device = resolve_device(args.device)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     model, tokenizer = load_model_and_tokenizer(args.model, device=device, dtype=dtype)
     model.eval()
-    scale = ScoreScale.from_tokenizer(tokenizer)
+    scale = ScoreScale.from_tokenizer(tokenizer, marker=score_phrase(args.score_phrase))
     keys = [(name, e.meta["row"]) for name, examples in benchmarks.items() for e in examples]
-    prompts = [e.prompt for examples in benchmarks.values() for e in examples]
-    greedy = args.n_samples == 1
+    examples = with_chat_templates([e for examples in benchmarks.values() for e in examples], tokenizer,
+                                   args.chat_template)
+    prompts = [e.prompt for e in examples]
+    common = dict(score_token_ids=scale.token_ids, score_values=scale.values, max_new_tokens=args.max_new_tokens,
+                  batch_size=args.batch_size, normalize=args.normalize, progress=True, marker=scale.marker)
     out = {}
-    if "rail" in args.methods:
-        print(f"real eval: RAIL on {len(prompts)} prompts ({args.n_samples} "
-              f"{'greedy CoT' if greedy else 'sampled CoTs'} each)", file=sys.stderr)
-        values = predict_rail(model, tokenizer, prompts, score_token_ids=scale.token_ids, score_values=scale.values,
-                              n_samples=args.n_samples, greedy=greedy, temperature=args.temperature,
-                              top_p=args.top_p, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                              normalize=args.normalize, progress=True)
-        out["rail"] = dict(zip(keys, values))
+    if "rail-sampled" in args.methods:
+        print(f"real eval: RAIL on {len(prompts)} prompts, {args.n_samples} sampled CoT(s) each (temperature "
+              f"{args.temperature}, top-p {args.top_p}), expected scores averaged", file=sys.stderr)
+        torch.manual_seed(args.seed)
+        values = predict_rail(model, tokenizer, prompts, n_samples=args.n_samples, greedy=False,
+                              temperature=args.temperature, top_p=args.top_p, **common)
+        out["rail-sampled"] = dict(zip(keys, values))
+    if "rail-greedy" in args.methods:
+        print(f"real eval: RAIL on {len(prompts)} prompts, one greedy CoT each", file=sys.stderr)
+        out["rail-greedy"] = dict(zip(keys, predict_rail(model, tokenizer, prompts, greedy=True, **common)))
     if "decode" in args.methods:
         print(f"real eval: standard decoding on {len(prompts)} prompts (greedy)", file=sys.stderr)
         values = predict_decode(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
-                                batch_size=args.batch_size, low=scale.low, high=scale.high,
-                                progress=True)
+                                batch_size=args.batch_size, low=scale.low, high=scale.high, progress=True,
+                                marker=scale.marker)
         out["decode"] = dict(zip(keys, values))
     return out
 
@@ -372,6 +430,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(format_table(results))
     if not args.baseline:
         print(unparsable_line(results))
+    caution = model_caution(args.model) if args.model else None
+    if caution:
+        print(caution)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         with open(args.output, "w", encoding="utf-8") as handle:

@@ -178,13 +178,15 @@ def test_model_tiny_runs_rail_and_decoding(tmp_path):
     with pytest.warns(UserWarning, match="decode on short_"):
         assert main(argv) == 0
     results = json.loads(out.read_text())["results"]
-    assert results["rail"]["short_a"]["n"] == 3 and results["decode"]["short_a"]["dropped"] == 3
-    assert set(results) == {"rail", "decode", "decode [unparsable=0]"}  # both rules (issue 11, item 5)
+    assert results["rail-greedy"]["short_a"]["n"] == 3 and results["decode"]["short_a"]["dropped"] == 3
+    # the paper's protocol: RAIL on sampled CoTs and greedy, decoding with both unparsable rules (issue 11, items
+    # 5 and 11)
+    assert set(results) == {"rail-sampled", "rail-greedy", "decode", "decode [unparsable=0]"}
     assert results["decode [unparsable=0]"]["short_a"]["unparsable"] == 3
-    assert set(results["rail"]) == {"short_a", "short_b", "Average"}
+    assert set(results["rail-sampled"]) == {"short_a", "short_b", "Average"}
     rows = [json.loads(line) for line in saved.read_text().splitlines()]
-    assert len(rows) == 2 * 2 * 3  # methods x benchmarks x rows
-    rail = [r["prediction"] for r in rows if r["method"] == "rail"]
+    assert len(rows) == 3 * 2 * 3  # methods x benchmarks x rows
+    rail = [r["prediction"] for r in rows if r["method"].startswith("rail")]
     # --normalize: the expected score is a convex combination of 1..5
     assert all(1.0 - 1e-5 <= p <= 5.0 + 1e-5 for p in rail)
     assert all(r["prediction"] is None or 1 <= r["prediction"] <= 5 for r in rows if r["method"] == "decode")
@@ -221,3 +223,36 @@ def test_unparsable_predictions_are_reported_both_ways_and_counted(tmp_path, cap
     assert main(["--data", str(VICUNA), "--predictions", str(tmp_path / "q.jsonl"), "--limit", "50"]) == 0
     printed = capsys.readouterr().out
     assert "[unparsable=0]" not in printed and "unparsable predictions: predictions 0 of 50" in printed
+
+
+@pytest.mark.skipif(not HAVE_INFERENCE, reason="real.inference (RAIL / decoding) is not in this tree yet")
+def test_model_eval_follows_the_paper_protocol(tmp_path, capsys, monkeypatch):
+    """Issue 11, item 11: --data DIR stands for the four benchmarks, RAIL averages n sampled CoTs (temperature
+    1.0, top-p 0.9), greedy RAIL too, the paper's table, and a caution line for a random model."""
+    import real.inference as inference
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name in ("feedback_bench", "flask_eval", "vicuna_eval", "mt_bench_eval"):
+        short_benchmark(folder / f"{name}.json")
+    calls = []
+    original = inference.predict_rail
+
+    def recording(*args, **kwargs):
+        calls.append({k: kwargs.get(k) for k in ("n_samples", "greedy", "temperature", "top_p")})
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "predict_rail", recording)
+    out = tmp_path / "t.json"
+    assert main(["--data", str(folder), "--model", "tiny", "--methods", "rail-sampled", "rail-greedy",
+                 "--n-samples", "2", "--max-new-tokens", "2", "--batch-size", "4", "--device", "cpu",
+                 "--output", str(out)]) == 0
+    assert calls == [dict(n_samples=2, greedy=False, temperature=1.0, top_p=0.9),
+                     dict(n_samples=None, greedy=True, temperature=None, top_p=None)]
+    printed = capsys.readouterr().out
+    header = printed.splitlines()[0]
+    order = [header.index(name) for name in ("feedback_bench", "flask_eval", "vicuna_eval", "mt_bench_eval",
+                                             "Average")]
+    assert order == sorted(order)  # the paper's column order, then the average
+    assert "Pearson Spearman  Kendall" in printed and "caution: --model tiny is a random, untrained model" in printed
+    assert set(json.loads(out.read_text())["results"]) == {"rail-sampled", "rail-greedy"}
