@@ -98,6 +98,10 @@ class TrainConfig:
                       "(real only)", group="objective")
     mu: float = _opt(0.0, "REAL's reward weight of pi(k*) inside r (differentiated in both terms; real only). "
                      "Not the released code's probability bonus: that is --prob-bonus", group="objective")
+    tract_cots: str = _opt("reference", "the CoTs tract trains on: reference (the data's feedback texts; TRACT's "
+                           "first stage) or own (TRACT's second stage: CoTs the model samples itself, one per prompt "
+                           "per step at --temperature / --top-p; start it from the first stage with --init-from, and "
+                           "use --group-size 1 so that no extra CoTs are sampled)", ("reference", "own"), "objective")
     prob_bonus: float = _opt(0.0, "the released code's probability-bonus advantage (its beta_supp): the "
                              "leave-one-out advantages of pi(k*), normalised (--adv-norm) and clipped on their own, "
                              "times this weight, added to the advantages; moves the CoT term only (real only)",

@@ -1,4 +1,5 @@
-"""TRACT / CoT-RAFT: SFT on reference CoTs plus the regression term.
+"""TRACT / CoT-RAFT: SFT on reference CoTs plus the regression term (``--tract-cots own``: TRACT's
+second stage, on CoTs the model samples itself).
 
 ``CE(c_gt | x) + w * (yhat(x, c_gt) - y*)^2`` (``real.objectives.tract_loss``,
 whose ``lam`` is the paper's name for ``w``).  ``w`` is ``--beta``, the weight
@@ -29,7 +30,22 @@ class TRACT(Method):
     name = "tract"
     description = "SFT on reference CoTs + regression"
 
+    def __init__(self, config, scale):
+        super().__init__(config, scale)
+        # TRACT's second stage samples its own CoTs: the loop then provides a rollout engine
+        self.needs_rollouts = config.tract_cots == "own"
+
+    @property
+    def group_size(self) -> int:
+        return 1
+
+    @property
+    def head_temperature(self) -> float:
+        return 1.0
+
     def check_data(self, examples: list) -> list:
+        if self.needs_rollouts:  # own CoTs: no reference CoT needed
+            return examples
         usable = [e for e in examples if e.feedback]
         if not usable:
             raise ValueError("--method tract trains on reference CoTs, but no training example has feedback")
@@ -39,6 +55,12 @@ class TRACT(Method):
         return usable
 
     def collect(self, loop, step: int, examples: list) -> StepBatch:
+        if self.needs_rollouts:  # stage 2: one CoT per prompt sampled by the model itself
+            examples = dist_utils.shard_for_rank(examples, loop.env)
+            rollouts = loop.sample_rollouts([e.prompt for e in examples], step, with_score=False)
+            cots = rollouts.cots[::self.config.group_size]
+            batch = teacher_forced(loop, [e.prompt for e in examples], cots, [e.target for e in examples], quiet=True)
+            return StepBatch(batch, generated_tokens=int(batch.cot_lengths.sum()))
         rng = random.Random(loop.step_seed(step))
         cots = dist_utils.shard_for_rank([reference_cot(e, rng, loop.scale.marker) for e in examples], loop.env)
         examples = dist_utils.shard_for_rank(examples, loop.env)
