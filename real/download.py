@@ -133,11 +133,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     try:
         download(args.name, args.dir, mirror=args.mirror, force=args.force, timeout=args.timeout)
-    except NoNetwork as exc:
-        print(f"real data: no network: {exc}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"real data: error: {exc}", file=sys.stderr)
+    except (NoNetwork, ValueError, FileNotFoundError) as exc:
+        print(f"real data: {'no network' if isinstance(exc, NoNetwork) else 'error'}: {exc}", file=sys.stderr)
         return 2
     return 0
 
