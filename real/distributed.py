@@ -20,12 +20,31 @@ with B/K prompts each take the same step as one process with B prompts (the
 tests check losses and updated weights).  A loss normalised by the batch's
 total token count (batch-token-mean) is normalised per rank instead.
 Sampling uses ``rank_seed(seed, env)`` so ranks draw different CoTs.
+
+A late rank (stopped, hung, on an unreachable node) makes its peers wait in a
+collective for ``timeout_s`` (``--collective-timeout``); then
+``late_rank_report`` says which rank it is: every rank beats a heartbeat into
+torchrun's store from a small thread (a stopped process's beat stops with it)
+and notes where it is in the loop (``note_progress``).
+
+Teardown (``cleanup_distributed``): the caller first drops every holder of the
+group (the wrapped model, the optimizer); this then empties DTensor's caches
+(their sharding specs hold FSDP's device mesh, and the mesh the group), collects
+garbage, destroys the group and checks that gloo's threads are gone.  A process
+that leaves with gloo threads running can die in interpreter finalisation
+(``terminate called without an active exception``): should a PyTorch version
+keep some alive anyway, ``exit_process`` ends the process without finalisation,
+once everything is flushed.
 """
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
+import sys
+import threading
+import time
 import zlib
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence
@@ -98,6 +117,7 @@ def setup_distributed(device: Optional[str] = None, backend: Optional[str] = Non
         backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
         kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
         dist.init_process_group(backend=backend, **kwargs)
+        _STATE.timeout_s = timeout_s
     elif dist.is_initialized():
         backend = dist.get_backend()
         world, rank = dist.get_world_size(), dist.get_rank()
@@ -105,6 +125,9 @@ def setup_distributed(device: Optional[str] = None, backend: Optional[str] = Non
                    backend=backend if world > 1 else None)
     if world > 1:
         logger.info("rank %d/%d on %s (%s)", rank, world, dev, backend)
+        _STATE.used_group = True
+        if _STATE.heartbeat is None:
+            _STATE.heartbeat = _Heartbeat(rank)
     return _ENV
 
 
@@ -162,12 +185,202 @@ def sum_over_ranks(value: float, env: Optional[DistEnv] = None) -> float:
     return float(_reduce_scalar(float(value), dist.ReduceOp.SUM, torch.float64, env))
 
 
-def cleanup_distributed() -> None:
-    """Leave the process group (at the end of a run)."""
+def cleanup_distributed(broken: bool = False) -> List[str]:
+    """Leave the process group (at the end of a run; drop the wrapped model, optimizer and mesh first).
+
+    Returns the names of the gloo threads still running afterwards (see the module docstring).  ``broken``:
+    a collective failed (a late rank), so the group is not destroyed (that could wait on the late rank too).
+    """
     global _ENV
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
     _ENV = None
+    if _STATE.heartbeat is not None:
+        _STATE.heartbeat.stop()
+        _STATE.heartbeat = None
+    if broken or not (dist.is_available() and dist.is_initialized()):
+        return gloo_threads()
+    _drop_dtensor_caches()
+    gc.collect()  # holders of the group in reference cycles go before it does
+    dist.destroy_process_group()
+    gc.collect()
+    left = gloo_threads()
+    for _ in range(20):  # the threads are joined as the group's C++ object goes: give it a moment
+        if not left:
+            break
+        time.sleep(0.05)
+        left = gloo_threads()
+    if left:
+        logger.debug("gloo threads still running after the process group was destroyed: %s", left)
+    return left
+
+
+def _drop_dtensor_caches() -> None:
+    """Empty the caches of ``torch.distributed.tensor`` (functools caches, the sharding propagator's, the C++
+    one, the redistribute planner's): their specs hold FSDP's device mesh, which holds the process group."""
+    if "torch.distributed.tensor" not in sys.modules:
+        return
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith("torch.distributed.tensor"):
+            continue
+        for value in list(vars(module).values()):
+            for item in [value, *(vars(value).values() if isinstance(value, type) else ())]:
+                clear = getattr(getattr(item, "__func__", item), "cache_clear", None)
+                if callable(clear):
+                    try:
+                        clear()
+                    except TypeError:  # a cache_clear that is not functools' (needs arguments)
+                        pass
+    try:
+        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor._redistribute import clear_redistribute_planner_cache
+
+        propagator = DTensor._op_dispatcher.sharding_propagator
+        propagator.propagate_op_sharding.cache_clear()  # per-thread: the instance's, not the class's
+        propagator._propagate_tensor_meta_cached.cache_clear()
+        torch._C._clear_DTensor_sharding_propagator_cache()
+        clear_redistribute_planner_cache()
+    except (ImportError, AttributeError):  # another PyTorch version: gloo_threads() tells what is left
+        pass
+
+
+def gloo_threads() -> List[str]:
+    """The names of this process's gloo threads (Linux; an empty list elsewhere)."""
+    names = []
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return names
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/comm", encoding="utf-8") as fh:
+                name = fh.read().strip()
+        except OSError:
+            continue
+        if "gloo" in name:
+            names.append(name)
+    return sorted(names)
+
+
+def exit_process(code: int) -> None:
+    """Leave the process with ``code``: normally, or, while gloo threads are still running (a holder of the
+    group outlived ``cleanup_distributed``), without interpreter finalisation, which they could abort; everything
+    is flushed first."""
+    if not _STATE.used_group or not gloo_threads():
+        sys.exit(code)
+    logger.warning("leaving without interpreter finalisation: gloo threads still running (%s)", gloo_threads())
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    logging.shutdown()
+    os._exit(code)
+
+
+# ----------------------------------------------------------------------------------------------
+# A late rank: timeouts, heartbeats, progress notes
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective failed or gave up waiting (``--collective-timeout``); the message names the late rank(s)."""
+
+
+class _State:
+    def __init__(self) -> None:
+        self.heartbeat: Optional["_Heartbeat"] = None
+        self.timeout_s: Optional[float] = None
+        self.used_group = False
+
+
+_STATE = _State()
+_HEARTBEAT_S = 1.0
+
+
+def _store():
+    return dist.distributed_c10d._get_default_store()
+
+
+class _Heartbeat:
+    """A daemon thread that counts this rank's beats into the store every ``_HEARTBEAT_S`` seconds."""
+
+    def __init__(self, rank: int):
+        self.key, self._stop = f"real/heartbeat/{rank}", threading.Event()
+        try:
+            self.store = _store()
+        except (RuntimeError, ValueError):  # no default store (a group made another way): no heartbeat
+            self._thread = None
+            return
+        self._thread = threading.Thread(target=self._run, name="real-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        beats = 0
+        while True:
+            try:
+                self.store.set(self.key, str(beats))
+            except Exception:  # the store is gone (its server rank left): nothing left to tell
+                return
+            beats += 1
+            if self._stop.wait(_HEARTBEAT_S):
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+
+def note_progress(what: str, env: Optional[DistEnv] = None) -> None:
+    """Tell the other ranks where this one is (e.g. ``"step 3"``), for ``late_rank_report``."""
+    env = env or current_env()
+    if env.is_distributed and _STATE.heartbeat is not None and _STATE.heartbeat._thread is not None:
+        _STATE.heartbeat.store.set(f"real/progress/{env.rank}", what)
+
+
+def _read_keys(store, prefix: str, world: int) -> Dict[int, Optional[str]]:
+    out: Dict[int, Optional[str]] = {}
+    for rank in range(world):
+        key = f"{prefix}/{rank}"
+        try:
+            out[rank] = store.get(key).decode() if store.check([key]) else None
+        except Exception:  # the store itself is unreachable
+            out[rank] = None
+    return out
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed or timed out (gloo or NCCL), rather than a bug of ours."""
+    backend_error = getattr(dist, "DistBackendError", ())
+    text = str(exc)
+    return isinstance(exc, backend_error) or any(s in text for s in (
+        "Timed out", "timed out", "Connection closed by peer", "Connection reset by peer", "NCCL", "gloo"))
+
+
+def late_rank_report(exc: BaseException, env: Optional[DistEnv] = None) -> str:
+    """Which rank the others waited for: the ranks whose heartbeat stopped (a stopped or hung process), else
+    the ranks whose last progress note differs from this rank's.  Takes a few heartbeats to tell."""
+    env = env or current_env()
+    waited = f"--collective-timeout {_STATE.timeout_s:g} s" if _STATE.timeout_s else "the collective timeout"
+    head = f"rank {env.rank}: a collective failed after waiting up to {waited} for the other ranks"
+    cause = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    if _STATE.heartbeat is None or _STATE.heartbeat._thread is None:
+        return f"{head} ({cause})"
+    store = _STATE.heartbeat.store
+    first = _read_keys(store, "real/heartbeat", env.world_size)
+    time.sleep(3 * _HEARTBEAT_S)
+    second = _read_keys(store, "real/heartbeat", env.world_size)
+    progress = _read_keys(store, "real/progress", env.world_size)
+    others = [r for r in range(env.world_size) if r != env.rank]
+    silent = [r for r in others if first[r] == second[r]]
+    behind = [r for r in others if r not in silent and progress[r] != progress[env.rank]]
+    where = lambda r: progress[r] or "not started"  # noqa: E731
+    if silent:
+        late = "; ".join(f"rank {r} has stopped answering (stopped, hung, or its node is gone; last at "
+                         f"{where(r)})" for r in silent)
+    elif behind:
+        late = "; ".join(f"rank {r} is late: it is at {where(r)}" for r in behind)
+    else:
+        late = "no other rank looks stopped or behind: " + ", ".join(f"rank {r} at {where(r)}" for r in others)
+    return f"{head}: {late}; this rank is at {where(env.rank)} ({cause})"
 
 
 # ----------------------------------------------------------------------------------------------
