@@ -92,7 +92,8 @@ def _score_suffix(tokenizer, score_token: int, body_empty: bool, marker: str) ->
     return _encode(tokenizer, f"{lead}{marker}", special=False)
 
 
-def _truncate_prompt(ids: List[int], limit: int, bos_id: Optional[int]) -> List[int]:
+def truncate_prompt_ids(ids: List[int], limit: int, bos_id: Optional[int]) -> List[int]:
+    """The last ``limit`` tokens of a prompt (its rubric and the feedback cue), keeping a leading BOS."""
     if bos_id is not None and ids and ids[0] == bos_id and limit > 1:
         return ids[:1] + ids[len(ids) - (limit - 1):]
     return ids[len(ids) - limit:]
@@ -146,7 +147,7 @@ def build_teacher_forced_batch(
             raise ValueError(f"prompts[{i}] must be a string, got {type(prompt).__name__}")
         prompt_ids = _encode(tokenizer, prompt, special=True)
         if len(prompt_ids) > max_prompt_tokens:
-            prompt_ids = _truncate_prompt(prompt_ids, max_prompt_tokens, tokenizer.bos_token_id)
+            prompt_ids = truncate_prompt_ids(prompt_ids, max_prompt_tokens, tokenizer.bos_token_id)
             cut_prompts += 1
         if not prompt_ids:
             raise ValueError(f"prompts[{i}] tokenises to no tokens")

@@ -14,6 +14,10 @@ It is written into a hidden temporary folder next to the final one and renamed
 into place (a rename is atomic on one filesystem), and ``trainer_state.json`` is
 written last, so a crash leaves either the old state or a complete checkpoint,
 never half of one; ``latest_checkpoint`` ignores anything without that file.
+
+A checkpoint damaged afterwards (a truncated copy, a full disk, a bad
+``trainer_state.json``) is a ``DamagedCheckpoint`` naming the file
+(``verify_checkpoint`` checks one cheaply; ``real.resume`` falls back past it).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import random
 import re
 import shutil
 import tempfile
+import zipfile
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -60,41 +65,54 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
     return found[-1][1] if found else None
 
 
-def is_peft_model(model) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+class DamagedCheckpoint(ValueError):
+    """A checkpoint file that is missing, truncated or unreadable; the message names it."""
 
 
-# --- RNG ------------------------------------------------------------------------------
+def verify_checkpoint(folder: str) -> None:
+    """Raise ``DamagedCheckpoint`` naming the first file of ``folder`` that is missing, truncated or unreadable.
 
-def seed_everything(seed: int) -> None:
-    """Seed the Python, NumPy and torch generators."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def capture_rng_state() -> Dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    Cheap: it reads ``trainer_state.json``, the safetensors headers (and checks that each file holds every byte
+    its header promises) and the zip directories of the ``torch.save`` files (CRCs too for the small ones), not
+    the tensors themselves.
+    """
+    read_trainer_state(folder)
+    weights = sorted(glob.glob(os.path.join(folder, "model*.safetensors")) +
+                     glob.glob(os.path.join(folder, "adapter_model.safetensors")))
+    if not weights:
+        raise DamagedCheckpoint(f"{folder}: no model*.safetensors or adapter_model.safetensors")
+    for path in weights:
+        _check_safetensors(path)
+    for name in (OPTIMIZER_FILE, SCHEDULER_FILE, RNG_FILE):
+        _check_torch_file(os.path.join(folder, name))
 
 
-def restore_rng_state(state: Dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np_state = state["numpy"]
-    np.random.set_state((np_state["name"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
-                         np_state["has_gauss"], np_state["cached_gaussian"]))
-    if "cuda" in state and torch.cuda.is_available():  # as many GPUs as this machine has (resume on fewer)
-        for index, gpu_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(gpu_state, index)
+def _check_safetensors(path: str) -> None:
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if size < 8 + n:
+                raise ValueError(f"{size} bytes, but the header alone needs {8 + n}")
+            header = json.loads(fh.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        if size != 8 + n + end:
+            raise ValueError(f"{size} bytes, but its header describes {8 + n + end}")
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise DamagedCheckpoint(f"{path} is truncated or damaged ({exc})") from None
+
+
+_CRC_CHECK_BYTES = 64 << 20  # torch.save files up to this size get their CRCs checked too
+
+
+def _check_torch_file(path: str) -> None:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip() if os.path.getsize(path) <= _CRC_CHECK_BYTES else None
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise DamagedCheckpoint(f"{path} is missing, truncated or damaged ({exc})") from None
+    if bad is not None:
+        raise DamagedCheckpoint(f"{path} is damaged (a CRC check failed in {bad})")
 
 
 # --- model weights --------------------------------------------------------------------
@@ -116,8 +134,6 @@ def save_model(model, tokenizer, folder: str, state_dict: Optional[Dict[str, tor
 
 def load_model_weights(model, folder: str) -> None:
     """Load the weights a checkpoint holds into ``model`` in place (full model or LoRA adapter)."""
-    from safetensors.torch import load_file
-
     if is_peft_model(model):
         path = os.path.join(folder, "adapter_model.safetensors")
         if not os.path.isfile(path):
@@ -125,7 +141,7 @@ def load_model_weights(model, folder: str) -> None:
                              "is a LoRA model (was the checkpoint written without --lora-rank?)")
         from peft import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(model, load_file(path, device=str(_device_of(model))))
+        result = set_peft_model_state_dict(model, _load_safetensors(path, model))
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
             raise ValueError(f"checkpoint {folder!r}: adapter weights do not match the model: {unexpected[:5]}")
@@ -137,13 +153,29 @@ def load_model_weights(model, folder: str) -> None:
         raise ValueError(f"checkpoint {folder!r} has no model*.safetensors weights")
     state: Dict[str, torch.Tensor] = {}
     for path in files:
-        state.update(load_file(path, device=str(_device_of(model))))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+        state.update(_load_safetensors(path, model))
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes differ: another model (e.g. --tiny-config hidden_size)
+        mismatches = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
+        raise ValueError(f"checkpoint {folder!r} does not fit the model: "
+                         f"{'; '.join(mismatches[:3]) or exc} (was it written for another --model / --tiny-config?)"
+                         ) from None
     tied = _tied_names(model)
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         raise ValueError(f"checkpoint {folder!r} does not match the model: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
+
+
+def _load_safetensors(path: str, model) -> Dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device=str(_device_of(model)))
+    except (SafetensorError, OSError) as exc:
+        raise DamagedCheckpoint(f"{path} is truncated or damaged ({exc})") from None
 
 
 def _without_tied_head(model, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -243,20 +275,89 @@ def read_trainer_state(folder: str) -> Dict[str, Any]:
     state_path = os.path.join(folder, STATE_FILE)
     if not os.path.isfile(state_path):
         raise ValueError(f"{folder!r} is not a complete checkpoint (no {STATE_FILE})")
-    with open(state_path, encoding="utf-8") as fh:
-        return json.load(fh)
+    state = _read_json(state_path)
+    if not isinstance(state.get("step"), int):
+        raise DamagedCheckpoint(f"{state_path} is damaged (no integer 'step')")
+    return state
+
+
+def read_saved_config(folder: str) -> Optional[Dict[str, Any]]:
+    """The ``train_config.json`` a checkpoint was written with (None for checkpoints from before it was saved)."""
+    path = os.path.join(folder, CONFIG_FILE)
+    if not os.path.isfile(path):
+        return None
+    return _read_json(path)
+
+
+def is_peft_model(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+# --- RNG ------------------------------------------------------------------------------
+
+def seed_everything(seed: int) -> None:
+    """Seed the Python, NumPy and torch generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def capture_rng_state() -> Dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np_state = state["numpy"]
+    np.random.set_state((np_state["name"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available():  # as many GPUs as this machine has (resume on fewer)
+        for index, gpu_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(gpu_state, index)
+
+
+def _read_json(path: str) -> Dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            value = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DamagedCheckpoint(f"{path} is damaged ({exc})") from None
+    if not isinstance(value, dict):
+        raise DamagedCheckpoint(f"{path} is damaged (a JSON object was expected)")
+    return value
+
+
+def _torch_load(folder: str, name: str, **kwargs) -> Any:
+    path = os.path.join(folder, name)
+    try:
+        return torch.load(path, weights_only=True, **kwargs)
+    except FileNotFoundError:
+        raise DamagedCheckpoint(f"{path} is missing") from None
+    except Exception as exc:  # truncated zip, bad pickle, short read: torch raises several kinds
+        raise DamagedCheckpoint(f"{path} cannot be read: truncated or damaged ({type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
 
 
 def read_optimizer_state(folder: str) -> Dict[str, Any]:
-    return torch.load(os.path.join(folder, OPTIMIZER_FILE), map_location="cpu", weights_only=True)
+    return _torch_load(folder, OPTIMIZER_FILE, map_location="cpu")
 
 
 def read_scheduler_state(folder: str) -> Dict[str, Any]:
-    return torch.load(os.path.join(folder, SCHEDULER_FILE), weights_only=True)
+    return _torch_load(folder, SCHEDULER_FILE)
 
 
 def read_rng_state(folder: str) -> Dict[str, Any]:
-    return torch.load(os.path.join(folder, RNG_FILE), weights_only=True)
+    return _torch_load(folder, RNG_FILE)
 
 
 def prune_checkpoints(output_dir: str, keep: int) -> None:

@@ -82,6 +82,8 @@ def _read_rows(path: Path) -> List[Tuple[int, Optional[int], Any]]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise FileNotFoundError(f"judge data file not found: {path}") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a directory; pass the data files in it (.json / .jsonl)") from None
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path}: not UTF-8 text ({exc})") from None
     stripped = text.lstrip()
@@ -358,3 +360,19 @@ def load_train_and_eval(cfg) -> Tuple[List[JudgeExample], List[JudgeExample]]:
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     held = set(order[:n_eval])
     return ([e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)])
+
+
+def held_out_apart(train: Sequence[JudgeExample], held: Sequence[JudgeExample], *, given: bool,
+                   log) -> List[JudgeExample]:
+    """``held`` without the prompts ``train`` has too: duplicate rows that a split put on both sides are dropped
+    from the held-out side (said through ``log``); a ``given`` held-out set (--eval-data) is kept, with a warning."""
+    seen = {e.prompt for e in train}
+    both = [e for e in held if e.prompt in seen]
+    if both and given:
+        log(f"warning: {len(both)} of {len(held)} --eval-data prompts are also in the training data: their "
+            "evaluation is not held out")
+    elif both:
+        log(f"warning: {len(both)} of {len(held)} held-out rows are also in the training split (duplicate rows "
+            "in --data); they are dropped from the held-out side")
+        return [e for e in held if e.prompt not in seen]
+    return list(held)

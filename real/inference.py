@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from real.batching import build_teacher_forced_batch, cut_at_marker
+from real.batching import build_teacher_forced_batch, cut_at_marker, truncate_prompt_ids
 from real.head import score_forward
 from real.prompts import SCORE_MARKER, ScoreScale, parse_score
 
@@ -97,6 +97,16 @@ def _check_common(prompts, batch_size: int, n: int = 1) -> List[str]:
     return prompts
 
 
+def _encode_prompts(tokenizer, prompts: List[str], max_prompt_tokens: Optional[int]):
+    """Padded ``input_ids`` / ``attention_mask`` of ``prompts``, each cut to its last ``max_prompt_tokens``."""
+    if max_prompt_tokens is None:
+        return tokenizer(prompts, return_tensors="pt", padding=True)
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    ids = [truncate_prompt_ids(x, max_prompt_tokens, tokenizer.bos_token_id) if len(x) > max_prompt_tokens else x
+           for x in ids]
+    return tokenizer.pad({"input_ids": ids}, return_tensors="pt")
+
+
 def generate_cots(
     model,
     tokenizer,
@@ -111,6 +121,7 @@ def generate_cots(
     stop_at_marker: bool = True,
     progress: bool = True,
     marker: str = SCORE_MARKER,
+    max_prompt_tokens: Optional[int] = None,
 ) -> List[List[str]]:
     """``n`` generated continuations per prompt (``result[i][k]``), as text.
 
@@ -119,7 +130,9 @@ def generate_cots(
     it (e.g. cut by ``max_new_tokens``), so every CoT ends with the marker.
     Otherwise a row runs until eos, ``max_new_tokens``, or a score written after
     the marker, and the text is returned as generated.  ``batch_size`` counts
-    sequences (prompts x n) per ``generate`` call.
+    sequences (prompts x n) per ``generate`` call.  ``max_prompt_tokens``: a
+    longer prompt keeps its last tokens, as the training batch does
+    (``real.batching.truncate_prompt_ids``).
     """
     prompts = _check_common(prompts, batch_size, n)
     if greedy and n > 1:
@@ -143,7 +156,7 @@ def generate_cots(
     with _left_padding(tokenizer), torch.no_grad():
         for start in range(0, len(order), per_call):
             chunk = order[start:start + per_call]
-            enc = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True).to(device)
+            enc = _encode_prompts(tokenizer, [prompts[i] for i in chunk], max_prompt_tokens).to(device)
             width = enc["input_ids"].shape[1]
             stop = StopAtMarker(tokenizer, width, marker=marker, need_score=not stop_at_marker)
             out = model.generate(**enc, generation_config=config, stopping_criteria=StoppingCriteriaList([stop]))
@@ -276,8 +289,9 @@ def rail_predictions(model, tokenizer, prompts: Sequence[str], scale: ScoreScale
     prompts = list(prompts)
     if with_cot:
         cots = [c[0] for c in generate_cots(model, tokenizer, prompts, n=1, greedy=True,
-                                             max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                             stop_at_marker=True, progress=False, marker=scale.marker)]
+                                             max_new_tokens=min(max_new_tokens, max_cot_tokens),
+                                             batch_size=batch_size, stop_at_marker=True, progress=False,
+                                             marker=scale.marker, max_prompt_tokens=max_prompt_tokens)]
     else:
         cots = [None] * len(prompts)
     return rail_scores(model, tokenizer, prompts, cots, scale, batch_size=batch_size, normalize=normalize,

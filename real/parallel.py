@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from real.distributed import DistEnv, current_env
+from real.distributed import DistEnv, current_env, max_over_ranks
 from real_kernels.hf import _unwrap_peft
 
 PARALLEL_MODES = ("fsdp", "ddp", "none")
@@ -212,6 +212,13 @@ def clip_grad_norm(wrapped: nn.Module, max_norm: float) -> float:
         for g in grads:
             g.mul_(coef)
     return norm
+
+
+def parameters_finite(wrapped: nn.Module, env: Optional[DistEnv] = None) -> bool:
+    """Whether every parameter holds finite values (this rank's shards under FSDP), on every rank (collective)."""
+    local = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
+                for p in wrapped.parameters())
+    return not max_over_ranks(int(not local), env)
 
 
 def _grad_device(grads: Sequence[torch.Tensor]) -> torch.device:

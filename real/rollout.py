@@ -31,6 +31,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from real.inference import generate_cots
+from real.nonfinite import NonFiniteStep
 from real.prompts import SCORE_MARKER
 
 logger = logging.getLogger(__name__)
@@ -78,15 +79,27 @@ def _group(prompts: Sequence[str], per_prompt: Sequence[Sequence[str]], group_si
     return Rollouts(prompts=flat_prompts, cots=flat, decoded_scores=scores, group_size=group_size)
 
 
+def _sample_cots(*args, **kwargs) -> List[List[str]]:
+    """``generate_cots``; a policy with non-finite probabilities (NaN weights) is a ``NonFiniteStep``."""
+    try:
+        return generate_cots(*args, **kwargs)
+    except RuntimeError as exc:
+        if "probability tensor contains" not in str(exc):  # torch.multinomial's message
+            raise
+        raise NonFiniteStep("the policy's next-token probabilities are not finite (sampling rollouts)") from None
+
+
 class HFRollout:
     """Sampling with transformers ``generate`` on the training model itself."""
 
     name = "hf"
 
     def __init__(self, tokenizer, *, temperature: float, top_p: float, max_new_tokens: int, batch_size: int,
-                 score_values: Sequence[float], progress: bool = False, marker: str = SCORE_MARKER):
+                 score_values: Sequence[float], progress: bool = False, marker: str = SCORE_MARKER,
+                 max_prompt_tokens: Optional[int] = None):
         self.tokenizer = tokenizer
         self.marker = marker
+        self.max_prompt_tokens = max_prompt_tokens  # longer prompts keep their last tokens, as in training
         self.temperature = temperature
         self.top_p = top_p
         self.max_new_tokens = max_new_tokens
@@ -103,11 +116,11 @@ class HFRollout:
         try:
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(seed)
-                per_prompt = generate_cots(
+                per_prompt = _sample_cots(
                     model, self.tokenizer, list(prompts), n=group_size, greedy=False,
                     temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
                     batch_size=max(self.batch_size, group_size), stop_at_marker=not with_score,
-                    progress=self.progress, marker=self.marker,
+                    progress=self.progress, marker=self.marker, max_prompt_tokens=self.max_prompt_tokens,
                 )
         finally:
             model.train(was_training)
@@ -123,7 +136,8 @@ class VLLMRollout:
     name = "vllm"
 
     def __init__(self, model, tokenizer, *, temperature: float, top_p: float, max_new_tokens: int,
-                 score_values: Sequence[float], gpu_memory_utilization: float = 0.3, marker: str = SCORE_MARKER):
+                 score_values: Sequence[float], gpu_memory_utilization: float = 0.3, marker: str = SCORE_MARKER,
+                 max_prompt_tokens: Optional[int] = None):
         try:
             import vllm
         except ImportError as exc:
@@ -136,6 +150,7 @@ class VLLMRollout:
         self.temperature = temperature
         self.top_p = top_p
         self.max_new_tokens = max_new_tokens
+        self.max_prompt_tokens = max_prompt_tokens
         self.score_values = list(score_values)
         self.marker = marker
         # vLLM loads from a folder: write the starting weights once, then push updates in memory.
@@ -178,6 +193,7 @@ class VLLMRollout:
         params = self._vllm.SamplingParams(
             n=group_size, temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_new_tokens,
             seed=seed, stop=None if with_score else [self.marker], include_stop_str_in_output=True,
+            truncate_prompt_tokens=self.max_prompt_tokens,
         )
         outputs = self.llm.generate(list(prompts), params, use_tqdm=False)
         per_prompt = []
@@ -216,13 +232,15 @@ def _merged_state_dict(model):
 
 def make_rollout_engine(name: str, model, tokenizer, *, temperature: float, top_p: float, max_new_tokens: int,
                         batch_size: int, score_values: Sequence[float], progress: bool = False,
-                        marker: str = SCORE_MARKER):
+                        marker: str = SCORE_MARKER, max_prompt_tokens: Optional[int] = None):
+    """``max_prompt_tokens``: generation sees at most this many prompt tokens (the last ones)."""
     if name == "hf":
         return HFRollout(tokenizer, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                         batch_size=batch_size, score_values=score_values, progress=progress, marker=marker)
+                         batch_size=batch_size, score_values=score_values, progress=progress, marker=marker,
+                         max_prompt_tokens=max_prompt_tokens)
     if name == "vllm":
         if os.environ.get("VLLM_USE_V1") is None:
             os.environ["VLLM_USE_V1"] = "0"  # in-process engine, so weights can be refreshed in memory
         return VLLMRollout(model, tokenizer, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                           score_values=score_values, marker=marker)
+                           score_values=score_values, marker=marker, max_prompt_tokens=max_prompt_tokens)
     raise ValueError(f"rollout must be 'hf' or 'vllm'; got {name!r}")

@@ -4,7 +4,13 @@
 evaluation; ``OUTPUT_DIR/checkpoint-STEP/`` folders come from
 ``real.checkpoint``.  Creating ``OUTPUT_DIR/STOP`` asks a running job to stop
 after the current step with a checkpoint (it works under any launcher; torchrun
-does not pass Ctrl-C on to the ranks).
+does not pass Ctrl-C on to the ranks); so do Ctrl-C and SIGTERM (what
+schedulers and ``timeout`` send), through ``StopOnSignal``.
+
+``metrics.jsonl`` is only appended to while a run goes; a resume that drops the
+lines of steps it will redo rewrites it atomically (temporary file, then
+``os.replace``), and a torn last line (the process was killed while writing it)
+is dropped with a warning.
 
 Under torchrun rank 0 alone reads and writes the folder; the other ranks get
 its verdicts (the checkpoint to resume from, an error, a stop request) through
@@ -16,11 +22,12 @@ import json
 import os
 import shutil
 import signal
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from real import checkpoint as ckpt
 from real import distributed as dist_utils
 from real.metrics import json_safe
+from real.resume import latest_intact_checkpoint
 
 METRICS_FILE = "metrics.jsonl"
 STOP_FILE = "STOP"  # create OUTPUT_DIR/STOP to stop after the current step with a checkpoint (any launcher)
@@ -30,29 +37,42 @@ class RunDir:
     """The output directory of one run, seen from one rank (``env``: its ``real.distributed.DistEnv``)."""
 
     def __init__(self, path: str, env, log: Callable[[str], None]):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"--output-dir {path!r} is a file, not a directory; choose another --output-dir")
         self.path, self.env, self.log = path, env, log
         self.metrics_path = os.path.join(path, METRICS_FILE)
         self.stop_path = os.path.join(path, STOP_FILE)
 
     def resume_checkpoint(self, resume: bool) -> Optional[str]:
-        """The newest complete checkpoint to resume from (rank 0 decides; every rank reads its files)."""
+        """The newest intact checkpoint to resume from, falling back past damaged ones (rank 0 decides and says
+        so; every rank gets its verdict and reads the files)."""
         if not resume:
             return None
-        return dist_utils.broadcast_object(ckpt.latest_checkpoint(self.path) if self.env.is_main else None, self.env)
+        return self._on_main(lambda: latest_intact_checkpoint(self.path, self.log))
 
-    def prepare(self, *, resume: bool, overwrite: bool, resumed_from: Optional[str], step: int) -> None:
-        """Rank 0 checks and prepares the directory; every rank gets its verdict (the same exception)."""
-        error = None
+    def _on_main(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` on rank 0; every rank gets its result, or raises its error (as a ValueError)."""
+        result, error = None, None
         if self.env.is_main:
             try:
-                self._prepare(resume, overwrite, resumed_from, step)
+                result = fn()
             except (ValueError, OSError) as exc:
                 error = exc
-        error = dist_utils.broadcast_object(error, self.env)
+        result, error = dist_utils.broadcast_object((result, error), self.env)
         if isinstance(error, ValueError):
             raise error
         if error is not None:
             raise ValueError(f"{type(error).__name__}: {error}")
+        return result
+
+    def logged_eval(self, step: int) -> bool:
+        """Whether ``metrics.jsonl`` holds an evaluation of ``step`` (collective)."""
+        return bool(self._on_main(lambda: any(r.get("type") == "eval" and r.get("step") == step
+                                              for r in self._read_metrics())))
+
+    def prepare(self, *, resume: bool, overwrite: bool, resumed_from: Optional[str], step: int) -> None:
+        """Rank 0 checks and prepares the directory; every rank gets its verdict (the same exception)."""
+        self._on_main(lambda: self._prepare(resume, overwrite, resumed_from, step))
 
     def _prepare(self, resume: bool, overwrite: bool, resumed_from: Optional[str], step: int) -> None:
         os.makedirs(self.path, exist_ok=True)
@@ -78,18 +98,33 @@ class RunDir:
                 os.remove(self.metrics_path)
 
     def truncate_metrics(self, step: int) -> None:
-        """Drop the log lines of steps after ``step`` (they are about to be redone)."""
+        """Drop the log lines of steps after ``step`` (they are about to be redone), atomically."""
         if not os.path.exists(self.metrics_path):
             return
-        with open(self.metrics_path, encoding="utf-8") as fh:
-            kept = [line for line in fh if line.strip() and json.loads(line).get("step", 0) <= step]
-        with open(self.metrics_path, "w", encoding="utf-8") as fh:
-            fh.writelines(kept)
+        kept = [r for r in self._read_metrics() if r.get("step", 0) <= step]
+        _write_atomically(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def _read_metrics(self) -> List[Dict[str, Any]]:
+        """The records of ``metrics.jsonl``; a torn last line is dropped with a warning, any other bad line is an
+        error naming the file and the line."""
+        if not os.path.exists(self.metrics_path):
+            return []
+        with open(self.metrics_path, encoding="utf-8", errors="replace") as fh:
+            lines = [(n, line) for n, line in enumerate(fh, start=1) if line.strip()]
+        records = []
+        for i, (n, line) in enumerate(lines):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                if i < len(lines) - 1:
+                    raise ValueError(f"{self.metrics_path}: line {n} is not JSON ({exc}); fix or remove it") from None
+                self.log(f"warning: {self.metrics_path}: dropped a torn last line (line {n}; the run was killed "
+                         "while writing it)")
+        return records
 
     def write_config(self, config: Dict[str, Any]) -> None:
         if self.env.is_main:
-            with open(os.path.join(self.path, ckpt.CONFIG_FILE), "w", encoding="utf-8") as fh:
-                json.dump(config, fh, indent=2)
+            _write_atomically(os.path.join(self.path, ckpt.CONFIG_FILE), json.dumps(config, indent=2))
 
     def write(self, record: Dict[str, Any]) -> None:
         """One line of ``metrics.jsonl`` (rank 0; NaN and infinities written as null)."""
@@ -109,28 +144,58 @@ class RunDir:
             os.remove(self.stop_path)
 
 
-class CtrlC:
-    """While entered, Ctrl-C asks the run to stop after the current step (``requested``); a second Ctrl-C
-    aborts at once.  Under torchrun Ctrl-C reaches every rank: each finishes the step, and the save is
-    collective.  Outside the main thread Ctrl-C cannot reach the run, and nothing is installed."""
+def _write_atomically(path: str, text: str) -> None:
+    """Replace ``path`` by ``text`` all at once: a crash leaves the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class Aborted(KeyboardInterrupt):
+    """A second stop signal: the run ends at once, without a checkpoint; ``signum`` is the signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopOnSignal:
+    """While entered, Ctrl-C (SIGINT) or SIGTERM (what schedulers and ``timeout`` send before killing a job)
+    asks the run to stop after the current step with a checkpoint (``requested``; ``signum`` says which); a
+    second one aborts at once (``Aborted``).  Under torchrun both reach every rank (torchrun passes SIGTERM on):
+    each finishes the step, and the save is collective.  Outside the main thread no signal can reach the run,
+    and nothing is installed."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, log: Callable[[str], None]):
-        self.log, self.requested, self._previous, self._installed = log, False, None, False
+        self.log, self.requested, self.signum, self._previous = log, False, None, {}
 
     def _handler(self, signum, frame):
         if self.requested:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            raise KeyboardInterrupt
-        self.requested = True
-        self.log("Ctrl-C: finishing this step, then saving a checkpoint (Ctrl-C again aborts without saving)")
+            for sig, previous in self._previous.items():
+                signal.signal(sig, previous)
+            raise Aborted(signum)
+        self.requested, self.signum = True, signum
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        self.log(f"{name}: finishing this step, then saving a checkpoint (Ctrl-C or SIGTERM again aborts without "
+                 "saving)")
 
-    def __enter__(self) -> "CtrlC":
+    def __enter__(self) -> "StopOnSignal":
         try:
-            self._previous, self._installed = signal.signal(signal.SIGINT, self._handler), True
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handler)
         except ValueError:  # not the main thread
             pass
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._installed:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)

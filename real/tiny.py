@@ -99,6 +99,10 @@ def build_tiny_tokenizer(vocab_size: int = TINY_VOCAB_SIZE) -> PreTrainedTokeniz
     )
 
 
+_POSITIVE_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                   "num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
 def build_tiny_model(tokenizer, seed: int = 0, **config_overrides) -> Qwen3ForCausalLM:
     """A random ``Qwen3ForCausalLM`` sized for ``tokenizer`` (2 layers, hidden 64, tied embeddings).
 
@@ -120,6 +124,9 @@ def build_tiny_model(tokenizer, seed: int = 0, **config_overrides) -> Qwen3ForCa
         bos_token_id=None,
         attn_implementation="sdpa",
     )
+    for key, value in config_overrides.items():  # a typo'd size fails in a sentence, not deep inside torch
+        if key in _POSITIVE_SIZES and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"tiny_config {key}={value!r}: must be a positive integer")
     config.update(config_overrides)
     if config["vocab_size"] < len(tokenizer):
         raise ValueError(f"vocab_size {config['vocab_size']} is smaller than the tokenizer's {len(tokenizer)} tokens")
@@ -127,6 +134,8 @@ def build_tiny_model(tokenizer, seed: int = 0, **config_overrides) -> Qwen3ForCa
     try:
         torch.manual_seed(seed)
         model = Qwen3ForCausalLM(Qwen3Config(**config))
+    except (ValueError, TypeError, RuntimeError) as exc:  # e.g. hidden_size not divisible by the heads
+        raise ValueError(f"tiny_config {config_overrides}: the tiny model cannot be built ({exc})") from None
     finally:
         torch.random.set_rng_state(generator_state)
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -14,16 +14,19 @@ One step, readable top to bottom in ``Trainer.train_step``; what differs between
 6. one JSON line in ``OUTPUT_DIR/metrics.jsonl`` (``real.run_dir``); every ``--eval-every`` steps
    RAIL on held-out prompts and its Pearson/Spearman/Kendall.
 
-Checkpoints (``real.checkpoint``) are atomic and resume exactly.  Ctrl-C, or the file
-``OUTPUT_DIR/STOP`` (torchrun does not pass Ctrl-C on), stops after the current step with a
-checkpoint.  Under ``torchrun`` every rank runs this loop on its share of the prompts (whole
-groups); every model call runs as ``self.wrapped(fn, ...)`` so FSDP gathers the LM-head weight the
-fused head reads; ranks run equally many micro-batches; rank 0 alone logs and writes checkpoints.
+Checkpoints (``real.checkpoint``) are atomic and resume exactly (``real.resume``: past damaged ones, never
+into another run).  Ctrl-C, SIGTERM, or the file ``OUTPUT_DIR/STOP`` (torchrun does not pass Ctrl-C on),
+stops after the current step with a checkpoint; the final one is written before the final evaluation.
+A non-finite loss or gradient norm skips the update (``real.nonfinite``).  Under ``torchrun`` every
+rank runs this loop on its share of the prompts (whole groups); every model call runs as
+``self.wrapped(fn, ...)`` so FSDP gathers the LM-head weight the fused head reads; ranks run equally
+many micro-batches; rank 0 alone logs and writes checkpoints.
 """
 from __future__ import annotations
 
 import os
 import resource
+import signal
 import sys
 import time
 import warnings
@@ -40,15 +43,17 @@ from real import distributed as dist_utils
 from real import parallel
 from real.batching import TeacherForcedBatch, micro_batch_ranges, slice_batch
 from real.config import TrainConfig, build_parser, config_from_args, config_json
-from real.data import JudgeExample, PromptStream, load_train_and_eval, with_chat_templates
+from real.data import JudgeExample, PromptStream, held_out_apart, load_train_and_eval, with_chat_templates
 from real.head import judge_forward, micro_batch_loss
 from real.inference import rail_predictions
 from real.methods import method_class
 from real.metrics import prediction_report
+from real.nonfinite import NonFiniteStep, SkippedSteps, TrainingFailed, finite_on_all_ranks, skipped_record
 from real.models import (frozen_copy, init_weights_from, load_model_and_tokenizer, prepare_for_training,
                          resolve_device)
 from real.prompts import ScoreScale, score_phrase
-from real.run_dir import METRICS_FILE, CtrlC, RunDir
+from real.resume import apply_optimizer_settings, check_resumed_config
+from real.run_dir import METRICS_FILE, Aborted, RunDir, StopOnSignal
 
 SYNTHETIC_DEFAULTS = {"max_new_tokens": 32}  # defaults for --data synthetic, below config file and flags
 
@@ -65,6 +70,9 @@ def _generate_with(model, engine, *args, **kwargs):
     return engine.generate(model, *args, **kwargs)
 
 
+SCORE_ROOM = 4  # tokens GRPO's rollouts may write past --max-cot-tokens: the score after the marker
+
+
 def _dummy_loss(fwd):
     return 0.0 * (fwd.expected_score.sum() + fwd.cot_logprobs.sum()), {}
 
@@ -77,6 +85,7 @@ class TrainResult:
     checkpoint: Optional[str]
     final_eval: Optional[Dict[str, Any]]
     records: List[Dict[str, Any]] = field(default_factory=list)
+    stop_signal: Optional[int] = None  # the signal that stopped the run (SIGINT, SIGTERM), if one did
 
 
 # --- the trainer ----------------------------------------------------------------------
@@ -90,7 +99,8 @@ class Trainer:
         self.config = config
         device = resolve_device(config.device)
         # torchrun: join the process group; one process: a one-rank environment, nothing to join.
-        self.env = dist_utils.setup_distributed(device=None if config.device == "auto" else str(device))
+        self.env = dist_utils.setup_distributed(device=None if config.device == "auto" else str(device),
+                                                timeout_s=config.collective_timeout)
         self.device = self.env.device
         self.is_main = self.env.is_main
         self.log = (log or (lambda msg: tqdm.write(msg, file=sys.stderr))) if self.is_main else (lambda msg: None)
@@ -101,6 +111,9 @@ class Trainer:
         ckpt.seed_everything(config.seed)
         self.output_dir = config.output_dir
         self.run_dir = RunDir(config.output_dir, self.env, self.log)
+        self.resume_from = self.run_dir.resume_checkpoint(config.resume)  # the newest intact checkpoint
+        if self.resume_from:  # the same run, or --allow-config-change
+            check_resumed_config(self.resume_from, config, allow=config.allow_config_change, log=self.log)
 
         if tokenizer is None and model is not None:
             raise ValueError("pass the tokenizer together with the model")
@@ -112,8 +125,14 @@ class Trainer:
         self.method = method_class(config.method)(config, self.scale)
         if train_examples is None:
             train_examples, eval_examples = load_train_and_eval(config)
+            if config.data != ["synthetic"]:
+                eval_examples = held_out_apart(train_examples, eval_examples, given=bool(config.eval_data),
+                                               log=self.log)
         if not train_examples:
             raise ValueError("the training data is empty")
+        if not eval_examples:
+            self.log("warning: no held-out examples (too few rows for --eval-fraction, or none given): the run "
+                     "is not evaluated; pass --eval-data or raise --eval-fraction")
         self.train_examples = self.method.check_data(list(train_examples))
         self.eval_examples = list(eval_examples or [])
         self.train_examples, self.eval_examples = (with_chat_templates(x, self.tokenizer, config.chat_template)
@@ -125,7 +144,6 @@ class Trainer:
                                                                     adapter_from=adapter_from, log=self.log)
         # The KL term's reference policy: a frozen copy (a LoRA model disables its adapter instead).
         self.ref_model = frozen_copy(self.model) if config.kl_coef > 0 and not ckpt.is_peft_model(self.model) else None
-        self.resume_from = self.run_dir.resume_checkpoint(config.resume)
         if self.resume_from:  # the weights go in before sharding; optimizer etc. after it
             ckpt.load_model_weights(self.model, self.resume_from)
         # Everything the loop does with the model runs as self.wrapped(fn, ...) (real.parallel): under
@@ -149,14 +167,18 @@ class Trainer:
 
             self.engine = make_rollout_engine(
                 config.rollout, self.model, self.tokenizer, temperature=config.temperature, top_p=config.top_p,
-                max_new_tokens=config.max_new_tokens, batch_size=config.rollout_batch_size,
-                score_values=self.scale.values, marker=self.scale.marker)
+                max_new_tokens=min(config.max_new_tokens,
+                                   config.max_cot_tokens + (SCORE_ROOM if getattr(self.method, "with_score", False)
+                                                            else 0)),
+                batch_size=config.rollout_batch_size, score_values=self.scale.values, marker=self.scale.marker,
+                max_prompt_tokens=config.max_prompt_tokens)
         self.step = 0
         self.stream = PromptStream(len(self.train_examples), config.seed)
         if self.resume_from:  # optimizer, schedule, RNG, step and data position
             state = ckpt.load_training_state(self.resume_from, env=self.env, wrapped=self.wrapped,
                                              optimizer=self.optimizer, scheduler=self.scheduler)
             self.step, self.stream.position = int(state["step"]), int(state["data_position"])
+            apply_optimizer_settings(self.optimizer, self.scheduler, config)  # what is used is what is recorded
 
     # --- setup ---------------------------------------------------------------------------
 
@@ -166,10 +188,23 @@ class Trainer:
     def _lr_lambda(self, update: int) -> float:
         return self.config.lr_factor(update)
 
+    def close(self) -> None:
+        """Drop everything that holds the process group (wrapped models, their meshes, optimizer, schedule,
+        engine), so that ``real.distributed.cleanup_distributed`` can take it down."""
+        if getattr(self, "engine", None) is not None:
+            self.engine.close()
+        for name in ("wrapped", "ref_wrapped", "optimizer", "scheduler", "trainable", "engine", "model",
+                     "ref_model", "method"):
+            setattr(self, name, None)
+
     # --- checkpoints ---------------------------------------------------------------------
 
     def save(self) -> str:
         """A checkpoint of this step (collective: every rank calls it; rank 0 writes)."""
+        if not parallel.parameters_finite(self.wrapped, self.env):
+            raise TrainingFailed(f"step {self.step}: the weights are not finite; no checkpoint written over the good "
+                                 f"ones (newest: {ckpt.latest_checkpoint(self.output_dir)}); lower --lr "
+                                 f"(now {self.config.lr:g})")
         state = {"data_position": self.stream.position, "method": self.config.method, "seed": self.config.seed,
                  "world_size": self.env.world_size}
         return ckpt.save_training_checkpoint(
@@ -246,7 +281,7 @@ class Trainer:
         micro_batches = method.prepare(self, step_batch, ranges, n_slots)  # loss inputs (pre-pass, no grad)
 
         record: Dict[str, Any] = {}
-        grad_norms, last_loss = [], None
+        grad_norms, last_loss, skipped = [], None, None
         for epoch in range(cfg.epochs_per_batch):
             sums: Dict[str, float] = {}
             for k in range(n_slots):
@@ -263,7 +298,10 @@ class Trainer:
                 for name, value in terms.items():
                     sums[name] = sums.get(name, 0.0) + value * share
             grad_norms.append(parallel.clip_grad_norm(self.wrapped, cfg.grad_clip))  # <= 0: measured, not clipped
-            self.optimizer.step()
+            if finite_on_all_ranks(sums.get("loss", 0.0), grad_norms[-1], self.env):
+                self.optimizer.step()
+            else:  # no update from a NaN / inf: the step is logged as skipped (see run())
+                skipped = f"non-finite loss ({sums.get('loss')}) or gradient norm ({grad_norms[-1]})"
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             if epoch == 0:
@@ -294,6 +332,8 @@ class Trainer:
             "peak_mem_kind": peak_kind,
             "data_position": self.stream.position,
         })
+        if skipped:
+            out.update(update_skipped=True, skip_reason=skipped)
         if self.env.is_distributed:
             # Means over ranks (each rank's terms are means over its equal share of rows), sums for counts
             # and throughput, maxima for memory and times.
@@ -301,6 +341,14 @@ class Trainer:
             out.update(step=step, data_position=self.stream.position, micro_batches=n_slots,
                        ranks=self.env.world_size)
         return out
+
+    def _train_step_or_skip(self, step: int) -> Dict[str, Any]:
+        try:
+            return self.train_step(step)
+        except NonFiniteStep as exc:  # nothing to train on: the step is skipped like a NaN loss
+            for _ in range(self.config.epochs_per_batch):
+                self.scheduler.step()
+            return skipped_record(step, self.config.method, str(exc), self.stream.position)
 
     # --- evaluation ----------------------------------------------------------------------
 
@@ -347,11 +395,15 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.method} steps", unit="step",
                    disable=not (cfg.progress and self.is_main), file=sys.stderr)
         interrupted = False
-        with CtrlC(self.log) as ctrl_c:  # Ctrl-C: stop after this step
+        skipped = SkippedSteps(self.log, lambda: ckpt.latest_checkpoint(self.output_dir), cfg.lr)
+        with StopOnSignal(self.log) as stop:  # Ctrl-C or SIGTERM: stop after this step
             try:
+                if self.resume_from and self.step >= cfg.steps and not self.run_dir.logged_eval(self.step):
+                    final_eval = self._evaluate_and_log(self.step, records)  # it died before (e.g. out of memory)
                 while self.step < cfg.steps:
                     step = self.step + 1
-                    record = self.train_step(step)
+                    dist_utils.note_progress(f"step {step}", self.env)
+                    record = self._train_step_or_skip(step)
                     self.step = step
                     if step == 1 or (cfg.steps and step == cfg.steps):
                         record["attn_implementation"] = self.attn_implementation
@@ -360,29 +412,40 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "reward_mean", "mse")
                                      if isinstance(record.get(k), float)})
-                    if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-                        final_eval = self.evaluate(step)
-                        if final_eval is not None:
-                            self.run_dir.write(final_eval)
-                            records.append(final_eval)
-                            self.log(f"step {step} eval: pearson {final_eval['pearson']:.3f}  spearman "
-                                     f"{final_eval['spearman']:.3f}  kendall {final_eval['kendall']:.3f}  "
-                                     f"mse {final_eval['mse']:.3f}  (n={final_eval['n']})")
-                    if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-                        last_saved = self.save()
-                    if self.run_dir.should_stop(ctrl_c.requested):  # all ranks stop together
+                    skipped.observe(record, last_step=step == cfg.steps)  # stops the run after a few in a row
+                    good = not skipped.streak  # no checkpoint, no evaluation of a step whose update was skipped
+                    if good and ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps):
+                        last_saved = self.save()  # before the evaluation: one that dies loses no training
+                    if good and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+                        final_eval = self._evaluate_and_log(step, records)
+                    if self.run_dir.should_stop(stop.requested):  # all ranks stop together
                         interrupted = True
-                        if last_saved is None or not last_saved.endswith(f"{ckpt.PREFIX}{step}"):
+                        if good and (last_saved is None or not last_saved.endswith(f"{ckpt.PREFIX}{step}")):
                             last_saved = self.save()
                         self.run_dir.clear_stop()
                         self.log(f"stopped after step {step}; checkpoint {last_saved}; continue with --resume")
                         break
+            except RuntimeError as exc:  # a collective that timed out: say which rank was late
+                if self.env.is_distributed and dist_utils.is_collective_failure(exc):
+                    raise dist_utils.CollectiveTimeout(dist_utils.late_rank_report(exc, self.env)) from exc
+                raise
             finally:
                 bar.close()
                 if self.engine is not None:
                     self.engine.close()
         dist_utils.barrier()  # no rank leaves (and tears the process group down) while another still needs it
-        return TrainResult(self.output_dir, self.step, interrupted, last_saved, final_eval, records)
+        return TrainResult(self.output_dir, self.step, interrupted, last_saved, final_eval, records,
+                           stop.signum if interrupted else None)
+
+    def _evaluate_and_log(self, step: int, records: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+        dist_utils.note_progress(f"step {step}: evaluation", self.env)
+        record = self.evaluate(step)
+        if record is not None:
+            self.run_dir.write(record)
+            records.append(record)
+            self.log(f"step {step} eval: pearson {record['pearson']:.3f}  spearman {record['spearman']:.3f}  "
+                     f"kendall {record['kendall']:.3f}  mse {record['mse']:.3f}  (n={record['n']})")
+        return record
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -390,10 +453,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser(prog="real train", description=(
         "Train an LLM judge with REAL (regression-aware RL) or a baseline (GRPO, RAFT, TRACT). Settings come from "
         "--config FILE (YAML or TOML, keys = the flag names with underscores) and/or flags; flags win. "
-        "Ctrl-C, or creating OUTPUT_DIR/STOP (under torchrun), stops after the current step with a checkpoint; "
-        "--resume continues. "
+        "Ctrl-C, SIGTERM, or creating OUTPUT_DIR/STOP (under torchrun), stops after the current step with a "
+        "checkpoint; --resume continues. "
         "Example: real train --method real --model tiny --data synthetic --steps 3 --output-dir runs/smoke"))
     args = parser.parse_args(argv)
+    trainer, broken = None, False
     try:
         config = config_from_args(args)
         if config.data == ["synthetic"]:  # the synthetic task's CoTs are ~15 tokens: do not sample 256
@@ -407,17 +471,24 @@ def main(argv: Optional[List[str]] = None) -> int:
             hf_logging.disable_progress_bar()  # save_pretrained's shard bars
         if config.threads == 0 and config.model == "tiny" and resolve_device(config.device).type == "cpu":
             torch.set_num_threads(1)  # see --threads: tiny ops do not split well, and one thread never stalls
-        result = Trainer(config).run()
+        result = (trainer := Trainer(config)).run()
     except (ValueError, FileNotFoundError) as exc:
         print(f"real train: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except (TrainingFailed, dist_utils.CollectiveTimeout) as exc:
+        broken = isinstance(exc, dist_utils.CollectiveTimeout)  # the group cannot be taken down in order
+        print(f"real train: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as exc:  # a second Ctrl-C / SIGTERM
         print("real train: aborted (no checkpoint written for the unfinished step)", file=sys.stderr)
-        return 130
+        return 128 + (exc.signum if isinstance(exc, Aborted) else signal.SIGINT)
     finally:
-        dist_utils.cleanup_distributed()
+        if trainer is not None:
+            trainer.close()
+        trainer = None
+        dist_utils.cleanup_distributed(broken=broken)
     if result.interrupted:
-        return 130
+        return 128 + (result.stop_signal or signal.SIGINT)  # 130 for Ctrl-C or the STOP file, 143 for SIGTERM
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 speaks for the run
         return 0
     print(f"done: {result.last_step} steps; metrics in {os.path.join(result.output_dir, METRICS_FILE)}; "
@@ -426,4 +497,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    dist_utils.exit_process(main())
