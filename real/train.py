@@ -131,8 +131,8 @@ class Trainer:
         if not train_examples:
             raise ValueError("the training data is empty")
         if not eval_examples:
-            self.log("warning: no held-out examples (too few rows for --eval-fraction, or none given): the run "
-                     "is not evaluated; pass --eval-data or raise --eval-fraction")
+            self.log("warning: no held-out examples (too few rows, or all also in the training data): the run is "
+                     "not evaluated; pass --eval-data or raise --eval-fraction")
         self.train_examples = self.method.check_data(list(train_examples))
         self.eval_examples = list(eval_examples or [])
         self.train_examples, self.eval_examples = (with_chat_templates(x, self.tokenizer, config.chat_template)
