@@ -143,7 +143,7 @@ def micro_batch_loss(model, batch: TeacherForcedBatch, score_token_ids: Sequence
     method's is) then contributes exactly its live rows' gradient.  The value
     and ``terms`` come from one last call on the whole detached forward; the
     CoT entropy is added to ``terms`` when the loss does not report it.  Called
-    as ``wrapped(micro_batch_loss, ...)`` (``real.distributed``), so under FSDP
+    as ``wrapped(micro_batch_loss, ...)`` (``real.parallel``), so under FSDP
     the whole pass runs inside the root module's forward.
     """
     _check_targets(batch, "micro_batch_loss")
