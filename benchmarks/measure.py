@@ -158,10 +158,13 @@ def cpu_timed_peak(step: Callable[[], None]) -> Tuple[float, Optional[float]]:
     return elapsed, max(0, peak_kib - base_kib) / 1024.0
 
 
-def measure_cpu(step: Callable[[], None], warmup: int, repeats: int) -> Tuple[List[float], Optional[float]]:
-    """Warm-up runs, then ``repeats`` timed runs; the first timed run also measures peak memory."""
+def measure_cpu(step: Callable[[], None], warmup: int, repeats: int,
+                release: Callable[[], None] = lambda: None) -> Tuple[List[float], Optional[float]]:
+    """Warm-up runs, then ``repeats`` timed runs; the first timed run also measures peak memory, after
+    ``release`` dropped what the provider keeps between calls (so a reused buffer counts in the peak)."""
     for _ in range(warmup):
         step()
+    release()
     first_ms, peak_mb = cpu_timed_peak(step)
     samples = [first_ms]
     gc_was_enabled = gc.isenabled()
@@ -240,7 +243,7 @@ def run_case(case: Case) -> Result:
         if case.device == "cuda":
             time_ms, peak = measure_cuda(step, case.warmup, case.repeats)
             return Result(case, "ok", time_ms=time_ms, memory_mb=peak, version=version)
-        samples, peak = measure_cpu(step, case.warmup, case.repeats)
+        samples, peak = measure_cpu(step, case.warmup, case.repeats, provider.release_caches)
         note = "" if peak is not None else "peak RSS needs Linux /proc"
         return Result(case, "ok", note, quantiles(samples), peak, version, samples)
     except Exception as exc:

@@ -5,7 +5,7 @@ Every provider computes the same two things from ``hidden [N, H]`` and
 
 - ``logprobs``: per-token ``log softmax(hidden @ weight.T)[targets]``, fp32,
   differentiable (the quantity a policy-gradient trainer needs);
-- ``judge``: the full judge head of REAL (DESIGN.md section 1): the CoT
+- ``judge``: the full judge head of REAL (docs/design.md section 1): the CoT
   tokens' log-probs on every row, and on the few score rows the score-token
   log-probs, the expected score and its squared error.
 
@@ -100,6 +100,9 @@ class Provider:
     def unavailable_reason(self, device: str) -> Optional[str]:
         return None
 
+    def release_caches(self) -> None:
+        """Drop memory the provider keeps between calls, so that the measured call allocates (and counts) it."""
+
     def version(self) -> str:
         raise NotImplementedError
 
@@ -183,6 +186,11 @@ class LossProvider(Provider):
 
     name = "loss"
     description = "real_kernels.judge_loss (loss mode, 3 GEMMs), backend='auto': torch on the CPU, triton on CUDA"
+
+    def release_caches(self):
+        from real_kernels.loss_torch import release_workspaces
+
+        release_workspaces()  # the CPU pass keeps its logits buffer between calls: count it in the peak
 
     def unavailable_reason(self, device):
         if device == "cuda" and importlib.util.find_spec("triton") is None:

@@ -231,3 +231,24 @@ def test_double_backward_is_refused_clearly():
     loss, _ = judge_loss(hidden, weight, torch.randint(0, 20, (6,)), lambda o, r: o.logprobs.sum(), backend="torch")
     with pytest.raises(RuntimeError, match="first-order"):
         torch.autograd.grad(loss, hidden, create_graph=True)
+
+
+def test_cpu_pass_reuses_its_logits_buffer_between_calls():
+    from real_kernels.loss_torch import release_workspaces
+
+    n, h, v = 64, 8, 5000  # the [32, V] buffer is the largest tensor of a call (dW is [V, 8])
+    hidden = torch.randn(n, h, requires_grad=True)
+    weight = torch.randn(v, h, requires_grad=True)
+    targets = torch.randint(0, v, (n,))
+    loss_fn = lambda o, r: o.logprobs.sum()  # noqa: E731
+    release_workspaces()
+    with LargestAllocation(allocations_only=True) as watch:
+        first = judge_loss(hidden, weight, targets, loss_fn, backend="torch", chunk_size=32)[0]
+    assert watch.largest == 32 * v
+    g1 = torch.autograd.grad(first, (hidden, weight))
+    with LargestAllocation(allocations_only=True) as watch:
+        second = judge_loss(hidden, weight, targets, loss_fn, backend="torch", chunk_size=32)[0]
+        g2 = torch.autograd.grad(second, (hidden, weight))
+    assert watch.largest < 32 * v  # no new [chunk, V] buffer: the first call's is reused
+    assert torch.equal(g1[0], g2[0]) and torch.equal(g1[1], g2[1])
+    release_workspaces()
