@@ -36,7 +36,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from real.prompts import FEEDBACK_PREFIX, SCORE_MARKER, parse_score, render_prompt
 
@@ -376,3 +376,21 @@ def held_out_apart(train: Sequence[JudgeExample], held: Sequence[JudgeExample], 
             "in --data); they are dropped from the held-out side")
         return [e for e in held if e.prompt not in seen]
     return list(held)
+
+
+def run_examples(cfg, tokenizer, check: Callable[[list], list], log, *, train=None, held_out=None
+                 ) -> Tuple[List[JudgeExample], List[JudgeExample]]:
+    """A training run's examples: loaded from ``cfg`` unless given, real data's held-out rows kept apart
+    from the training rows, the method's ``check`` applied to the training rows, chat templates applied."""
+    if train is None:
+        train, held_out = load_train_and_eval(cfg)
+        if cfg.data != ["synthetic"]:
+            held_out = held_out_apart(train, held_out, given=bool(cfg.eval_data), log=log)
+    if not train:
+        raise ValueError("the training data is empty")
+    if not held_out:
+        log("warning: no held-out examples (too few rows, or all also in the training data): the run is "
+            "not evaluated; pass --eval-data or raise --eval-fraction")
+    train, held_out = check(list(train)), list(held_out or [])
+    return (with_chat_templates(train, tokenizer, cfg.chat_template),
+            with_chat_templates(held_out, tokenizer, cfg.chat_template))

@@ -244,3 +244,15 @@ def make_rollout_engine(name: str, model, tokenizer, *, temperature: float, top_
         return VLLMRollout(model, tokenizer, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                            score_values=score_values, marker=marker, max_prompt_tokens=max_prompt_tokens)
     raise ValueError(f"rollout must be 'hf' or 'vllm'; got {name!r}")
+
+
+SCORE_ROOM = 4  # tokens GRPO's rollouts may write past --max-cot-tokens: the score after the marker
+
+
+def rollout_engine_for(cfg, model, tokenizer, scale, *, with_score: bool):
+    """The rollout engine of a training run, from its ``TrainConfig`` and score scale."""
+    extra = SCORE_ROOM if with_score else 0
+    return make_rollout_engine(
+        cfg.rollout, model, tokenizer, temperature=cfg.temperature, top_p=cfg.top_p,
+        max_new_tokens=min(cfg.max_new_tokens, cfg.max_cot_tokens + extra), batch_size=cfg.rollout_batch_size,
+        score_values=scale.values, marker=scale.marker, max_prompt_tokens=cfg.max_prompt_tokens)

@@ -24,9 +24,7 @@ many micro-batches; rank 0 alone logs and writes checkpoints.
 """
 from __future__ import annotations
 
-import os
 import resource
-import signal
 import sys
 import time
 import warnings
@@ -42,10 +40,11 @@ from real import checkpoint as ckpt
 from real import distributed as dist_utils
 from real import parallel
 from real.batching import TeacherForcedBatch, micro_batch_ranges, slice_batch
-from real.config import TrainConfig, build_parser, config_from_args, config_json
-from real.data import JudgeExample, PromptStream, held_out_apart, load_train_and_eval, with_chat_templates
+from real.config import TrainConfig
+from real.data import JudgeExample, PromptStream, run_examples
 from real.head import judge_forward, micro_batch_loss
 from real.inference import rail_predictions
+from real.rollout import rollout_engine_for
 from real.methods import method_class
 from real.metrics import prediction_report
 from real.nonfinite import NonFiniteStep, SkippedSteps, TrainingFailed, finite_on_all_ranks, skipped_record
@@ -53,10 +52,7 @@ from real.models import (frozen_copy, init_weights_from, load_model_and_tokenize
                          resolve_device)
 from real.prompts import ScoreScale, score_phrase
 from real.resume import apply_optimizer_settings, check_resumed_config
-from real.run_dir import METRICS_FILE, Aborted, RunDir, StopOnSignal
-
-SYNTHETIC_DEFAULTS = {"max_new_tokens": 32}  # defaults for --data synthetic, below config file and flags
-
+from real.run_dir import RunDir, StopOnSignal
 
 def peak_memory_mb(device: torch.device) -> Tuple[float, str]:
     if device.type == "cuda":
@@ -68,9 +64,6 @@ def _generate_with(model, engine, *args, **kwargs):
     """``engine.generate`` on ``model``: called as ``wrapped(_generate_with, engine, ...)`` so that under
     FSDP the sampling runs inside the root module's forward, with its parameters gathered."""
     return engine.generate(model, *args, **kwargs)
-
-
-SCORE_ROOM = 4  # tokens GRPO's rollouts may write past --max-cot-tokens: the score after the marker
 
 
 def _dummy_loss(fwd):
@@ -123,20 +116,8 @@ class Trainer:
             seed=config.seed, tiny_config=config.tiny_config)
         self.scale = ScoreScale.from_tokenizer(self.tokenizer, marker=score_phrase(config.score_phrase))
         self.method = method_class(config.method)(config, self.scale)
-        if train_examples is None:
-            train_examples, eval_examples = load_train_and_eval(config)
-            if config.data != ["synthetic"]:
-                eval_examples = held_out_apart(train_examples, eval_examples, given=bool(config.eval_data),
-                                               log=self.log)
-        if not train_examples:
-            raise ValueError("the training data is empty")
-        if not eval_examples:
-            self.log("warning: no held-out examples (too few rows, or all also in the training data): the run is "
-                     "not evaluated; pass --eval-data or raise --eval-fraction")
-        self.train_examples = self.method.check_data(list(train_examples))
-        self.eval_examples = list(eval_examples or [])
-        self.train_examples, self.eval_examples = (with_chat_templates(x, self.tokenizer, config.chat_template)
-                                                   for x in (self.train_examples, self.eval_examples))
+        self.train_examples, self.eval_examples = run_examples(
+            config, self.tokenizer, self.method.check_data, self.log, train=train_examples, held_out=eval_examples)
 
         adapter_from = (init_weights_from(self.model, config.init_from, lora_rank=config.lora_rank, log=self.log)
                         if config.init_from else None)
@@ -161,17 +142,9 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.trainable, lr=config.lr, weight_decay=config.weight_decay,
                                            betas=tuple(config.adam_betas))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
-        self.engine = None
-        if self.method.needs_rollouts:
-            from real.rollout import make_rollout_engine
-
-            self.engine = make_rollout_engine(
-                config.rollout, self.model, self.tokenizer, temperature=config.temperature, top_p=config.top_p,
-                max_new_tokens=min(config.max_new_tokens,
-                                   config.max_cot_tokens + (SCORE_ROOM if getattr(self.method, "with_score", False)
-                                                            else 0)),
-                batch_size=config.rollout_batch_size, score_values=self.scale.values, marker=self.scale.marker,
-                max_prompt_tokens=config.max_prompt_tokens)
+        self.engine = rollout_engine_for(config, self.model, self.tokenizer, self.scale,
+                                         with_score=getattr(self.method, "with_score", False)
+                                         ) if self.method.needs_rollouts else None
         self.step = 0
         self.stream = PromptStream(len(self.train_examples), config.seed)
         if self.resume_from:  # optimizer, schedule, RNG, step and data position
@@ -308,35 +281,30 @@ class Trainer:
                 record = dict(sums)
             last_loss = sums.get("loss")
 
+        return self._step_record(step, step_batch, record, last_loss, grad_norms, len(ranges), n_slots, skipped,
+                                 t_start, t_rollout)
+
+    def _step_record(self, step, step_batch, record, last_loss, grad_norms, n_ranges, n_slots, skipped,
+                     t_start, t_rollout) -> Dict[str, Any]:
+        """The step's metrics.jsonl line (the method's terms and metrics, throughput, memory; reduced over
+        ranks: means for terms, sums for counts and throughput, maxima for memory and times)."""
+        cfg, batch = self.config, step_batch.batch
         elapsed = time.perf_counter() - t_start
         train_tokens = int(batch.attention_mask.sum()) * (cfg.epochs_per_batch + int(step_batch.prepass))
         peak, peak_kind = peak_memory_mb(self.device)
-        out: Dict[str, Any] = {"type": "train", "step": step, "method": cfg.method}
-        out.update(record)
+        out: Dict[str, Any] = {"type": "train", "step": step, "method": cfg.method, **record}
         if cfg.epochs_per_batch > 1:
             out["loss_last_epoch"] = last_loss
-        out.update(method.step_metrics(step_batch))
-        out.update({
-            "mse": record.get("sq_error"),
-            "entropy": record.get("entropy"),
-            "grad_norm": grad_norms[0] if len(grad_norms) == 1 else float(np.mean(grad_norms)),
-            "lr": self.scheduler.get_last_lr()[0],
-            "micro_batches": len(ranges),
-            "sequences": n_rows,
-            "train_tokens": train_tokens,
-            "generated_tokens": step_batch.generated_tokens,
-            "rollout_s": t_rollout,
-            "step_s": elapsed,
-            "tokens_per_s": (train_tokens + step_batch.generated_tokens) / max(elapsed, 1e-9),
-            "peak_mem_mb": peak,
-            "peak_mem_kind": peak_kind,
-            "data_position": self.stream.position,
-        })
+        out.update(self.method.step_metrics(step_batch))
+        out.update(mse=record.get("sq_error"), entropy=record.get("entropy"),
+                   grad_norm=grad_norms[0] if len(grad_norms) == 1 else float(np.mean(grad_norms)),
+                   lr=self.scheduler.get_last_lr()[0], micro_batches=n_ranges, sequences=len(batch),
+                   train_tokens=train_tokens, generated_tokens=step_batch.generated_tokens, rollout_s=t_rollout,
+                   step_s=elapsed, tokens_per_s=(train_tokens + step_batch.generated_tokens) / max(elapsed, 1e-9),
+                   peak_mem_mb=peak, peak_mem_kind=peak_kind, data_position=self.stream.position)
         if skipped:
             out.update(update_skipped=True, skip_reason=skipped)
         if self.env.is_distributed:
-            # Means over ranks (each rank's terms are means over its equal share of rows), sums for counts
-            # and throughput, maxima for memory and times.
             out = dist_utils.all_reduce_metrics(out, self.env)
             out.update(step=step, data_position=self.stream.position, micro_batches=n_slots,
                        ranks=self.env.world_size)
@@ -449,51 +417,10 @@ class Trainer:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(prog="real train", description=(
-        "Train an LLM judge with REAL (regression-aware RL) or a baseline (GRPO, RAFT, TRACT). Settings come from "
-        "--config FILE (YAML or TOML, keys = the flag names with underscores) and/or flags; flags win. "
-        "Ctrl-C, SIGTERM, or creating OUTPUT_DIR/STOP (under torchrun), stops after the current step with a "
-        "checkpoint; --resume continues. "
-        "Example: real train --method real --model tiny --data synthetic --steps 3 --output-dir runs/smoke"))
-    args = parser.parse_args(argv)
-    trainer, broken = None, False
-    try:
-        config = config_from_args(args)
-        if config.data == ["synthetic"]:  # the synthetic task's CoTs are ~15 tokens: do not sample 256
-            config = config_from_args(args, base=SYNTHETIC_DEFAULTS)
-        if getattr(args, "print_config", False):
-            print(config_json(config))
-            return 0
-        if not config.progress:
-            from transformers.utils import logging as hf_logging
+    """``real train`` / ``python -m real.train`` / ``torchrun -m real.train`` (``real.train_cli``)."""
+    from real.train_cli import main as cli_main
 
-            hf_logging.disable_progress_bar()  # save_pretrained's shard bars
-        if config.threads == 0 and config.model == "tiny" and resolve_device(config.device).type == "cpu":
-            torch.set_num_threads(1)  # see --threads: tiny ops do not split well, and one thread never stalls
-        result = (trainer := Trainer(config)).run()
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"real train: error: {exc}", file=sys.stderr)
-        return 2
-    except (TrainingFailed, dist_utils.CollectiveTimeout) as exc:
-        broken = isinstance(exc, dist_utils.CollectiveTimeout)  # the group cannot be taken down in order
-        print(f"real train: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as exc:  # a second Ctrl-C / SIGTERM
-        print("real train: aborted (no checkpoint written for the unfinished step)", file=sys.stderr)
-        return 128 + (exc.signum if isinstance(exc, Aborted) else signal.SIGINT)
-    finally:
-        if trainer is not None:
-            trainer.close()
-        trainer = None
-        dist_utils.cleanup_distributed(broken=broken)
-    if result.interrupted:
-        return 128 + (result.stop_signal or signal.SIGINT)  # 130 for Ctrl-C or the STOP file, 143 for SIGTERM
-    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 speaks for the run
-        return 0
-    print(f"done: {result.last_step} steps; metrics in {os.path.join(result.output_dir, METRICS_FILE)}; "
-          f"checkpoint {result.checkpoint}")
-    return 0
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Bad input raises ValueError / TypeError naming the argument (DESIGN.md section 4),
+"""Bad input raises ValueError / TypeError naming the argument (docs/design.md section 4),
 never a silent NaN or an out-of-bounds read in a kernel."""
 import pytest
 import torch
