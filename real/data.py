@@ -392,5 +392,24 @@ def run_examples(cfg, tokenizer, check: Callable[[list], list], log, *, train=No
         log("warning: no held-out examples (too few rows, or all also in the training data): the run is "
             "not evaluated; pass --eval-data or raise --eval-fraction")
     train, held_out = check(list(train)), list(held_out or [])
-    return (with_chat_templates(train, tokenizer, cfg.chat_template),
-            with_chat_templates(held_out, tokenizer, cfg.chat_template))
+    train = with_chat_templates(train, tokenizer, cfg.chat_template)
+    held_out = with_chat_templates(held_out, tokenizer, cfg.chat_template)
+    for name, rows in (("training", train), ("held-out", held_out)):
+        note = prompt_cut_note(rows, tokenizer, cfg.max_prompt_tokens, name)
+        if note:
+            log(note)
+    return train, held_out
+
+
+def prompt_cut_note(examples: Sequence[JudgeExample], tokenizer, limit: int, name: str) -> Optional[str]:
+    """A line saying how many of ``examples``' prompts are longer than ``limit`` tokens (they keep their last
+    ``limit`` tokens, ``real.batching``) and by how much, or None when none is."""
+    if not examples:
+        return None
+    lengths = [len(ids) for ids in tokenizer([e.prompt for e in examples], add_special_tokens=True)["input_ids"]]
+    over = sorted(n - limit for n in lengths if n > limit)
+    if not over:
+        return None
+    return (f"note: {len(over)} of {len(lengths)} {name} prompts are longer than --max-prompt-tokens {limit} and "
+            f"lose their first tokens: {over[len(over) // 2]} tokens cut at the median, {over[-1]} at most "
+            f"(longest prompt {max(lengths)} tokens); raise --max-prompt-tokens to keep them whole")

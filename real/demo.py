@@ -10,13 +10,16 @@ What it runs (every phase is a plain ``real train`` run, its folder under
    score head: the warm-up every method below starts from;
 3. ``real/``        REAL (rollouts, regression reward, prediction term);
 4. ``grpo/``        binary-reward GRPO, same prompts and rollout budget;
-5. ``tract/``       a control: the warm-up continued with the same labelled
+5. ``raft/``       RAFT, the paper's other baseline: regression on the labels
+   with no CoT, the same labelled prompts per step and steps as REAL;
+6. ``tract/``       a control: the warm-up continued with the same labelled
    prompts per step, steps and learning rate as REAL (the same label budget;
    is a gain from RL, or just from more supervised training?).
 
-Steps 3-5 start from the same checkpoint and run side by side (``--jobs``
-processes, one thread each by default: the tiny model's ops are too small to
-split across threads).
+Every stage runs in a worker process (``real.demo_stages``: a progress bar per
+stage, and the expected total time printed first); steps 3-6 start from the
+same checkpoint and run side by side (``--jobs`` processes, one thread each by
+default: the tiny model's ops are too small to split across threads).
 
 The synthetic task (``real.synthetic``) is built so that a CoT helps (the grade
 is a clipped running score, which depends on the order of right and wrong
@@ -48,16 +51,17 @@ from real.metrics import json_safe
 
 DEFAULTS = dict(
     cot_steps=600, score_steps=100, warmup_batch=128, warmup_lr=3e-3, score_lr=1e-3, cot_beta=0.02,
-    rl_steps=300, rl_prompts=16, group_size=8, rl_lr=1e-4, rl_beta=0.3,
+    rl_steps=300, rl_prompts=16, group_size=8, rl_lr=1e-4, rl_beta=0.3, raft_lr=1e-3,
     eval_every=50, eval_size=256, train_size=4096, max_new_tokens=32,
 )
 QUICK = dict(
     cot_steps=8, score_steps=4, warmup_batch=16, warmup_lr=3e-3, score_lr=1e-3, cot_beta=0.02,
-    rl_steps=3, rl_prompts=2, group_size=4, rl_lr=1e-4, rl_beta=1.0,
+    rl_steps=3, rl_prompts=2, group_size=4, rl_lr=1e-4, rl_beta=1.0, raft_lr=1e-3,
     eval_every=3, eval_size=16, train_size=128, max_new_tokens=20,
 )
 ROWS = (("untrained", "untrained (random tiny Qwen3)"), ("warmup", "after warm-up (TRACT)"),
-        ("real", "after REAL"), ("grpo", "after GRPO (binary reward)"), ("tract", "warm-up continued (TRACT)"))
+        ("real", "after REAL"), ("grpo", "after GRPO (binary reward)"), ("raft", "after RAFT (no CoT)"),
+        ("tract", "warm-up continued (TRACT)"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-size", type=int, help=f"training examples (default: {d['train_size']})")
     p.add_argument("--jobs", type=int, default=2, help="processes for the runs that start from the warm-up (REAL, "
                    "GRPO, control), each on --threads threads (default: 2)")
+    p.add_argument("--raft-lr", type=float, help="learning rate of the RAFT baseline (default: "
+                   f"{d['raft_lr']}, the warm-up's score stage's; at the RL rate it barely moves)")
+    p.add_argument("--no-raft", action="store_true", help="skip the RAFT baseline run")
     p.add_argument("--no-control", action="store_true", help="skip the 'warm-up continued (TRACT)' control run")
     p.add_argument("--no-plot", action="store_true", help="do not write curves.png")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1: the tiny model's ops are "
@@ -116,7 +123,7 @@ def _settings(args) -> Dict[str, Any]:
     return base
 
 
-def phase_configs(s: Dict[str, Any], out: str, seed: int, control: bool = True):
+def phase_configs(s: Dict[str, Any], out: str, seed: int, control: bool = True, raft: bool = True):
     """The demo's runs in order: ``(name, TrainConfig, step offset on the curves)``."""
     from real.config import make_config
 
@@ -126,8 +133,9 @@ def phase_configs(s: Dict[str, Any], out: str, seed: int, control: bool = True):
     sft = dict(method="tract", prompts_per_step=s["warmup_batch"], **common)
     cot_dir, warm_dir = os.path.join(out, "warmup_cot"), os.path.join(out, "warmup")
     warm_ckpt = os.path.join(warm_dir, f"checkpoint-{s['score_steps']}")
-    rl = dict(steps=s["rl_steps"], prompts_per_step=s["rl_prompts"], group_size=s["group_size"], lr=s["rl_lr"],
-              init_from=warm_ckpt, rollout_batch_size=s["rl_prompts"] * s["group_size"], **common)
+    branch = dict(steps=s["rl_steps"], prompts_per_step=s["rl_prompts"], init_from=warm_ckpt, **common)
+    rl = dict(group_size=s["group_size"], lr=s["rl_lr"], rollout_batch_size=s["rl_prompts"] * s["group_size"],
+              **branch)
     warm_total = s["cot_steps"] + s["score_steps"]
     phases = [
         ("warmup_cot", make_config(steps=s["cot_steps"], lr=s["warmup_lr"], beta=s["cot_beta"], output_dir=cot_dir,
@@ -138,10 +146,12 @@ def phase_configs(s: Dict[str, Any], out: str, seed: int, control: bool = True):
         ("real", make_config(method="real", beta=s["rl_beta"], output_dir=os.path.join(out, "real"), **rl), warm_total),
         ("grpo", make_config(method="grpo", output_dir=os.path.join(out, "grpo"), **rl), warm_total),
     ]
+    if raft:  # the same labelled prompts per step and steps as REAL, at the score stage's learning rate
+        phases.append(("raft", make_config(method="raft", lr=s["raft_lr"], output_dir=os.path.join(out, "raft"),
+                                           **branch), warm_total))
     if control:  # the same labelled prompts per step, steps and learning rate as REAL: the same label budget
-        control_cfg = dict(sft, prompts_per_step=s["rl_prompts"])
-        phases.append(("tract", make_config(steps=s["rl_steps"], lr=s["rl_lr"], beta=1.0, init_from=warm_ckpt,
-                                            output_dir=os.path.join(out, "tract"), **control_cfg), warm_total))
+        phases.append(("tract", make_config(method="tract", lr=s["rl_lr"], beta=1.0,
+                                            output_dir=os.path.join(out, "tract"), **branch), warm_total))
     return phases
 
 
@@ -169,8 +179,9 @@ def format_table(table: Dict[str, Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_phase(config: Dict[str, Any], threads: int):
-    """One ``real train`` run from a config dict: ``(records, final eval, seconds)`` (also in a worker process)."""
+def run_phase(config: Dict[str, Any], threads: int, evaluate_first: bool = False):
+    """One ``real train`` run from a config dict, in a worker process: ``(records, final eval, seconds, the
+    evaluation before the first step or None)``."""
     from real.config import make_config
     from real.train import Trainer
 
@@ -181,71 +192,70 @@ def run_phase(config: Dict[str, Any], threads: int):
     warnings.simplefilter("ignore")
     hf_logging.disable_progress_bar()  # save_pretrained's shard bars
     t0 = time.perf_counter()
-    result = Trainer(make_config(**config), log=lambda msg: None).run()
-    return result.records, result.final_eval, time.perf_counter() - t0
+    trainer = Trainer(make_config(**config), log=lambda msg: None)
+    first = trainer.evaluate(0) if evaluate_first else None
+    result = trainer.run()
+    return result.records, result.final_eval, time.perf_counter() - t0, first
+
+
+WHAT = {"warmup_cot": "warm-up stage 1 (TRACT, learn the CoT)", "warmup": "warm-up stage 2 (TRACT, score)",
+        "real": "REAL", "grpo": "GRPO (binary reward)", "raft": "RAFT (regression, no CoT)",
+        "tract": "TRACT continued (control)"}
 
 
 def run_demo(args) -> Dict[str, Any]:
-    from real.train import Trainer
+    from tqdm.auto import tqdm
+
+    from real.demo_stages import estimate_seconds, format_minutes, make_pool, run_stages, stage_seconds
 
     settings = _settings(args)
     out = args.output_dir
     os.makedirs(out, exist_ok=True)
-    phases = phase_configs(settings, out, args.seed, control=not args.no_control)
+    phases = phase_configs(settings, out, args.seed, control=not args.no_control, raft=not args.no_raft)
+    for _, cfg, _ in phases:  # an earlier demo's logs must not move the new bars
+        stale = os.path.join(cfg.output_dir, "metrics.jsonl")
+        if os.path.exists(stale):
+            os.remove(stale)
     table: Dict[str, Dict[str, Any]] = {}
     histories: Dict[str, List[Dict[str, Any]]] = {}
-    offsets: Dict[str, int] = {}
+    offsets = {name: offset for name, _, offset in phases}
     timings: Dict[str, float] = {}
     best: Dict[str, Optional[float]] = {}  # best held-out Pearson along each curve (picked on held-out data)
-    untrained = None
+    untrained: Dict[str, Any] = {}
     t_total = time.perf_counter()
-    say = lambda msg: print(msg, flush=True)  # noqa: E731
-    what = {"warmup_cot": "warm-up stage 1 (TRACT, learn the CoT)", "warmup": "warm-up stage 2 (TRACT, calibrate "
-            "the score)", "real": "REAL", "grpo": "GRPO (binary reward)", "tract": "TRACT continued (control)"}
-    def record(name, offset, records, final_eval, seconds):
+    say = lambda msg: tqdm.write(msg, file=sys.stdout)  # noqa: E731  (above the bars on a terminal)
+
+    def record(name, result):
+        records, final_eval, seconds, first = result
+        if first is not None:
+            untrained.update(first)
+            table["untrained"] = _row(first)
+            say(f"[demo] untrained model: held-out Pearson {_fmt(first['pearson']).strip()}")
         timings[name] = seconds
-        histories[name], offsets[name] = records, offset
+        histories[name] = records
         if name != "warmup_cot":
             table[name] = _row(final_eval)
             pearsons = [r["pearson"] for r in records if r.get("type") == "eval" and r.get("pearson") is not None]
             best[name] = max(pearsons) if pearsons else None
-        say(f"[demo]   {what[name]}: done in {seconds:.0f}s, held-out Pearson {_fmt(final_eval['pearson']).strip()}")
+        say(f"[demo]   {WHAT[name]}: done in {seconds:.0f}s, held-out Pearson {_fmt(final_eval['pearson']).strip()}")
 
-    def announce(name, cfg):
-        shape = f"{cfg.steps} steps x {cfg.prompts_per_step} prompts" + (
-            f" x {cfg.group_size} sampled CoTs" if METHODS[cfg.method].needs_rollouts else " (reference CoTs)")
-        say(f"[demo] {what[name]}: {shape}")
-
-    # The warm-up runs here; the branches that start from it are independent and run side by side.
     warmups = [p for p in phases if p[0].startswith("warmup")]
-    branches = [p for p in phases if not p[0].startswith("warmup")]
-    for name, cfg, offset in warmups:
-        t0 = time.perf_counter()
-        trainer = Trainer(cfg, log=lambda msg: None)
-        if untrained is None:
-            untrained = trainer.evaluate(0)
-            table["untrained"] = _row(untrained)
-            say(f"[demo] untrained model: held-out Pearson {_fmt(untrained['pearson']).strip()}")
-        announce(name, cfg)
-        result = trainer.run()
-        record(name, offset, result.records, result.final_eval, time.perf_counter() - t0)
-    for name, cfg, _ in branches:
-        announce(name, cfg)
+    # The branches are independent; the longest go first, so that the short ones fill the gaps.
+    branches = sorted((p for p in phases if not p[0].startswith("warmup")), key=lambda p: -stage_seconds(p[1]))
     jobs = max(1, min(args.jobs, len(branches)))
-    if jobs == 1:
-        for name, cfg, offset in branches:
-            record(name, offset, *run_phase(cfg.to_dict(), args.threads))
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        say(f"[demo] running the {len(branches)} branches in {jobs} processes")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(run_phase, cfg.to_dict(), args.threads): (name, offset)
-                       for name, cfg, offset in branches}
-            for future in as_completed(futures):
-                name, offset = futures[future]
-                record(name, offset, *future.result())
+    say(f"[demo] seed {args.seed}: {len(phases)} runs, expected about "
+        f"{format_minutes(estimate_seconds(warmups, branches, jobs))} (a quiet 2-core machine; longer when it is busy)")
+    for name, cfg, _ in phases:
+        shape = f"{cfg.steps} steps x {cfg.prompts_per_step} prompts" + (
+            f" x {cfg.group_size} sampled CoTs" if METHODS[cfg.method].needs_rollouts else
+            " (no CoT)" if cfg.method == "raft" else " (reference CoTs)")
+        say(f"[demo] {WHAT[name]}: {shape}")
+    with make_pool(jobs) as pool:
+        for name, cfg, _ in warmups:  # one after the other: each starts from the one before
+            run_stages(pool, [(name, cfg, WHAT[name])], run_phase, record, args.threads,
+                       first_eval=("warmup_cot",))
+        say(f"[demo] the {len(branches)} runs from the warm-up, in {jobs} processes")
+        run_stages(pool, [(name, cfg, WHAT[name]) for name, cfg, _ in branches], run_phase, record, args.threads)
     timings["total"] = time.perf_counter() - t_total
     summary = {
         "table": table,
@@ -253,23 +263,23 @@ def run_demo(args) -> Dict[str, Any]:
         "timings_s": timings,
         "seed": args.seed,
         "settings": settings,
-        "threads": torch.get_num_threads(),
-        "jobs": args.jobs,
-        "metric": "RAIL: expected score after a greedy CoT, on the held-out synthetic split",
+        "threads": args.threads,
+        "jobs": jobs,
+        "metric": "RAIL: expected score after a greedy CoT (RAFT: no CoT), on the held-out synthetic split",
     }
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as fh:
         json.dump(json_safe(summary), fh, indent=2)
     if not args.no_plot:
         from real.demo_plots import plot_curves
 
-        plot_curves(os.path.join(out, "curves.png"), [histories], offsets.get("real", 0), [untrained])
+        plot_curves(os.path.join(out, "curves.png"), [histories], offsets.get("real", 0), [untrained or None])
     print()
     print(format_table(table))
     print("best held-out Pearson along the curves (optimistic: picked on the held-out set): "
           + ", ".join(f"{k} {_fmt(best[k]).strip()}" for k, _ in ROWS if k in best and k != "warmup"))
     print(f"\ntotal {timings['total']:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in timings.items() if k != 'total')})"
           f"; {os.path.join(out, 'results.json')}" + ("" if args.no_plot else f", {os.path.join(out, 'curves.png')}"))
-    return summary, histories, untrained, offsets.get("real", 0)
+    return summary, histories, untrained or None, offsets.get("real", 0)
 
 
 def run_seeds(args, argv: List[str]) -> None:

@@ -73,12 +73,37 @@ def markdown(summaries: List[Dict[str, Any]], rows: Sequence[Tuple[str, str]], c
         cells = [_mean_std([g.get(k) for g in got], 100, 1) for k in METRICS]
         cells.append(_mean_std([g.get("mse") for g in got], 1, 3))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += gain_table(summaries)
     lines += ["", "| seed | run time | phases |", "| ---: | ---: | --- |"]
     for s in summaries:
         t = s["timings_s"]
         phases = ", ".join(f"{k} {v:.0f} s" for k, v in t.items() if k != "total")
         lines.append(f"| {s['seed']} | {t['total'] / 60:.1f} min | {phases} |")
     return "\n".join(lines) + "\n"
+
+
+BASELINES = ("grpo", "raft", "tract")
+
+
+def gain_table(summaries: List[Dict[str, Any]]) -> List[str]:
+    """Per seed: REAL's Pearson gain over its warm-up and its margin over the best baseline on Pearson and MSE
+    (what the demo claims), with a yes/no per seed."""
+    lines = ["", "REAL against its warm-up and the best baseline run of the same seed (GRPO, RAFT, TRACT continued):",
+             "", "| seed | REAL - warm-up (Pearson) | REAL - best baseline (Pearson) | best baseline MSE - REAL MSE | "
+             "REAL >= warm-up + 5 and best on both |", "| ---: | ---: | ---: | ---: | --- |"]
+    for s in summaries:
+        table = s["table"]
+        real, warm = table.get("real") or {}, table.get("warmup") or {}
+        base = [table[k] for k in BASELINES if table.get(k) and table[k].get("pearson") is not None]
+        if real.get("pearson") is None or warm.get("pearson") is None or not base:
+            lines.append(f"| {s['seed']} | n/a | n/a | n/a | n/a |")
+            continue
+        gain = 100 * (real["pearson"] - warm["pearson"])
+        margin = 100 * (real["pearson"] - max(b["pearson"] for b in base))
+        mse_margin = min(b["mse"] for b in base) - real["mse"]
+        ok = gain >= 5 and margin > 0 and mse_margin > 0
+        lines.append(f"| {s['seed']} | {gain:+.1f} | {margin:+.1f} | {mse_margin:+.3f} | {'yes' if ok else 'no'} |")
+    return lines
 
 
 def write_report(report_dir: str, summaries: List[Dict[str, Any]], rows, command: str,

@@ -32,11 +32,15 @@ def test_quick_demo_writes_table_json_and_plot(tmp_path, capsys):
     assert summary["timings_s"]["total"] > 0 and summary["seed"] == 0
     png = (out / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    for phase in ("warmup_cot", "warmup", "real", "grpo", "tract"):
+    for phase in ("warmup_cot", "warmup", "real", "grpo", "raft", "tract"):
         assert (out / phase / "metrics.jsonl").is_file(), phase
     # the REAL run started from the warm-up's weights, not from scratch
     config = json.loads((out / "real" / "train_config.json").read_text())
     assert config["init_from"].endswith("warmup/checkpoint-4") and config["method"] == "real"
+    raft = json.loads((out / "raft" / "train_config.json").read_text())
+    assert raft["init_from"] == config["init_from"] and raft["method"] == "raft"
+    assert "expected about" in printed  # the time estimate comes first
+    assert printed.index("expected about") < printed.index("warm-up stage 1 (TRACT, learn the CoT): done")
 
 
 def test_help_and_table_format(capsys):
@@ -64,3 +68,22 @@ def test_seeds_report_writes_one_table_over_seeds_and_the_figures(tmp_path, caps
         assert f"{100 * summary['table']['real']['pearson']:.1f}" in text  # each seed's number, as it ran
     png = (report / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+
+
+def test_stage_estimate_and_progress_count(tmp_path):
+    from real.demo import DEFAULTS, phase_configs
+    from real.demo_stages import estimate_seconds, packed_seconds, stage_seconds, steps_done
+
+    assert packed_seconds([5.0, 3.0, 2.0, 1.0], 2) == 6.0 and packed_seconds([5.0, 3.0], 1) == 8.0
+    phases = phase_configs(dict(DEFAULTS), str(tmp_path), 0)
+    warmups = [p for p in phases if p[0].startswith("warmup")]
+    branches = sorted((p for p in phases if not p[0].startswith("warmup")), key=lambda p: -stage_seconds(p[1]))
+    total = estimate_seconds(warmups, branches, 2)
+    assert 3 * 60 < total < 8 * 60, total  # the defaults are sized for the 8-minute budget on 2 cores
+    assert estimate_seconds(warmups, branches, 1) > total
+    run = tmp_path / "run"
+    assert steps_done(str(run)) == 0  # not started yet
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"type": "train", "step": 1}\n{"type": "eval", "step": 1}\n'
+                                       '{"type": "train", "step": 2}\n')
+    assert steps_done(str(run)) == 2

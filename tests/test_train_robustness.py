@@ -65,6 +65,27 @@ def test_generation_respects_the_prompt_and_cot_limits(tmp_path):
     assert result.final_eval["n"] == 4
 
 
+def test_training_on_a_prometheus_file_says_how_many_prompts_are_cut_and_by_how_much(tmp_path):
+    """A Prometheus-layout file with long prompts: the run says, once at the start, how many training and
+    held-out prompts lose tokens and how many (before: a warning per batch, with no sizes)."""
+    rows = [{"orig_instruction": "word " * (400 if i % 2 else 5) + f"question {i}", "orig_response": "an answer",
+             "orig_reference_answer": "the reference", "orig_criteria": "Is it right?",
+             **{f"orig_score{k}_description": f"level {k}" for k in range(1, 6)},
+             "orig_feedback": "Fine.", "orig_score": str(1 + i % 5)} for i in range(12)]
+    data = tmp_path / "long.json"
+    data.write_text(json.dumps(rows))
+    said = []
+    Trainer(_cfg(tmp_path / "run", method="tract", data=[str(data)], steps=1, max_prompt_tokens=128,
+                 eval_fraction=0.5), log=said.append)
+    notes = [line for line in said if "--max-prompt-tokens 128" in line]
+    assert len(notes) == 2, said
+    assert "of 6 training prompts are longer" in notes[0] and "tokens cut at the median" in notes[0]
+    assert "held-out prompts" in notes[1]
+    median, most = (int(notes[0].split(": ")[2].split(" tokens cut")[0]),
+                    int(notes[0].split("median, ")[1].split(" at most")[0]))
+    assert 0 < median <= most and most > 195, notes[0]  # the 200-word prompts lose at least their padding
+
+
 def test_the_final_checkpoint_is_written_before_the_final_evaluation(tmp_path):
     """An evaluation that dies (e.g. out of memory) no longer takes the run with it; --resume then evaluates."""
     trainer = Trainer(_cfg(tmp_path, method="raft", steps=2), log=_quiet)
