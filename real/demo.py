@@ -50,13 +50,13 @@ from real.methods import METHODS
 from real.metrics import json_safe
 
 DEFAULTS = dict(
-    cot_steps=600, score_steps=100, warmup_batch=128, warmup_lr=3e-3, score_lr=1e-3, cot_beta=0.02,
-    rl_steps=300, rl_prompts=16, group_size=8, rl_lr=1e-4, rl_beta=0.3, raft_lr=1e-3,
+    cot_steps=600, score_steps=30, warmup_batch=128, warmup_lr=3e-3, score_lr=1e-3, cot_beta=0.02,
+    rl_steps=300, rl_prompts=16, group_size=8, rl_lr=1e-4, rl_beta=0.1, rl_adv_norm="none", raft_lr=1e-3,
     eval_every=50, eval_size=256, train_size=4096, max_new_tokens=32,
 )
 QUICK = dict(
     cot_steps=8, score_steps=4, warmup_batch=16, warmup_lr=3e-3, score_lr=1e-3, cot_beta=0.02,
-    rl_steps=3, rl_prompts=2, group_size=4, rl_lr=1e-4, rl_beta=1.0, raft_lr=1e-3,
+    rl_steps=3, rl_prompts=2, group_size=4, rl_lr=1e-4, rl_beta=0.1, rl_adv_norm="none", raft_lr=1e-3,
     eval_every=3, eval_size=16, train_size=128, max_new_tokens=20,
 )
 ROWS = (("untrained", "untrained (random tiny Qwen3)"), ("warmup", "after warm-up (TRACT)"),
@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cot-beta", type=float, help="regression weight of warm-up stage 1 (default: "
                    f"{d['cot_beta']}; at 0.1 and above the tiny model stops learning the CoT)")
     p.add_argument("--score-steps", type=int, help="warm-up stage 2: TRACT steps with regression weight 1, to "
-                   f"calibrate the score (default: {d['score_steps']})")
+                   f"calibrate the score (default: {d['score_steps']}; a longer stage teaches the head to discount "
+                   "the sloppy CoTs from the prompt, which every branch then has to unlearn)")
     p.add_argument("--warmup-batch", type=int, help=f"prompts per warm-up step (default: {d['warmup_batch']})")
     p.add_argument("--warmup-lr", type=float, help=f"learning rate of warm-up stage 1 (default: {d['warmup_lr']})")
     p.add_argument("--score-lr", type=float, help=f"learning rate of warm-up stage 2 (default: {d['score_lr']})")
@@ -95,9 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{d['rl_prompts']})")
     p.add_argument("--group-size", type=int, help=f"sampled CoTs per prompt (default: {d['group_size']})")
     p.add_argument("--rl-lr", type=float, help=f"REAL / GRPO / control learning rate (default: {d['rl_lr']})")
-    p.add_argument("--rl-beta", type=float, help=f"weight of REAL's prediction term (default: {d['rl_beta']}; at 1.0 its "
-                   "gradient is several times the policy gradient's and, after clipping to norm 1, leaves the policy "
-                   "little room: seed 0 ended at Pearson 65 instead of 78)")
+    p.add_argument("--rl-beta", type=float, help=f"weight of REAL's prediction term (default: {d['rl_beta']}; its "
+                   "gradient is 20 to 40 times the policy term's per unit weight at the warm-up: python -m real.demo_diagnose)")
+    p.add_argument("--rl-adv-norm", choices=("none", "reward-std", "advantage-std"), help="REAL's advantage "
+                   f"normalisation (default: {d['rl_adv_norm']}: dividing by the group's spread turns the tiny reward "
+                   "differences of equally good CoTs into full-size advantages, and REAL then drifted on seed 2)")
     p.add_argument("--eval-every", type=int, help=f"held-out evaluation every N steps, for the curves "
                    f"(default: {d['eval_every']})")
     p.add_argument("--eval-size", type=int, help=f"held-out examples (default: {d['eval_size']})")
@@ -143,7 +146,8 @@ def phase_configs(s: Dict[str, Any], out: str, seed: int, control: bool = True, 
         ("warmup", make_config(steps=s["score_steps"], lr=s["score_lr"], beta=1.0, output_dir=warm_dir,
                                init_from=os.path.join(cot_dir, f"checkpoint-{s['cot_steps']}"), **sft),
          s["cot_steps"]),
-        ("real", make_config(method="real", beta=s["rl_beta"], output_dir=os.path.join(out, "real"), **rl), warm_total),
+        ("real", make_config(method="real", beta=s["rl_beta"], adv_norm=s["rl_adv_norm"],
+                             output_dir=os.path.join(out, "real"), **rl), warm_total),
         ("grpo", make_config(method="grpo", output_dir=os.path.join(out, "grpo"), **rl), warm_total),
     ]
     if raft:  # the same labelled prompts per step and steps as REAL, at the score stage's learning rate
