@@ -37,6 +37,7 @@ table with mean +- std over the seeds, and the figures (``real.demo_report``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -50,12 +51,12 @@ from real.methods import METHODS
 from real.metrics import json_safe
 
 DEFAULTS = dict(
-    cot_steps=600, score_steps=30, warmup_batch=128, warmup_lr=3e-3, score_lr=1e-3, cot_beta=0.02,
+    cot_steps=600, max_cot_steps=1200, score_steps=30, warmup_batch=128, warmup_lr=3e-3, score_lr=1e-3, cot_beta=0.02,
     rl_steps=300, rl_prompts=16, group_size=8, rl_lr=1e-4, rl_beta=0.1, rl_adv_norm="none", raft_lr=1e-3,
     eval_every=50, eval_size=256, train_size=4096, max_new_tokens=32,
 )
 QUICK = dict(
-    cot_steps=8, score_steps=4, warmup_batch=16, warmup_lr=3e-3, score_lr=1e-3, cot_beta=0.02,
+    cot_steps=8, max_cot_steps=8, score_steps=4, warmup_batch=16, warmup_lr=3e-3, score_lr=1e-3, cot_beta=0.02,
     rl_steps=3, rl_prompts=2, group_size=4, rl_lr=1e-4, rl_beta=0.1, rl_adv_norm="none", raft_lr=1e-3,
     eval_every=3, eval_size=16, train_size=128, max_new_tokens=20,
 )
@@ -83,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "numbers mean nothing)")
     p.add_argument("--cot-steps", type=int, help="warm-up stage 1: TRACT steps with a small regression weight, "
                    f"to learn the CoT (default: {d['cot_steps']})")
+    p.add_argument("--max-cot-steps", type=int, help="warm-up stage 1 goes on past --cot-steps, 100 steps at a time, "
+                   "until the reference-CoT cross-entropy of its last 50 steps is below "
+                   f"0.08 (the CoT is learned), up to this many steps (default: {d['max_cot_steps']})")
     p.add_argument("--cot-beta", type=float, help="regression weight of warm-up stage 1 (default: "
                    f"{d['cot_beta']}; at 0.1 and above the tiny model stops learning the CoT)")
     p.add_argument("--score-steps", type=int, help="warm-up stage 2: TRACT steps with regression weight 1, to "
@@ -210,7 +214,8 @@ WHAT = {"warmup_cot": "warm-up stage 1 (TRACT, learn the CoT)", "warmup": "warm-
 def run_demo(args) -> Dict[str, Any]:
     from tqdm.auto import tqdm
 
-    from real.demo_stages import estimate_seconds, format_minutes, make_pool, run_stages, stage_seconds
+    from real.demo_stages import (COT_EXTEND_STEPS, COT_LEARNED_CE, cot_learned, estimate_seconds, format_minutes,
+                                  make_pool, read_records, run_stages, stage_seconds, tail_ce)
 
     settings = _settings(args)
     out = args.output_dir
@@ -255,9 +260,28 @@ def run_demo(args) -> Dict[str, Any]:
             " (no CoT)" if cfg.method == "raft" else " (reference CoTs)")
         say(f"[demo] {WHAT[name]}: {shape}")
     with make_pool(jobs) as pool:
-        for name, cfg, _ in warmups:  # one after the other: each starts from the one before
-            run_stages(pool, [(name, cfg, WHAT[name])], run_phase, record, args.threads,
-                       first_eval=("warmup_cot",))
+        (cot_name, cot_cfg, _), (score_name, score_cfg, _) = warmups
+        run_stages(pool, [(cot_name, cot_cfg, WHAT[cot_name])], run_phase, record, args.threads,
+                   first_eval=(cot_name,))
+        # The CoT is learned in a sudden drop of its cross-entropy, after 250 to 700 steps depending on the seed:
+        # stage 1 goes on, 100 steps at a time, until it has happened (judged on the training loss only).
+        while not cot_learned(histories[cot_name]) and cot_cfg.steps < settings["max_cot_steps"]:
+            more = min(COT_EXTEND_STEPS, settings["max_cot_steps"] - cot_cfg.steps)
+            say(f"[demo] the CoT is not learned after {cot_cfg.steps} steps (reference-CoT cross-entropy "
+                f"{tail_ce(histories[cot_name]):.3f}, learned is below {COT_LEARNED_CE}): {more} more steps")
+            seconds = timings[cot_name]
+            cot_cfg = dataclasses.replace(cot_cfg, steps=cot_cfg.steps + more, resume=True, overwrite=False)
+            run_stages(pool, [(cot_name, cot_cfg, WHAT[cot_name])], run_phase, record, args.threads)
+            histories[cot_name] = read_records(cot_cfg.output_dir)
+            timings[cot_name] += seconds
+        if not cot_learned(histories[cot_name]):
+            say(f"[demo] warning: the CoT was not learned in {cot_cfg.steps} steps (--max-cot-steps); the runs "
+                "below start from a judge that cannot grade, and their comparison means little")
+        offsets.update({name: offsets[name] + cot_cfg.steps - settings["cot_steps"] for name in offsets
+                        if name != cot_name})
+        score_cfg = dataclasses.replace(score_cfg, init_from=os.path.join(cot_cfg.output_dir,
+                                                                          f"checkpoint-{cot_cfg.steps}"))
+        run_stages(pool, [(score_name, score_cfg, WHAT[score_name])], run_phase, record, args.threads)
         say(f"[demo] the {len(branches)} runs from the warm-up, in {jobs} processes")
         run_stages(pool, [(name, cfg, WHAT[name]) for name, cfg, _ in branches], run_phase, record, args.threads)
     timings["total"] = time.perf_counter() - t_total
@@ -267,6 +291,7 @@ def run_demo(args) -> Dict[str, Any]:
         "timings_s": timings,
         "seed": args.seed,
         "settings": settings,
+        "warmup_cot_steps": cot_cfg.steps,  # --cot-steps, or more when the CoT took longer to learn
         "threads": args.threads,
         "jobs": jobs,
         "metric": "RAIL: expected score after a greedy CoT (RAFT: no CoT), on the held-out synthetic split",

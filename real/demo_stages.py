@@ -14,6 +14,7 @@ onto ``--jobs`` processes longest first, as the pool runs them.
 """
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import sys
@@ -27,6 +28,9 @@ from real.methods import METHODS
 # (per step, per row of the step's batch) seconds; rows are prompts x sampled CoTs for the RL methods.
 COST_S = {"tract": (0.019, 0.00107), "raft": (0.010, 0.00040), "real": (0.02, 0.0034), "grpo": (0.02, 0.0041)}
 START_S = 4.0  # a worker's imports and model build, and the final evaluation
+# Warm-up stage 1's reference-CoT cross-entropy, mean of its last COT_WINDOW steps: a plateau near 0.16 until the
+# tiny model finds the CoT's pattern (after 250 to 700 steps, by seed), then a drop to about 0.05.
+COT_LEARNED_CE, COT_WINDOW, COT_EXTEND_STEPS = 0.08, 50, 100
 
 
 def stage_seconds(cfg) -> float:
@@ -57,6 +61,28 @@ def steps_done(output_dir: str) -> int:
             return sum('"type": "train"' in line for line in fh)
     except OSError:
         return 0
+
+
+def read_records(output_dir: str) -> List[dict]:
+    """A run's ``metrics.jsonl`` records (a torn last line is skipped)."""
+    records = []
+    with open(os.path.join(output_dir, "metrics.jsonl"), encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records
+
+
+def tail_ce(records: Sequence[dict]) -> float:
+    """Mean reference-CoT cross-entropy of the last ``COT_WINDOW`` training steps (inf when none logged one)."""
+    ce = [r["ce"] for r in records if r.get("type") == "train" and r.get("ce") is not None][-COT_WINDOW:]
+    return sum(ce) / len(ce) if ce else float("inf")
+
+
+def cot_learned(records: Sequence[dict]) -> bool:
+    return tail_ce(records) < COT_LEARNED_CE
 
 
 def run_stages(pool: ProcessPoolExecutor, stages: List[Tuple[str, object, str]], worker: Callable,

@@ -87,3 +87,21 @@ def test_stage_estimate_and_progress_count(tmp_path):
     (run / "metrics.jsonl").write_text('{"type": "train", "step": 1}\n{"type": "eval", "step": 1}\n'
                                        '{"type": "train", "step": 2}\n')
     assert steps_done(str(run)) == 2
+
+
+def test_warm_up_goes_on_until_the_cot_is_learned(tmp_path, capsys):
+    """Stage 1 is extended (resumed, 100 steps at a time, capped by --max-cot-steps) while its reference-CoT
+    cross-entropy says the CoT is not learned; stage 2 then starts from the last stage-1 checkpoint."""
+    out = tmp_path / "demo"
+    assert main(["--quick", "--max-cot-steps", "12", "--no-plot", "--no-raft", "--no-control",
+                 "--output-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "the CoT is not learned after 8 steps" in printed and "4 more steps" in printed
+    assert "warning: the CoT was not learned in 12 steps" in printed
+    steps = [json.loads(line)["step"] for line in (out / "warmup_cot" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["type"] == "train"]
+    assert steps == list(range(1, 13))  # resumed, not restarted
+    config = json.loads((out / "warmup" / "train_config.json").read_text())
+    assert config["init_from"].endswith("warmup_cot/checkpoint-12")
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["timings_s"]["warmup_cot"] > 0
