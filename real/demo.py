@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, help=f"sampled CoTs per prompt (default: {d['group_size']})")
     p.add_argument("--rl-lr", type=float, help=f"REAL / GRPO / control learning rate (default: {d['rl_lr']})")
     p.add_argument("--rl-beta", type=float, help=f"weight of REAL's prediction term (default: {d['rl_beta']}; its "
-                   "gradient is 20 to 40 times the policy term's per unit weight at the warm-up: python -m real.demo_diagnose)")
+                   "gradient is 20 to 50 times the policy term's per unit weight at the warm-up: python -m real.demo_diagnose)")
     p.add_argument("--rl-adv-norm", choices=("none", "reward-std", "advantage-std"), help="REAL's advantage "
                    f"normalisation (default: {d['rl_adv_norm']}: dividing by the group's spread turns the tiny reward "
                    "differences of equally good CoTs into full-size advantages, and REAL then drifted on seed 2)")
