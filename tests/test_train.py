@@ -144,8 +144,9 @@ def test_a_training_checkpoint_loads_with_load_checkpoint(tmp_path):
 
 def test_ctrl_c_saves_a_checkpoint_and_stops_cleanly(tmp_path):
     trainer = Trainer(_cfg(tmp_path, method="tract", steps=5, eval_every=0), log=lambda m: None)
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler; SIG_IGN in a shell's background job
     _run_asking_to_stop_at_step_2(trainer, lambda: signal.raise_signal(signal.SIGINT), tmp_path)  # what Ctrl-C sends
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is before  # handler restored
     resumed = Trainer(_cfg(tmp_path, method="tract", steps=5, eval_every=0, resume=True), log=lambda m: None).run()
     assert not resumed.interrupted and resumed.last_step == 5
     assert [r["step"] for r in _lines(tmp_path / "metrics.jsonl") if r["type"] == "train"] == [1, 2, 3, 4, 5]
