@@ -215,14 +215,15 @@ def run_demo(args) -> Dict[str, Any]:
     from tqdm.auto import tqdm
 
     from real.demo_stages import (COT_EXTEND_STEPS, COT_LEARNED_CE, cot_learned, estimate_seconds, format_minutes,
-                                  make_pool, read_records, run_stages, stage_seconds, tail_ce)
+                                  make_pool, run_stages, stage_seconds, tail_ce)
+    from real.run_dir import METRICS_FILE, read_metrics
 
     settings = _settings(args)
     out = args.output_dir
     os.makedirs(out, exist_ok=True)
     phases = phase_configs(settings, out, args.seed, control=not args.no_control, raft=not args.no_raft)
     for _, cfg, _ in phases:  # an earlier demo's logs must not move the new bars
-        stale = os.path.join(cfg.output_dir, "metrics.jsonl")
+        stale = os.path.join(cfg.output_dir, METRICS_FILE)
         if os.path.exists(stale):
             os.remove(stale)
     table: Dict[str, Dict[str, Any]] = {}
@@ -272,7 +273,7 @@ def run_demo(args) -> Dict[str, Any]:
             seconds = timings[cot_name]
             cot_cfg = dataclasses.replace(cot_cfg, steps=cot_cfg.steps + more, resume=True, overwrite=False)
             run_stages(pool, [(cot_name, cot_cfg, WHAT[cot_name])], run_phase, record, args.threads)
-            histories[cot_name] = read_records(cot_cfg.output_dir)
+            histories[cot_name] = read_metrics(os.path.join(cot_cfg.output_dir, METRICS_FILE), say)
             timings[cot_name] += seconds
         if not cot_learned(histories[cot_name]):
             say(f"[demo] warning: the CoT was not learned in {cot_cfg.steps} steps (--max-cot-steps); the runs "

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import tempfile
 import warnings
 from typing import Dict, List, Optional, Sequence
 
@@ -68,16 +69,15 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
 
 def checkpoint_report(trainer, examples) -> Dict[str, float]:
     """Greedy CoTs of ``examples`` from the trainer's model: the CoT and head figures of the module docstring."""
+    from real.inference import generate_cots
     from real.methods.base import teacher_forced
-    from real.rollout import _sample_cots
 
     trainer.model.eval()
     prompts = [e.prompt for e in examples]
     with torch.no_grad():
-        cots = [c[0] for c in _sample_cots(trainer.model, trainer.tokenizer, prompts, n=1, greedy=True,
-                                           temperature=1.0, top_p=1.0, max_new_tokens=trainer.config.max_new_tokens,
-                                           batch_size=len(prompts), stop_at_marker=True, progress=False,
-                                           marker=trainer.scale.marker, max_prompt_tokens=None)]
+        cots = [c[0] for c in generate_cots(trainer.model, trainer.tokenizer, prompts, n=1, greedy=True,
+                                            top_p=1.0, max_new_tokens=trainer.config.max_new_tokens,
+                                            batch_size=len(prompts), progress=False, marker=trainer.scale.marker)]
         fwd = trainer.forward(teacher_forced(trainer, prompts, cots, [e.target for e in examples], quiet=True),
                               entropy=False)
     stats = verdict_stats(examples, cots)
@@ -119,7 +119,7 @@ def signal_report(trainer, examples, group_size: int) -> Dict[str, float]:
         out[f"{name}_corr"] = float(np.mean(cors)) if cors else float("nan")
         out[f"{name}_abs_informative"] = float(np.abs(a[varied]).mean()) if varied.any() else float("nan")
         out[f"{name}_abs_uninformative"] = float(np.abs(a[~varied]).mean()) if (~varied).any() else float("nan")
-    params = [q for q in trainer.trainable]
+    params = trainer.trainable
 
     def grad_norm(loss) -> float:
         grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
@@ -151,8 +151,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     from real.train import Trainer
 
     warnings.simplefilter("ignore")
-    import tempfile
-
     for path in args.checkpoints:
         with tempfile.TemporaryDirectory() as out:
             try:

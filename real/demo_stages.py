@@ -14,7 +14,6 @@ onto ``--jobs`` processes longest first, as the pool runs them.
 """
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import sys
@@ -24,6 +23,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 from tqdm.auto import tqdm
 
 from real.methods import METHODS
+from real.run_dir import METRICS_FILE
 
 # (per step, per row of the step's batch) seconds; rows are prompts x sampled CoTs for the RL methods.
 COST_S = {"tract": (0.019, 0.00107), "raft": (0.010, 0.00040), "real": (0.02, 0.0034), "grpo": (0.02, 0.0041)}
@@ -57,22 +57,10 @@ def estimate_seconds(warmups, branches, jobs: int) -> float:
 def steps_done(output_dir: str) -> int:
     """Training steps a running stage has logged so far (its ``metrics.jsonl`` ``"train"`` lines)."""
     try:
-        with open(os.path.join(output_dir, "metrics.jsonl"), encoding="utf-8") as fh:
+        with open(os.path.join(output_dir, METRICS_FILE), encoding="utf-8") as fh:
             return sum('"type": "train"' in line for line in fh)
     except OSError:
         return 0
-
-
-def read_records(output_dir: str) -> List[dict]:
-    """A run's ``metrics.jsonl`` records (a torn last line is skipped)."""
-    records = []
-    with open(os.path.join(output_dir, "metrics.jsonl"), encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue
-    return records
 
 
 def tail_ce(records: Sequence[dict]) -> float:

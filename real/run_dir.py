@@ -33,6 +33,24 @@ METRICS_FILE = "metrics.jsonl"
 STOP_FILE = "STOP"  # create OUTPUT_DIR/STOP to stop after the current step with a checkpoint (any launcher)
 
 
+def read_metrics(path: str, log: Callable[[str], None]) -> List[Dict[str, Any]]:
+    """The records of the ``metrics.jsonl`` at ``path`` ([] when there is none); a torn last line is dropped with a
+    warning, any other bad line is an error naming the file and the line."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        lines = [(n, line) for n, line in enumerate(fh, start=1) if line.strip()]
+    records = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}: line {n} is not JSON ({exc}); fix or remove it") from None
+            log(f"warning: {path}: dropped a torn last line (line {n}; the run was killed while writing it)")
+    return records
+
+
 class RunDir:
     """The output directory of one run, seen from one rank (``env``: its ``real.distributed.DistEnv``)."""
 
@@ -105,22 +123,7 @@ class RunDir:
         _write_atomically(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def _read_metrics(self) -> List[Dict[str, Any]]:
-        """The records of ``metrics.jsonl``; a torn last line is dropped with a warning, any other bad line is an
-        error naming the file and the line."""
-        if not os.path.exists(self.metrics_path):
-            return []
-        with open(self.metrics_path, encoding="utf-8", errors="replace") as fh:
-            lines = [(n, line) for n, line in enumerate(fh, start=1) if line.strip()]
-        records = []
-        for i, (n, line) in enumerate(lines):
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                if i < len(lines) - 1:
-                    raise ValueError(f"{self.metrics_path}: line {n} is not JSON ({exc}); fix or remove it") from None
-                self.log(f"warning: {self.metrics_path}: dropped a torn last line (line {n}; the run was killed "
-                         "while writing it)")
-        return records
+        return read_metrics(self.metrics_path, self.log)
 
     def write_config(self, config: Dict[str, Any]) -> None:
         if self.env.is_main:
