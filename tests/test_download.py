@@ -1,6 +1,10 @@
-"""`real data download` (offline, against file:// URLs) and the published layouts of Feedback Bench and FLASK
-(issue 11, item 7)."""
+"""`real data download` (offline, against local mirrors laid out as the Hub and GitHub lay the files out)
+and the published layouts of Feedback Bench and FLASK (issue 11, item 7; issue 19, item 6)."""
+import functools
+import http.server
 import json
+import shutil
+import threading
 import urllib.error
 
 import pytest
@@ -9,6 +13,8 @@ from real import cli, download
 from real.data import load_prometheus
 from real.evaluate import main as eval_main
 from real.prompts import render_prompt
+
+from data_paths import PROMETHEUS_DATA as SHIPPED_DIR
 
 RUBRIC = {"criteria": "Is the answer correct?", **{f"score{s}_description": f"level {s}" for s in range(1, 6)}}
 
@@ -106,3 +112,125 @@ def test_unknown_names_and_the_list(capsys):
     listed = capsys.readouterr().out
     for name in ("feedback-collection", "feedback-bench", "flask", "vicuna", "mt-bench", "paper"):
         assert name in listed
+
+
+# --- what the repositories hold (issue 19, item 6) ---------------------------------------------------------
+
+HUB_BENCH = "huggingface.co/datasets/prometheus-eval/Feedback-Bench/resolve"
+GITHUB_DATA = "raw.githubusercontent.com/prometheus-eval/prometheus-eval/main/eval/benchmark/data"
+
+
+def _write_parquet(path, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def hub_mirror(root, *, bench_at="main"):
+    """A folder laid out as ``wget -x`` would lay out the sources: Feedback Bench as the Hub holds it (parquet
+    only: on main, or only in the Hub's parquet conversion), FLASK, Vicuna and MT Bench as GitHub holds them
+    (Vicuna and MT Bench are the real files when the shipped copies are there)."""
+    rows = feedback_bench_hub_rows(7)
+    if bench_at == "main":
+        _write_parquet(root / HUB_BENCH / "main/data/train-00000-of-00001-eddf1add30d20be1.parquet", rows)
+    elif bench_at == "converted":  # urllib reads refs%2Fconvert%2Fparquet in a file:// URL as three folders
+        _write_parquet(root / HUB_BENCH / "refs/convert/parquet/default/train/0000.parquet", rows)
+    github = root / GITHUB_DATA
+    github.mkdir(parents=True)
+    (github / "flask_eval.json").write_text(json.dumps(flask_rows()))
+    for name, n in (("vicuna_eval.json", 4), ("mt_bench_eval.json", 5)):
+        shipped = SHIPPED_DIR / name
+        if shipped.exists():
+            shutil.copy(shipped, github / name)
+        else:
+            (github / name).write_text(json.dumps(flask_rows(n)))
+    return root
+
+
+def test_feedback_bench_comes_from_the_hubs_parquet(tmp_path, capsys, monkeypatch):
+    """The Hub holds Feedback Bench as parquet only: it is fetched and converted to JSON lines that real.data
+    reads with the right grades; the mirror comes from REAL_DATA_MIRROR.  (Before: it asked for a JSON file
+    the repository does not hold and blamed the network.)"""
+    mirror = hub_mirror(tmp_path / "mirror")
+    monkeypatch.setenv(download.MIRROR_ENV, str(mirror))
+    out = tmp_path / "data"
+    assert cli.main(["data", "download", "benchmarks", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "feedback_bench.json: 7 rows" in printed and "flask_eval.json: 6 rows" in printed
+    assert f"{HUB_BENCH}/main/data/train-00000-of-00001-eddf1add30d20be1.parquet" in printed
+    examples = load_prometheus(out / "feedback_bench.json")
+    assert [e.grades for e in examples] == [[float(1 + i % 5)] for i in range(7)]
+    assert examples[3].prompt == _prompt(3)
+    if (SHIPPED_DIR / "vicuna_eval.json").exists():
+        assert "vicuna_eval.json: 320 rows" in printed and "mt_bench_eval.json: 320 rows" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["feedback_bench.json", "flask_eval.json", "mt_bench_eval.json",
+                                                     "vicuna_eval.json"]  # no parquet or partial file left
+
+
+@pytest.mark.parametrize("bench_at", ["converted", "github"])
+def test_feedback_bench_falls_back_to_the_conversion_then_github(tmp_path, capsys, bench_at):
+    mirror = hub_mirror(tmp_path / "mirror", bench_at=bench_at)
+    if bench_at == "github":
+        (mirror / GITHUB_DATA / "feedback_collection_ood_test.json").write_text(json.dumps(feedback_bench_github_rows(5)))
+    out = tmp_path / "data"
+    assert cli.main(["data", "download", "feedback-bench", str(out), "--mirror", mirror.as_uri()]) == 0
+    printed = capsys.readouterr().out
+    assert f"feedback_bench.json: {7 if bench_at == 'converted' else 5} rows" in printed
+    assert "no such file" in printed  # the places tried before are named with what they answered
+    assert [p.name for p in out.iterdir()] == ["feedback_bench.json"]
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_mirror(tmp_path):
+    """``hub_mirror`` served over HTTP on localhost."""
+    root = hub_mirror(tmp_path / "served")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_over_http_and_every_url_named_with_its_answer(tmp_path, capsys, http_mirror):
+    root, url = http_mirror
+    assert cli.main(["data", "download", "feedback-bench", str(tmp_path / "a"), "--mirror", url]) == 0
+    assert "feedback_bench.json: 7 rows" in capsys.readouterr().out
+    # the Hub renamed its file: every place is tried and named with the HTTP status it answered
+    (root / HUB_BENCH / "main/data/train-00000-of-00001-eddf1add30d20be1.parquet").rename(
+        root / HUB_BENCH / "main/data/train-00000-of-00001-0123456789abcdef.parquet")
+    assert cli.main(["data", "download", "feedback-bench", str(tmp_path / "b"), "--mirror", url]) == 2
+    err = capsys.readouterr().err
+    assert "not found" in err and "no network" not in err
+    for tried in (f"{url}/{HUB_BENCH}/main/data/train-00000-of-00001-eddf1add30d20be1.parquet",
+                  f"{url}/{HUB_BENCH}/refs%2Fconvert%2Fparquet/default/train/0000.parquet",
+                  f"{url}/{GITHUB_DATA}/feedback_collection_ood_test.json", f"{url}/feedback_bench.json"):
+        assert f"{tried}: HTTP 404" in err
+    assert not (tmp_path / "b").exists() or not list((tmp_path / "b").iterdir())
+
+
+def test_a_file_that_is_not_parquet_is_named(tmp_path, capsys):
+    mirror = hub_mirror(tmp_path / "mirror", bench_at="none")
+    bad = mirror / HUB_BENCH / "main/data/train-00000-of-00001-eddf1add30d20be1.parquet"
+    bad.parent.mkdir(parents=True)
+    bad.write_text("<html>a login page</html>")
+    assert cli.main(["data", "download", "feedback-bench", str(tmp_path / "d"), "--mirror", str(mirror)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad.as_uri()}: not a readable parquet file" in err
+
+
+def test_without_pyarrow_the_error_says_how_to_get_it(tmp_path, capsys, monkeypatch):
+    mirror = hub_mirror(tmp_path / "mirror")
+    monkeypatch.setitem(__import__("sys").modules, "pyarrow.parquet", None)  # import fails as if not installed
+    assert cli.main(["data", "download", "feedback-bench", str(tmp_path / "d"), "--mirror", str(mirror)]) == 2
+    assert "pip install 'real-kernels[data]'" in capsys.readouterr().err
