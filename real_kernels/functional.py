@@ -8,7 +8,7 @@ exercise the kernels without a GPU).
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -83,8 +83,8 @@ def judge_head(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    score_token_ids,
-    score_values,
+    score_token_ids: Union[Sequence[int], torch.Tensor],
+    score_values: Union[Sequence[float], torch.Tensor],
     *,
     score_targets: Optional[torch.Tensor] = None,
     score_mask: Optional[torch.Tensor] = None,

@@ -18,29 +18,28 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, ContextManager, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from . import reference
-from .loss_rows import LossFn, check_scalar, chunk_loss, special_columns
 from .grad_gemms import GradBuffers
+from .loss_rows import LossFn, check_scalar, chunk_loss, special_columns
 from .loss_torch import TorchChunkPass
+from .ops.chunk_plan import default_chunk_size, plan_chunks
 from .outputs import JudgeHeadOutput
 from .validation import HeadArgs, first_order_only, resolve_backend, validate_head_args
 
-CPU_CHUNK_ELEMS = 1 << 27  # fp32 logits of one chunk: 512 MiB at most
-GPU_CHUNK_ELEMS = 1 << 29  # bf16 logits of one chunk: 1 GiB at most (3,456 rows at V = 151,936)
+__all__ = ["judge_loss", "default_chunk_size", "plan_chunks", "PHASES"]
+
+# the phases of loss mode's loop, as a phase timer sees them (benchmarks/loss_phases.py)
+PHASES = ("logits GEMM", "stats pass", "loss_fn", "dlogits pass", "dh GEMM", "dW GEMM", "accumulation")
+PhaseTimer = Callable[[str], ContextManager]
+_UNTIMED = contextlib.nullcontext()
 
 
-def default_chunk_size(n: int, vocab: int, device: torch.device) -> int:
-    """Rows per chunk: at most a quarter of N (so the logits buffer is <= N V / 4) and within the budget.
-
-    Large chunks keep the GEMMs efficient and the fp32 dW read-modify-writes few.
-    """
-    budget = GPU_CHUNK_ELEMS if device.type == "cuda" else CPU_CHUNK_ELEMS
-    rows = min(max(1, n // 4), max(1, budget // vocab))
-    return rows - rows % 128 if rows >= 256 else rows
+def _untimed(phase: str) -> ContextManager:
+    return _UNTIMED
 
 
 def _make_pass(backend: str, chunk: int, args: HeadArgs):
@@ -58,33 +57,45 @@ def _make_pass(backend: str, chunk: int, args: HeadArgs):
 
 
 class _Run:
-    """One judge_loss call: its arguments, then its results once the forward ran."""
+    """One judge_loss call: its arguments and chunk plan, then its results once the forward ran."""
 
-    def __init__(self, args: HeadArgs, loss_fn: LossFn, chunk: int, backend: str):
-        self.args, self.loss_fn, self.chunk, self.backend = args, loss_fn, chunk, backend
+    def __init__(self, args: HeadArgs, loss_fn: LossFn, plan: List[slice], backend: str):
+        self.args, self.loss_fn, self.plan, self.backend = args, loss_fn, plan, backend
         self.outputs: Optional[JudgeHeadOutput] = None
 
-    def execute(self, need_dh: bool, need_dw: bool):
+    def execute(self, need_dh: bool, need_dw: bool, phase: Optional[PhaseTimer] = None):
+        """(loss, dh, dW); ``phase(name)``, when given, is entered around each of ``PHASES`` per chunk."""
+        phase = phase or _untimed
         args = self.args
-        n = args.hidden.shape[0]
         inv_temp = 1.0 / args.temperature
-        chunk_pass = _make_pass(self.backend, self.chunk, args)
+        chunk_pass = _make_pass(self.backend, max(r.stop - r.start for r in self.plan), args)
         grads = GradBuffers(args.hidden, args.weight, chunk_pass.compute_dtype, need_dh, need_dw)
         w_t = grads.w.T
         total = torch.zeros((), dtype=torch.float32, device=args.hidden.device)
         pieces: List[JudgeHeadOutput] = []
-        for r0 in range(0, n, self.chunk):
-            rows = slice(r0, min(n, r0 + self.chunk))
-            z = chunk_pass.logits(grads.h[rows], w_t)
-            cols = special_columns(args.targets[rows], args.score_ids, args.ignore_index)
-            stats = chunk_pass.stats(z, cols, inv_temp, args.return_entropy)
-            loss_c, out_c, coefs = chunk_loss(stats, args, rows, self.loss_fn)
-            total += loss_c
-            pieces.append(out_c)
+        for i, rows in enumerate(self.plan):
+            h_c = grads.h[rows]
+            with phase("logits GEMM"):
+                z = chunk_pass.logits(h_c, w_t)
+            with phase("stats pass"):
+                cols = special_columns(args.targets[rows], args.score_ids, args.ignore_index)
+                stats = chunk_pass.stats(z, cols, inv_temp, args.return_entropy, h_c, grads.w)
+            with phase("loss_fn"):
+                loss_c, out_c, coefs = chunk_loss(stats, args, rows, self.loss_fn)
+            with phase("accumulation"):
+                total += loss_c
+                pieces.append(out_c)
             if need_dh or need_dw:
-                grads.add_chunk(chunk_pass.dlogits_(z, stats, coefs, cols, inv_temp), rows, first=r0 == 0)
-        self.outputs = _concat(pieces, args.return_entropy)
-        return (total,) + grads.finish(args.hidden.dtype, args.weight.dtype)
+                with phase("dlogits pass"):
+                    dz = chunk_pass.dlogits_(z, stats, coefs, cols, inv_temp)
+                with phase("dh GEMM"):
+                    grads.add_dh(dz, rows)
+                with phase("dW GEMM"):
+                    grads.add_dw(dz, rows, first=i == 0)
+        with phase("accumulation"):
+            self.outputs = _concat(pieces, args.return_entropy)
+            result = (total,) + grads.finish(args.hidden.dtype, args.weight.dtype)
+        return result
 
 
 def _concat(pieces: List[JudgeHeadOutput], entropy: bool) -> JudgeHeadOutput:
@@ -97,7 +108,7 @@ def _concat(pieces: List[JudgeHeadOutput], entropy: bool) -> JudgeHeadOutput:
     )
 
 
-class JudgeLoss(torch.autograd.Function):
+class _JudgeLossFunction(torch.autograd.Function):
     """(hidden, weight) -> the scalar loss; the gradients are computed in forward and kept until backward."""
 
     @staticmethod
@@ -120,7 +131,7 @@ class JudgeLoss(torch.autograd.Function):
         return dh, dw, None
 
 
-def _reference_loss(args: HeadArgs, loss_fn: LossFn, chunk: int) -> Tuple[torch.Tensor, JudgeHeadOutput]:
+def _reference_loss(args: HeadArgs, loss_fn: LossFn, plan: List[slice]) -> Tuple[torch.Tensor, JudgeHeadOutput]:
     """The spec: the reference head under autograd, then the caller's loss summed over the same chunks."""
     outs = reference.judge_head(
         args.hidden, args.weight, args.targets, args.score_ids, args.score_values,
@@ -129,9 +140,7 @@ def _reference_loss(args: HeadArgs, loss_fn: LossFn, chunk: int) -> Tuple[torch.
     )
     full = JudgeHeadOutput(*outs)
     total = (args.hidden.sum() + args.weight[:0].sum()) * 0.0  # 0, with a graph even for N = 0
-    n = args.hidden.shape[0]
-    for r0 in range(0, n, chunk):
-        rows = slice(r0, min(n, r0 + chunk))
+    for rows in plan:
         loss = check_scalar(loss_fn(JudgeHeadOutput(*(None if t is None else t[rows] for t in outs)), rows))
         total = total + loss.float()
     detached = JudgeHeadOutput(*(None if t is None else t.detach() for t in
@@ -145,8 +154,8 @@ def judge_loss(
     targets: torch.Tensor,
     loss_fn: Callable[[JudgeHeadOutput, slice], torch.Tensor],
     *,
-    score_token_ids=None,
-    score_values=None,
+    score_token_ids: Optional[Union[Sequence[int], torch.Tensor]] = None,
+    score_values: Optional[Union[Sequence[float], torch.Tensor]] = None,
     score_targets: Optional[torch.Tensor] = None,
     score_mask: Optional[torch.Tensor] = None,
     normalize: bool = False,
@@ -154,6 +163,7 @@ def judge_loss(
     ignore_index: int = -100,
     return_entropy: bool = False,
     chunk_size: Optional[int] = None,
+    row_groups: Optional[Sequence[int]] = None,
     backend: str = "auto",
 ) -> Tuple[torch.Tensor, JudgeHeadOutput]:
     """A per-row loss over the judge head's outputs, with its gradient formed in the forward.
@@ -166,8 +176,12 @@ def judge_loss(
     ``judge_head`` followed by the same loss under autograd; ``out`` holds the
     detached outputs for all rows.  Without ``score_token_ids`` the score
     fields are empty (``[N, 0]``) and the expected score and error are 0.
-    ``chunk_size`` rows per chunk (default: ``default_chunk_size``); extra
-    memory is one ``[chunk, V]`` logits buffer plus an fp32 ``dW``.
+    ``chunk_size`` rows per chunk (default: ``default_chunk_size``, equal
+    chunks of a multiple of 128 rows sized from the free memory); extra memory
+    is one ``[chunk, V]`` logits buffer plus an fp32 ``dW``.  ``row_groups``:
+    sizes of consecutive groups of rows (summing to N) that no chunk may split,
+    e.g. one sequence's score row and CoT rows; whole groups are packed into
+    chunks of up to the chunk size.  ``plan_chunks`` gives the chunks in advance.
     """
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(chunk_out, rows), got {type(loss_fn).__name__}")
@@ -177,16 +191,14 @@ def judge_loss(
         score_mask=score_mask, normalize=normalize, temperature=temperature, ignore_index=ignore_index,
         return_entropy=return_entropy, need_scores=need_scores,
     )
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     n, vocab = args.hidden.shape[0], args.weight.shape[0]
-    chunk = chunk_size or default_chunk_size(n, vocab, args.hidden.device)
+    plan = plan_chunks(n, vocab, args.hidden.device, args.hidden.dtype, row_groups=row_groups, chunk_size=chunk_size)
     name = resolve_backend(backend, args.hidden)
     device_type = args.hidden.device.type
     # fp32 statistics and outputs whatever autocast says (as judge_head); the GEMMs run in the inputs' dtype
     with torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda") else contextlib.nullcontext():
         if name == "reference" or n == 0:
-            return _reference_loss(args, loss_fn, chunk)
-        run = _Run(args, loss_fn, chunk, name)
-        loss = JudgeLoss.apply(args.hidden, args.weight, run)
+            return _reference_loss(args, loss_fn, plan)
+        run = _Run(args, loss_fn, plan, name)
+        loss = _JudgeLossFunction.apply(args.hidden, args.weight, run)
         return loss, run.outputs

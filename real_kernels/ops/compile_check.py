@@ -53,7 +53,7 @@ def launches() -> Iterator[Tuple[str, object]]:
     """(label, Launch) for every launch the library makes at the benchmark shapes."""
     import torch
 
-    from ..loss import default_chunk_size
+    from .chunk_plan import default_chunk_size
     from .chunk_pass import block_v_for, dlogits_launch, lse_launch
     from .head_config import gpu_configs
     from .head_launches import forward_launches, score_grad_launch
@@ -80,7 +80,7 @@ def launches() -> Iterator[Tuple[str, object]]:
             launch, _, _ = score_grad_launch(targets, g, out.slogp, out.yhat, values if flags else values[:0], y,
                                              out.mask_u8, g_s, g, g, flags, -100)
             yield f"score_grad[flags={flags}]", launch
-            chunk = default_chunk_size(n, v, torch.device("cuda"))
+            chunk = default_chunk_size(n, v, torch.device("cuda"), dtype)
             z = torch.empty(chunk, v, dtype=dtype, **meta)
             lse_l, lse, ent = lse_launch(z, 1.0 / 0.7, flags, block_v_for(v))
             yield f"chunk_lse[{dname}, entropy={flags}]", lse_l

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from ..loss import default_chunk_size
+from .chunk_plan import default_chunk_size
 from ..validation import HeadArgs, first_order_only, unit_column_stride
 from .head_config import BlockConfig, default_config, tuned_config
 from .head_launches import forward_launches, score_grad_launch

@@ -54,7 +54,7 @@ def recompute_backward(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
         )
         # lse again, from the logits as recomputed here (not the forward's): at |z| ~ 1e4 a different
         # summation order moves z by ~1e-3, and p = exp(z - lse) must sum to 1 over *these* logits
-        stats = chunk_pass.stats(z, cols, inv_temp, entropy=False)
+        stats = chunk_pass.stats(z, cols, inv_temp, False, h_c, grads.w)
         dz = chunk_pass.dlogits_(z, stats, coefs, cols, inv_temp)
         grads.add_chunk(dz, rows, first=r0 == 0)
     return grads.finish(hidden.dtype, weight.dtype)
