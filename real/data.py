@@ -302,6 +302,22 @@ def with_chat_templates(examples: Sequence[JudgeExample], tokenizer, enabled: bo
             for e in examples]
 
 
+def with_score_phrase(examples: Sequence[JudgeExample], phrase: str = "prometheus") -> List[JudgeExample]:
+    """The examples with their prompts as the judge reads them under ``--score-phrase phrase``
+    (``real.prompts.prompt_for_score_phrase``: the released phrase appends the released data scripts'
+    instruction to each Prometheus prompt); applied before the chat template, as the release builds its
+    user turns."""
+    from dataclasses import replace
+
+    from real.prompts import prompt_for_score_phrase
+
+    out = []
+    for example in examples:
+        prompt = prompt_for_score_phrase(example.prompt, phrase)
+        out.append(example if prompt == example.prompt else replace(example, prompt=prompt))
+    return out
+
+
 def group_by_source(examples: Sequence[JudgeExample]) -> Dict[str, List[JudgeExample]]:
     """Examples grouped by ``meta["source"]``, in first-seen order."""
     groups: Dict[str, List[JudgeExample]] = {}
@@ -392,6 +408,7 @@ def run_examples(cfg, tokenizer, check: Callable[[list], list], log, *, train=No
         log("warning: no held-out examples (too few rows, or all also in the training data): the run is "
             "not evaluated; pass --eval-data or raise --eval-fraction")
     train, held_out = check(list(train)), list(held_out or [])
+    train, held_out = with_score_phrase(train, cfg.score_phrase), with_score_phrase(held_out, cfg.score_phrase)
     train = with_chat_templates(train, tokenizer, cfg.chat_template)
     held_out = with_chat_templates(held_out, tokenizer, cfg.chat_template)
     for name, rows in (("training", train), ("held-out", held_out)):

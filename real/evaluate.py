@@ -24,9 +24,13 @@ JSON:
 - ``--model PATH`` (a folder, a Hub name, or ``tiny``): runs the judge as the
   paper evaluates it (``real.inference``): RAIL (the expected score at the score
   position) averaged over ``--n-samples`` CoTs sampled at temperature 1.0 and
-  top-p 0.9 (``rail-sampled``), RAIL after a greedy CoT (``rail-greedy``), and
-  standard decoding (``decode``: generate, parse the score); a line under the
-  table says when the model is a random or an untrained one.  ``--data DIR``
+  top-p 0.9 (``rail-sampled``), RAIL after a greedy CoT (``rail-greedy``),
+  standard decoding (``decode``: generate greedily, parse the score) and the
+  released validation's decoded score (``decode-released``: one CoT sampled at
+  --temperature / --top-p to its end, its last character if that is a digit,
+  else 0); a line under the table says when the model is a random or an
+  untrained one.  The defaults are the released validation's: --max-new-tokens
+  1024, one sampled CoT at temperature 1.0 and top-p 0.9.  ``--data DIR``
   stands for the paper's four benchmarks in DIR.
 """
 from __future__ import annotations
@@ -44,9 +48,11 @@ from real.metrics import average_correlations, correlations, format_table, json_
 
 BASELINES = ("gpt4-loo",)
 # How a judge model predicts (not the training methods): RAIL on sampled CoTs (n averaged), RAIL on a greedy
-# CoT, standard decoding (generate, parse the score).  The paper reports RAIL on sampled CoTs (temperature 1.0,
-# top-p 0.9, as the released validation) and greedy.
-PREDICTION_METHODS = ("rail-sampled", "rail-greedy", "decode")
+# CoT, standard decoding (generate greedily, parse the score), and the released validation's decoded score
+# (real.inference.DECODING_RULES 'released': a sampled CoT's last character if it is a digit, else 0).  The
+# paper reports RAIL on sampled CoTs (temperature 1.0, top-p 0.9, as the released validation) and greedy.
+PREDICTION_METHODS = ("rail-sampled", "rail-greedy", "decode", "decode-released")
+DEFAULT_MAX_NEW_TOKENS = 1024  # the released max_response_length, which its validation generates up to
 PAPER_BENCHMARKS = ("feedback_bench.json", "flask_eval.json", "vicuna_eval.json", "mt_bench_eval.json")
 DEFAULT_METHOD = "predictions"
 UNPARSABLE_RULES = ("both", "drop", "zero")  # zero: the released REAL evaluation's rule
@@ -100,19 +106,24 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("judge model options (with --model)")
     model.add_argument("--methods", nargs="+", choices=PREDICTION_METHODS, default=list(PREDICTION_METHODS),
                        help="rail-sampled: expected score averaged over --n-samples sampled CoTs; rail-greedy: "
-                            "after one greedy CoT; decode: generate (greedy) and parse the score")
+                            "after one greedy CoT; decode: generate (greedy) and parse the score; decode-released: "
+                            "the released validation's decoded score (one CoT sampled at --temperature / --top-p "
+                            "to its end; its last character if that is a digit, else 0)")
     model.add_argument("--n-samples", type=int, default=1, metavar="N",
                        help="sampled CoTs per prompt for rail-sampled, their expected scores averaged (the released "
                             "validation samples 1)")
-    model.add_argument("--temperature", type=float, default=1.0, metavar="T", help="sampling temperature of rail-sampled")
-    model.add_argument("--top-p", type=float, default=0.9, metavar="P", help="nucleus sampling of rail-sampled")
+    model.add_argument("--temperature", type=float, default=1.0, metavar="T",
+                       help="sampling temperature of rail-sampled and decode-released (the released validation's)")
+    model.add_argument("--top-p", type=float, default=0.9, metavar="P",
+                       help="nucleus sampling of rail-sampled and decode-released (the released validation's)")
     model.add_argument("--seed", type=int, default=0, help="seed of the sampled CoTs")
     model.add_argument("--score-phrase", default="prometheus",
                        help="the phrase the score follows: prometheus ('[RESULT] N'), released ('So the overall "
                             "score is N') or the phrase itself")
     model.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True,
                        help="lay each prompt out as a user turn of the tokenizer's chat template, when it has one")
-    model.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="longest CoT generated per prompt")
+    model.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
+                       help="longest CoT generated per prompt (the released max_response_length)")
     model.add_argument("--batch-size", type=int, default=8, metavar="N", help="prompts per generation batch")
     model.add_argument("--normalize", action="store_true",
                        help="RAIL: renormalise the score probabilities over the score tokens")
@@ -346,7 +357,7 @@ def run_model(benchmarks: Dict[str, List[JudgeExample]], args) -> Dict[str, Dict
     # Imported here: torch/transformers and the inference code are only needed for --model.
     import torch
 
-    from real.data import with_chat_templates
+    from real.data import with_chat_templates, with_score_phrase
     from real.inference import predict_decode, predict_rail
     from real.models import load_model_and_tokenizer, resolve_device
     from real.prompts import ScoreScale, score_phrase
@@ -357,8 +368,8 @@ def run_model(benchmarks: Dict[str, List[JudgeExample]], args) -> Dict[str, Dict
     model.eval()
     scale = ScoreScale.from_tokenizer(tokenizer, marker=score_phrase(args.score_phrase))
     keys = [(name, e.meta["row"]) for name, examples in benchmarks.items() for e in examples]
-    examples = with_chat_templates([e for examples in benchmarks.values() for e in examples], tokenizer,
-                                   args.chat_template)
+    examples = with_score_phrase([e for examples in benchmarks.values() for e in examples], args.score_phrase)
+    examples = with_chat_templates(examples, tokenizer, args.chat_template)
     prompts = [e.prompt for e in examples]
     common = dict(score_token_ids=scale.token_ids, score_values=scale.values, max_new_tokens=args.max_new_tokens,
                   batch_size=args.batch_size, normalize=args.normalize, progress=True, marker=scale.marker)
@@ -379,6 +390,14 @@ def run_model(benchmarks: Dict[str, List[JudgeExample]], args) -> Dict[str, Dict
                                 batch_size=args.batch_size, low=scale.low, high=scale.high, progress=True,
                                 marker=scale.marker)
         out["decode"] = dict(zip(keys, values))
+    if "decode-released" in args.methods:
+        print(f"real eval: the released decoded score on {len(prompts)} prompts (one CoT sampled at temperature "
+              f"{args.temperature}, top-p {args.top_p}, to its end; 0 unless it ends in a digit)", file=sys.stderr)
+        torch.manual_seed(args.seed)
+        values = predict_decode(model, tokenizer, prompts, greedy=False, temperature=args.temperature,
+                                top_p=args.top_p, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                low=scale.low, high=scale.high, progress=True, marker=scale.marker, rule="released")
+        out["decode-released"] = dict(zip(keys, values))
     return out
 
 

@@ -12,7 +12,10 @@
   digit, as Qwen's do), without logits for the whole sequence; :func:`score_cots`
   is its form with score ids and values.
 - :func:`predict_rail` = generate (greedy, or n sampled CoTs) + score_cots,
-  averaged over the CoTs; :func:`predict_decode` = generate + ``parse_score``.
+  averaged over the CoTs; :func:`predict_decode` = generate + a decoding rule
+  (:data:`DECODING_RULES`: ``parse``, the score read by ``parse_score``, or
+  ``released``, the released validation's: the output's last character if it
+  is a digit, else 0).
 - :func:`rail_predictions` is the training loop's held-out evaluation: RAIL
   with a greedy CoT (or none, for RAFT) on batches laid out exactly as in training.
 
@@ -36,6 +39,22 @@ from real.head import score_forward
 from real.prompts import SCORE_MARKER, ScoreScale, parse_score
 
 _UNLIMITED = sys.maxsize
+# How a generated judgement becomes a score (standard decoding): parse (``real.prompts.parse_score``: the score
+# after the marker or another score statement, None when there is none or it is out of range) or released (the
+# released validation's "sampled" score, github.com/YasminZhang/REAL verl/trainer/ppo/ray_trainer.py,
+# _validate_single_dataloader: the generation runs to its end and scores its last character when that is a
+# digit, else 0).
+DECODING_RULES = ("parse", "released")
+
+
+def decoded_score(text: str, rule: str = "parse", *, low: float = 1, high: float = 5,
+                  marker: str = SCORE_MARKER) -> Optional[float]:
+    """The score a generated judgement gives under decoding rule ``rule`` (:data:`DECODING_RULES`)."""
+    if rule == "parse":
+        return parse_score(text, low=low, high=high, marker=marker)
+    if rule == "released":
+        return float(text[-1]) if text and text[-1] in "0123456789" else 0.0
+    raise ValueError(f"rule must be one of {', '.join(DECODING_RULES)}, got {rule!r}")
 
 
 class StopAtMarker(StoppingCriteria):
@@ -122,14 +141,15 @@ def generate_cots(
     progress: bool = True,
     marker: str = SCORE_MARKER,
     max_prompt_tokens: Optional[int] = None,
+    stop_at_score: bool = True,
 ) -> List[List[str]]:
     """``n`` generated continuations per prompt (``result[i][k]``), as text.
 
     ``stop_at_marker``: each row stops once it writes the marker, anything
     after it is dropped and the marker is appended where the model never wrote
     it (e.g. cut by ``max_new_tokens``), so every CoT ends with the marker.
-    Otherwise a row runs until eos, ``max_new_tokens``, or a score written after
-    the marker, and the text is returned as generated.  ``batch_size`` counts
+    Otherwise a row runs until eos, ``max_new_tokens``, or (``stop_at_score``) a
+    score written after the marker, and the text is returned as generated.  ``batch_size`` counts
     sequences (prompts x n) per ``generate`` call.  ``max_prompt_tokens``: a
     longer prompt keeps its last tokens, as the training batch does
     (``real.batching.truncate_prompt_ids``).
@@ -158,8 +178,9 @@ def generate_cots(
             chunk = order[start:start + per_call]
             enc = _encode_prompts(tokenizer, [prompts[i] for i in chunk], max_prompt_tokens).to(device)
             width = enc["input_ids"].shape[1]
-            stop = StopAtMarker(tokenizer, width, marker=marker, need_score=not stop_at_marker)
-            out = model.generate(**enc, generation_config=config, stopping_criteria=StoppingCriteriaList([stop]))
+            stops = [] if not (stop_at_marker or stop_at_score) else [
+                StopAtMarker(tokenizer, width, marker=marker, need_score=not stop_at_marker)]
+            out = model.generate(**enc, generation_config=config, stopping_criteria=StoppingCriteriaList(stops))
             texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
             for j, i in enumerate(chunk):
                 mine = texts[j * n:(j + 1) * n]
@@ -312,12 +333,20 @@ def predict_decode(
     high: float = 5,
     progress: bool = True,
     marker: str = SCORE_MARKER,
+    rule: str = "parse",
 ) -> List[Optional[float]]:
-    """Standard decoding: generate a judgement and parse its score (None when unreadable or out of range)."""
+    """Standard decoding: generate a judgement and read its score by ``rule`` (:func:`decoded_score`).
+
+    ``parse``: generation stops once a score follows the marker; None when unreadable or out of range.
+    ``released``: generation runs to eos or ``max_new_tokens``, as the released validation's, and a
+    judgement that does not end in a digit scores 0.
+    """
     prompts = _check_common(prompts, batch_size)
+    if rule not in DECODING_RULES:
+        raise ValueError(f"rule must be one of {', '.join(DECODING_RULES)}, got {rule!r}")
     if not prompts:
         return []
     texts = generate_cots(model, tokenizer, prompts, n=1, greedy=greedy, temperature=temperature, top_p=top_p,
                           max_new_tokens=max_new_tokens, batch_size=batch_size, stop_at_marker=False,
-                          progress=progress, marker=marker)
-    return [parse_score(t[0], low=low, high=high, marker=marker) for t in texts]
+                          progress=progress, marker=marker, stop_at_score=rule == "parse")
+    return [decoded_score(t[0], rule, low=low, high=high, marker=marker) for t in texts]

@@ -29,6 +29,12 @@ SCORE_MARKER = "[RESULT]"
 SCORE_PHRASES = {"prometheus": SCORE_MARKER, "released": "So the overall score is"}
 SCORE_VALUES = (1, 2, 3, 4, 5)  # the judge's score scale: the Prometheus rubric's five scores
 FEEDBACK_PREFIX = "Feedback:"
+# The sentence the released data scripts append to each Prometheus prompt (github.com/YasminZhang/REAL,
+# data/collection.py and data/collection_sft.py, `instruction_following`, used for local_dir names holding
+# "base", as the README's commands give them), so that the judge ends its feedback in "So the overall score is N".
+RELEASED_INSTRUCTION = ("Let's output the final score as \"So the overall score is (score)\" without a period at the "
+                        "end. The score, which is a number between 1 and 5, should appear at the end of the answer in "
+                        "place of the period.")
 
 _TASK_WITH_REFERENCE = (
     "An instruction (might include an Input inside it), a response to evaluate, "
@@ -50,6 +56,7 @@ _STEPS = (
     'criteria) [RESULT] (an integer number between 1 and 5)"\n'
     "4. Please do not generate any other opening, closing, and explanations."
 )
+_FORMAT_LINE = '"Feedback: (write a feedback for criteria) [RESULT] (an integer number between 1 and 5)"'
 
 RubricLike = Union[str, Mapping]
 
@@ -161,14 +168,41 @@ def score_phrase(name_or_phrase: str) -> str:
     return phrase
 
 
+def prompt_for_score_phrase(prompt: str, phrase: str = "prometheus") -> str:
+    """The prompt as the judge reads it under ``--score-phrase phrase``.
+
+    With the released phrase, a Prometheus prompt (one that holds the template's output-format line) gets
+    the released data scripts' sentence appended, as they append it (``prompt + " " + RELEASED_INSTRUCTION``),
+    so the prompt asks for "So the overall score is N" where the CoT ends.  Other phrases, and prompts of
+    other tasks (the synthetic one), are returned unchanged; a prompt that already ends in the sentence is
+    not given it twice.
+    """
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+    if score_phrase(phrase) != SCORE_PHRASES["released"] or _FORMAT_LINE not in prompt:
+        return prompt
+    if prompt.rstrip().endswith(RELEASED_INSTRUCTION):
+        return prompt
+    return f"{prompt} {RELEASED_INSTRUCTION}"
+
+
+# Where a feedback text states its score: any score phrase (Feedback-Collection's texts end in "So the overall
+# score is 4." and their outputs in "[RESULT] 4"); format_cot cuts the text at the first of them.
+_STATED_SCORE_RE = re.compile("|".join(re.escape(p) for p in SCORE_PHRASES.values()), re.IGNORECASE)
+
+
 def format_cot(feedback: str, score, marker: str = SCORE_MARKER) -> str:
     """``"Feedback: <feedback> <marker> <score>"`` (integral scores written as ``4``, not ``4.0``).
 
-    A feedback that already starts with ``Feedback:`` is not prefixed twice; one that already holds the
-    marker (Feedback-Collection's texts end in "So the overall score is 4.") is cut before it.
+    A feedback that already starts with ``Feedback:`` is not prefixed twice.  A feedback that already
+    states its score (Feedback-Collection's texts end in "So the overall score is 4.", its outputs in
+    "[RESULT] 4") is cut before that statement, whatever ``marker`` is: the only score in the CoT is the one
+    after the marker, so the judge does not commit to a digit in its CoT for RAIL to copy at the marker.
     """
     if not isinstance(feedback, str):
         raise ValueError(f"feedback must be a string, got {type(feedback).__name__}")
+    if not isinstance(marker, str) or not marker.strip():
+        raise ValueError(f"marker must be a non-empty string, got {marker!r}")
     try:
         value = _format_value(score)
     except (TypeError, ValueError):
@@ -176,8 +210,12 @@ def format_cot(feedback: str, score, marker: str = SCORE_MARKER) -> str:
     body = feedback.strip()
     if body.startswith(FEEDBACK_PREFIX):
         body = body[len(FEEDBACK_PREFIX):].strip()
-    body = body.split(marker, 1)[0].rstrip()
-    return f"{FEEDBACK_PREFIX} {body} {marker} {value}"
+    body = body.split(marker, 1)[0]
+    stated = _STATED_SCORE_RE.search(body)
+    if stated:
+        body = body[:stated.start()]
+    body = body.rstrip()
+    return f"{FEEDBACK_PREFIX} {body} {marker} {value}" if body else f"{FEEDBACK_PREFIX} {marker} {value}"
 
 
 # --- reading a score back from generated text -------------------------------------

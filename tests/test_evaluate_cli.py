@@ -181,11 +181,14 @@ def test_model_tiny_runs_rail_and_decoding(tmp_path):
     assert results["rail-greedy"]["short_a"]["n"] == 3 and results["decode"]["short_a"]["dropped"] == 3
     # the paper's protocol: RAIL on sampled CoTs and greedy, decoding with both unparsable rules (issue 11, items
     # 5 and 11)
-    assert set(results) == {"rail-sampled", "rail-greedy", "decode", "decode [unparsable=0]"}
+    # and the released validation's decoded score (issue 19, item 5): never unparsable, 0 unless a digit ends it
+    assert set(results) == {"rail-sampled", "rail-greedy", "decode", "decode [unparsable=0]", "decode-released"}
     assert results["decode [unparsable=0]"]["short_a"]["unparsable"] == 3
+    assert results["decode-released"]["short_a"]["unparsable"] == 0
     assert set(results["rail-sampled"]) == {"short_a", "short_b", "Average"}
     rows = [json.loads(line) for line in saved.read_text().splitlines()]
-    assert len(rows) == 3 * 2 * 3  # methods x benchmarks x rows
+    assert len(rows) == 4 * 2 * 3  # methods x benchmarks x rows
+    assert all(r["prediction"] in {float(d) for d in range(10)} for r in rows if r["method"] == "decode-released")
     rail = [r["prediction"] for r in rows if r["method"].startswith("rail")]
     # --normalize: the expected score is a convex combination of 1..5
     assert all(1.0 - 1e-5 <= p <= 5.0 + 1e-5 for p in rail)
