@@ -23,7 +23,7 @@ from real.objectives import ADVANTAGE_NORMS, AGGREGATIONS, check_aggregation
 from real.prompts import score_phrase
 
 SCHEDULES = ("constant", "cosine")
-ROLLOUT_ENGINES = ("hf", "vllm")
+ROLLOUT_ENGINES = ("hf", "vllm-colocate", "vllm-server", "vllm")  # vllm = vllm-colocate (real.vllm_rollout)
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")  # transformers' attn_implementation
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -79,8 +79,22 @@ class TrainConfig:
     max_cot_tokens: int = _opt(1024, "CoTs longer than this are truncated (with a warning)", group="batch")
 
     # --- rollouts ------------------------------------------------------------------
-    rollout: str = _opt("hf", "rollout engine: hf (transformers generate) or vllm (needs vllm installed)",
-                        ROLLOUT_ENGINES, "rollout")
+    rollout: str = _opt("hf", "rollout engine: hf (transformers generate through the trained model), "
+                        "vllm-colocate (a vLLM engine in every training process, asleep while it trains, weights "
+                        "pushed before every rollout; 'vllm' is the same) or vllm-server (a separate `trl "
+                        "vllm-serve` process that rank 0 pushes the weights to); the vLLM ones need CUDA and "
+                        "pip install 'real-kernels[vllm]'", ROLLOUT_ENGINES, "rollout")
+    vllm_gpu_memory_utilization: float = _opt(0.3, "vllm-colocate: share of each GPU's memory the engine may take "
+                                              "while it samples (weights + KV cache)", group="rollout")
+    vllm_tensor_parallel_size: int = _opt(1, "vllm-colocate: GPUs one engine spans (must divide the ranks)",
+                                          group="rollout")
+    vllm_sleep: bool = _opt(True, "vllm-colocate: release the engine's weights and KV cache while training "
+                            "(vLLM sleep mode, level 2)", group="rollout")
+    vllm_server_host: str = _opt("127.0.0.1", "vllm-server: host of `trl vllm-serve`", group="rollout")
+    vllm_server_port: int = _opt(8000, "vllm-server: its HTTP port", group="rollout")
+    vllm_group_port: int = _opt(51216, "vllm-server: port of its weight-update group", group="rollout")
+    vllm_server_timeout: float = _opt(240.0, "vllm-server: seconds to wait for the server to answer at the start",
+                                      group="rollout")
     temperature: float = _opt(1.0, "sampling temperature of rollouts", group="rollout")
     top_p: float = _opt(0.9, "nucleus sampling top-p of rollouts", group="rollout")
     max_new_tokens: int = _opt(256, "longest generated CoT (tokens; 32 with --data synthetic); generation stops at "
@@ -213,6 +227,10 @@ class TrainConfig:
             raise ValueError("data must name at least one file or 'synthetic'")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: continue a run, or start it afresh")
+        if not 0.0 < self.vllm_gpu_memory_utilization <= 1.0:
+            raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1]; got {self.vllm_gpu_memory_utilization}")
+        if self.vllm_tensor_parallel_size < 1:
+            raise ValueError(f"vllm_tensor_parallel_size must be >= 1; got {self.vllm_tensor_parallel_size}")
         if self.tiny_config and self.model != "tiny":
             raise ValueError("tiny_config only applies to --model tiny")
         return self
@@ -238,9 +256,9 @@ class TrainConfig:
         if self.prompts_per_step % world:
             raise ValueError(f"--prompts-per-step {self.prompts_per_step} cannot be split evenly over {world} "
                              f"ranks; make it a multiple of {world} (each rank takes whole prompt groups)")
-        if self.rollout == "vllm" and METHODS[self.method].needs_rollouts:
-            raise ValueError("--rollout vllm runs one engine per process and is not supported under torchrun yet; "
-                             "use --rollout hf (it samples through the sharded model)")
+        if self.rollout in ("vllm", "vllm-colocate") and world % self.vllm_tensor_parallel_size:
+            raise ValueError(f"--vllm-tensor-parallel-size {self.vllm_tensor_parallel_size} must divide the {world} "
+                             "ranks (each group of that many ranks shares one engine)")
         if self.parallel == "none":
             raise ValueError(f"--parallel none under torchrun would train {world} unsynchronised copies; "
                              "use --parallel fsdp or ddp")

@@ -10,9 +10,10 @@ grouped (rows ``b*G .. b*G+G-1`` belong to prompt ``b``, the layout
   rollouts depend only on (seed, step) and the weights: a resumed run samples
   exactly what an uninterrupted one would have, and the caller's RNG stream is
   left untouched.
-- ``VLLMRollout`` (``--rollout vllm``): a vLLM engine on the same GPU, its
-  weights refreshed from the trained model before each batch.  Needs vllm
-  installed; never used by the tests.
+- ``--rollout vllm-colocate`` (``vllm`` is the same) and ``vllm-server``: vLLM,
+  colocated in every training process or in a separate ``trl vllm-serve``
+  process, the trained weights pushed to it before every rollout
+  (``real.vllm_rollout``; works under torchrun).
 
 REAL only needs the CoT (the batch builder appends the marker and the true
 score).  GRPO rewards the score the policy itself wrote, so with
@@ -22,9 +23,6 @@ score).  GRPO rewards the score the policy itself wrote, so with
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -130,129 +128,54 @@ class HFRollout:
         pass
 
 
-class VLLMRollout:
-    """Sampling with a vLLM engine whose weights follow the trained model (CUDA only)."""
-
-    name = "vllm"
-
-    def __init__(self, model, tokenizer, *, temperature: float, top_p: float, max_new_tokens: int,
-                 score_values: Sequence[float], gpu_memory_utilization: float = 0.3, marker: str = SCORE_MARKER,
-                 max_prompt_tokens: Optional[int] = None):
-        try:
-            import vllm
-        except ImportError as exc:
-            raise ValueError("--rollout vllm needs the vllm package (pip install vllm); use --rollout hf "
-                             f"otherwise ({exc})") from None
-        if next(model.parameters()).device.type != "cuda":
-            raise ValueError("--rollout vllm needs the model on CUDA; use --rollout hf on the CPU")
-        self._vllm = vllm
-        self.tokenizer = tokenizer
-        self.temperature = temperature
-        self.top_p = top_p
-        self.max_new_tokens = max_new_tokens
-        self.max_prompt_tokens = max_prompt_tokens
-        self.score_values = list(score_values)
-        self.marker = marker
-        # vLLM loads from a folder: write the starting weights once, then push updates in memory.
-        self._folder = tempfile.mkdtemp(prefix="real-vllm-")
-        base = _merged_state_model(model)
-        base.save_pretrained(self._folder, safe_serialization=True)
-        tokenizer.save_pretrained(self._folder)
-        dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-        self.llm = vllm.LLM(model=self._folder, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
-                            enable_prefix_caching=True)
-
-    def _engine_model(self):
-        """The torch module inside the engine (its location moved between vLLM versions)."""
-        engine = self.llm.llm_engine
-        paths = (
-            ("model_executor", "driver_worker", "model_runner", "model"),
-            ("model_executor", "driver_worker", "worker", "model_runner", "model"),
-        )
-        for path in paths:
-            obj = engine
-            try:
-                for attr in path:
-                    obj = getattr(obj, attr)
-            except AttributeError:
-                continue
-            return obj
-        raise RuntimeError(
-            "cannot reach the model inside this vLLM version to refresh its weights (the V1 engine runs it in "
-            "another process); set VLLM_USE_V1=0 or use --rollout hf")
-
-    def sync_weights(self, model) -> None:
-        with torch.no_grad():
-            merged = _merged_state_dict(model)
-            self._engine_model().load_weights(merged.items())
-        self.llm.reset_prefix_cache()
-
-    def generate(self, model, prompts: Sequence[str], group_size: int, *, seed: int,
-                 with_score: bool = False) -> Rollouts:
-        self.sync_weights(model)
-        params = self._vllm.SamplingParams(
-            n=group_size, temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_new_tokens,
-            seed=seed, stop=None if with_score else [self.marker], include_stop_str_in_output=True,
-            truncate_prompt_tokens=self.max_prompt_tokens,
-        )
-        outputs = self.llm.generate(list(prompts), params, use_tqdm=False)
-        per_prompt = []
-        for out in outputs:
-            texts = [c.text for c in out.outputs]
-            if not with_score:
-                texts = [t if self.marker in t else f"{t.rstrip()} {self.marker}" for t in texts]
-            per_prompt.append(texts)
-        return _group(prompts, per_prompt, group_size, with_score, self.score_values, self.marker)
-
-    def close(self) -> None:
-        shutil.rmtree(self._folder, ignore_errors=True)
-
-
-def _merged_state_model(model):
-    """The plain transformers model (a LoRA adapter merged into a copy)."""
-    if hasattr(model, "merge_and_unload"):
-        import copy
-
-        return copy.deepcopy(model).merge_and_unload()
-    return model
-
-
-def _merged_state_dict(model):
-    if hasattr(model, "merge_adapter"):
-        model.merge_adapter()
-        try:
-            base = model.get_base_model()
-            state = {k.replace(".base_layer", ""): v.clone() for k, v in base.state_dict().items()
-                     if "lora_" not in k}
-        finally:
-            model.unmerge_adapter()
-        return state
-    return model.state_dict()
-
-
 def make_rollout_engine(name: str, model, tokenizer, *, temperature: float, top_p: float, max_new_tokens: int,
                         batch_size: int, score_values: Sequence[float], progress: bool = False,
-                        marker: str = SCORE_MARKER, max_prompt_tokens: Optional[int] = None):
-    """``max_prompt_tokens``: generation sees at most this many prompt tokens (the last ones)."""
+                        marker: str = SCORE_MARKER, max_prompt_tokens: Optional[int] = None, env=None,
+                        vllm: Optional[dict] = None):
+    """``max_prompt_tokens``: generation sees at most this many prompt tokens (the last ones).  ``vllm``: the
+    keyword settings of the vLLM engines (``real.vllm_rollout``); ``env``: the run's ``DistEnv``."""
     if name == "hf":
         return HFRollout(tokenizer, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                          batch_size=batch_size, score_values=score_values, progress=progress, marker=marker,
                          max_prompt_tokens=max_prompt_tokens)
-    if name == "vllm":
-        if os.environ.get("VLLM_USE_V1") is None:
-            os.environ["VLLM_USE_V1"] = "0"  # in-process engine, so weights can be refreshed in memory
-        return VLLMRollout(model, tokenizer, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                           score_values=score_values, marker=marker, max_prompt_tokens=max_prompt_tokens)
-    raise ValueError(f"rollout must be 'hf' or 'vllm'; got {name!r}")
+    sampling = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, score_values=score_values,
+                    marker=marker, max_prompt_tokens=max_prompt_tokens)
+    from real import vllm_rollout
+
+    settings = dict(vllm or {})
+    if name in ("vllm", "vllm-colocate"):
+        return vllm_rollout.VLLMColocateRollout(model, tokenizer, env=env, **_only(settings, COLOCATE_SETTINGS),
+                                                **sampling)
+    if name == "vllm-server":
+        return vllm_rollout.VLLMServerRollout(model, tokenizer, env=env, **_only(settings, SERVER_SETTINGS),
+                                              **sampling)
+    raise ValueError(f"rollout must be one of hf, vllm-colocate (or vllm), vllm-server; got {name!r}")
+
+
+COLOCATE_SETTINGS = ("gpu_memory_utilization", "tensor_parallel_size", "sleep")
+SERVER_SETTINGS = ("host", "port", "group_port", "timeout")
+
+
+def _only(settings: dict, names) -> dict:
+    return {k: v for k, v in settings.items() if k in names}
+
+
+def vllm_settings(cfg) -> dict:
+    """The vLLM engines' settings from a ``TrainConfig`` (its ``vllm_*`` fields)."""
+    return dict(gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                tensor_parallel_size=cfg.vllm_tensor_parallel_size, sleep=cfg.vllm_sleep,
+                host=cfg.vllm_server_host, port=cfg.vllm_server_port, group_port=cfg.vllm_group_port,
+                timeout=cfg.vllm_server_timeout)
 
 
 SCORE_ROOM = 4  # tokens GRPO's rollouts may write past --max-cot-tokens: the score after the marker
 
 
-def rollout_engine_for(cfg, model, tokenizer, scale, *, with_score: bool):
+def rollout_engine_for(cfg, model, tokenizer, scale, *, with_score: bool, env=None):
     """The rollout engine of a training run, from its ``TrainConfig`` and score scale."""
     extra = SCORE_ROOM if with_score else 0
     return make_rollout_engine(
         cfg.rollout, model, tokenizer, temperature=cfg.temperature, top_p=cfg.top_p,
         max_new_tokens=min(cfg.max_new_tokens, cfg.max_cot_tokens + extra), batch_size=cfg.rollout_batch_size,
-        score_values=scale.values, marker=scale.marker, max_prompt_tokens=cfg.max_prompt_tokens)
+        score_values=scale.values, marker=scale.marker, max_prompt_tokens=cfg.max_prompt_tokens, env=env,
+        vllm=vllm_settings(cfg))

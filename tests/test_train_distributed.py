@@ -228,8 +228,10 @@ def test_launch_settings_that_cannot_work_on_several_ranks_are_clear_errors(tmp_
         check(3)
     with pytest.raises(ValueError, match="unsynchronised"):
         check(2, parallel="none")
-    with pytest.raises(ValueError, match="vllm"):
-        check(2, rollout="vllm")
+    check(2, rollout="vllm-colocate")  # vLLM works under torchrun (issue 19, item 7)
+    check(2, rollout="vllm-server")
+    with pytest.raises(ValueError, match="vllm-tensor-parallel-size 4 must divide the 2 ranks"):
+        check(2, rollout="vllm-colocate", vllm_tensor_parallel_size=4)
 
 
 # --- a late rank -----------------------------------------------------------------------------
