@@ -8,7 +8,8 @@ head module is never called, and its weight goes to ``linear_logprobs`` /
 ``token_logprobs`` (or the ones a mask keeps), the CoT rows plus one score row
 per sequence for ``judge_outputs``.  Works with tied embeddings (the output
 embedding *is* the input embedding then) and under ``torch.no_grad()`` for
-reference / old-policy log-probs.
+reference / old-policy log-probs.  ``hf.patch(model)`` (in ``hf_patch``, re-exported
+here) makes the model's own ``model(..., labels=labels)`` loss go the same way.
 
 This module must not import ``real`` (the algorithm layer sits on top of it).
 """
@@ -23,6 +24,16 @@ from .functional import judge_head, linear_logprobs
 from .outputs import LinearLogprobsOutput
 
 IGNORE_INDEX = -100
+_PATCH_API = ("patch", "unpatch", "is_patched", "causal_lm_loss", "SUPPORTED_MODEL_TYPES")
+
+
+def __getattr__(name: str):
+    """``hf.patch`` & co. live in ``hf_patch`` (which imports this module); loaded on first use, no import cycle."""
+    if name in _PATCH_API:
+        from . import hf_patch
+
+        return getattr(hf_patch, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _unwrap_peft(model):

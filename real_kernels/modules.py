@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
 from .functional import judge_head
 from .loss import judge_loss
 from .outputs import JudgeHeadOutput
-from .validation import BACKENDS
+from .validation import BACKENDS, IdsLike, ValuesLike
 
 LossFn = Callable[[JudgeHeadOutput, slice], torch.Tensor]
 
@@ -106,8 +106,8 @@ class JudgeHead(torch.nn.Module):
 
     def __init__(
         self,
-        score_token_ids: Sequence[int] | torch.Tensor,
-        score_values: Sequence[float] | torch.Tensor,
+        score_token_ids: IdsLike,
+        score_values: ValuesLike,
         *,
         normalize: bool = False,
         temperature: float = 1.0,
@@ -170,8 +170,8 @@ class JudgeLoss(torch.nn.Module):
         self,
         loss_fn: Optional[LossFn] = None,
         *,
-        score_token_ids: Optional[Sequence[int] | torch.Tensor] = None,
-        score_values: Optional[Sequence[float] | torch.Tensor] = None,
+        score_token_ids: Optional[IdsLike] = None,
+        score_values: Optional[ValuesLike] = None,
         normalize: bool = False,
         temperature: float = 1.0,
         ignore_index: int = -100,
