@@ -51,6 +51,12 @@ What is counted, per GPU (c = bytes of the compute/parameter dtype):
   every sequence generated at once, plus the prefill working set of one layer.
   Rollout and training do not overlap in time, so the peak is
   ``persistent + max(training step, rollout)``.
+- **vLLM engine** (``rollout_engine`` vllm-colocate): vLLM takes
+  ``gpu_memory_utilization x GPU memory`` while it samples (the merged weights
+  split over its tensor-parallel GPUs, the rest KV cache); asleep (level 2)
+  it holds nothing while the trainer trains, awake it adds that share to the
+  training peak too.  vllm-server puts it on other GPUs: their need (weights
+  / TP + the KV cache of a rollout) is reported, not added.
 - **FSDP gather buffers** (more than one GPU with FSDP): the unsharded root
   unit (embeddings, LM head, final norm) for the whole step plus two decoder
   layers (the current one and the prefetched next), and one layer's unsharded
@@ -75,6 +81,7 @@ OPTIMIZERS = ("adamw", "sgd")
 OPTIMIZER_STATES = {"adamw": 2, "sgd": 1}  # per-element state tensors (SGD with momentum)
 PLAN_PARALLEL_MODES = ("fsdp", "ddp")  # how the planned GPUs share the model (real.distributed's, less "none")
 HEADS = ("fused", "naive")
+ROLLOUT_ENGINES = ("hf", "vllm-colocate", "vllm-server")  # real.config's, less the alias vllm
 ATTENTION_KERNELS = ("sdpa", "flash")  # as the planner counts attention memory
 LORA_TARGET_SETS = {
     "all-linear": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
@@ -104,6 +111,10 @@ class TrainSetup:
     padded: bool = True  # rollouts of different lengths share a padded batch (an attention mask)
     rollout_on_gpu: bool = True
     generation_batch: Optional[int] = None  # sequences generated at once; default: rollouts
+    rollout_engine: str = "hf"  # hf (generate on the trained model), vllm-colocate or vllm-server
+    vllm_gpu_memory_utilization: float = 0.3  # vllm-colocate: the engine's share of the GPU while it samples
+    vllm_tensor_parallel_size: int = 1  # GPUs one vLLM engine spans
+    vllm_sleep: bool = True  # vllm-colocate: the engine releases its memory while the trainer trains
     score_values: int = 5
     reserve_gib: float = 1.0
     fused_tile_bytes: Optional[int] = None  # the fused head's workspace; None: what real_kernels.workspace says
@@ -120,6 +131,12 @@ class TrainSetup:
             positive(name)
         for name in ("lora_rank", "reserve_gib"):
             positive(name, allow_zero=True)
+        if self.rollout_engine not in ROLLOUT_ENGINES:
+            raise ValueError(f"rollout_engine must be one of {', '.join(ROLLOUT_ENGINES)}, got {self.rollout_engine!r}")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
+        if self.vllm_tensor_parallel_size < 1:
+            raise ValueError(f"vllm_tensor_parallel_size must be >= 1, got {self.vllm_tensor_parallel_size}")
         choices = {"parallel": PLAN_PARALLEL_MODES, "dtype": tuple(DTYPE_BYTES), "optimizer": OPTIMIZERS,
                    "head": HEADS, "attention": ATTENTION_KERNELS, "lora_targets": tuple(LORA_TARGET_SETS)}
         for name, allowed in choices.items():
@@ -394,8 +411,9 @@ class RolloutBytes:
 
 
 def rollout_bytes(shape: ModelShape, setup: TrainSetup) -> RolloutBytes:
-    """KV cache of every sequence generated at once, and the prefill working set of one layer."""
-    if not setup.rollout_on_gpu:
+    """KV cache of every sequence generated at once, and the prefill working set of one layer (transformers
+    ``generate`` on the trained model; a vLLM engine's memory is ``vllm_engine_bytes``)."""
+    if not setup.rollout_on_gpu or setup.rollout_engine != "hf":
         return RolloutBytes(0, 0)
     c = DTYPE_BYTES[setup.dtype]
     seqs = setup.generation_batch or setup.rollouts
@@ -403,6 +421,43 @@ def rollout_bytes(shape: ModelShape, setup: TrainSetup) -> RolloutBytes:
     prompt_tokens = seqs * setup.prompt_tokens
     prefill = prompt_tokens * (3 * shape.intermediate_size + 2 * shape.hidden_size) * c + seqs * shape.vocab_size * 4
     return RolloutBytes(kv_cache=kv, prefill=prefill)
+
+
+@dataclass(frozen=True)
+class VLLMEngineBytes:
+    """One GPU's share of a vLLM engine.  vLLM takes ``gpu_memory_utilization`` of the GPU when it starts
+    (weights, its activation peak, and the rest as KV cache blocks); sequences beyond what the KV cache
+    holds wait their turn (slower, not out of memory)."""
+
+    budget: int  # what the engine holds on a trainer GPU while it samples (0: on other GPUs)
+    held_while_training: int  # what it keeps while the trainer trains (0 asleep, level 2)
+    weights: int  # the full (merged) model in the compute dtype, split over tensor-parallel GPUs
+    kv_per_sequence: int  # one prompt + CoT's KV cache on one GPU
+    kv_wanted: int  # KV cache for every sequence of a rollout at once
+    kv_room: int  # budget - weights: the KV cache the engine can hold
+
+    @property
+    def sequences_at_once(self) -> int:
+        return max(0, self.kv_room) // self.kv_per_sequence if self.kv_per_sequence else 0
+
+
+def vllm_engine_bytes(shape: ModelShape, setup: TrainSetup) -> VLLMEngineBytes:
+    """The vLLM engine's bytes per GPU (colocated on the trainer's GPUs, or a server's GPU for
+    ``vllm-server``).  Its own activation peak and CUDA graphs come out of the KV share and are not
+    counted separately."""
+    if setup.rollout_engine == "hf":
+        return VLLMEngineBytes(0, 0, 0, 0, 0, 0)
+    c = DTYPE_BYTES[setup.dtype]
+    tp = setup.vllm_tensor_parallel_size
+    weights = shape.num_params() * c // tp
+    kv_per_sequence = setup.sequence_tokens * 2 * shape.num_layers * shape.kv_dim * c // tp
+    seqs = setup.generation_batch or setup.rollouts
+    budget = int(setup.vllm_gpu_memory_utilization * setup.gpu_memory_gib * GIB)
+    colocated = setup.rollout_engine == "vllm-colocate"
+    return VLLMEngineBytes(budget=budget if colocated else 0,
+                           held_while_training=budget if colocated and not setup.vllm_sleep else 0,
+                           weights=weights, kv_per_sequence=kv_per_sequence, kv_wanted=seqs * kv_per_sequence,
+                           kv_room=budget - weights)
 
 
 def plan(shape: ModelShape, setup: TrainSetup):

@@ -25,7 +25,7 @@ from real.memory_model import (ATTENTION_KERNELS, DTYPE_BYTES, GIB, HEADS, LORA_
                                OPTIMIZERS, PLAN_PARALLEL_MODES, TrainSetup, activation_bytes,
                                backward_working_bytes_per_token, fsdp_buffer_bytes, fused_head_bytes_per_row,
                                fused_workspace_bytes, head_held_bytes, layer_saved_bytes_per_token, loss_head_bytes,
-                               param_bytes, rollout_bytes)
+                               ROLLOUT_ENGINES, param_bytes, rollout_bytes, vllm_engine_bytes)
 from real.model_shapes import PRESETS, ModelShape, load_shape
 
 
@@ -85,6 +85,7 @@ def memory_plan(shape: ModelShape, setup: TrainSetup) -> MemoryPlan:
     tile = fused_workspace_bytes(shape, setup)
     fsdp = fsdp_buffer_bytes(shape, setup)
     roll = rollout_bytes(shape, setup)
+    engine = vllm_engine_bytes(shape, setup)
     reserve = int(setup.reserve_gib * GIB)
     n = setup.tokens_per_micro_batch
     seqs = setup.sequences_per_micro_batch
@@ -119,8 +120,10 @@ def memory_plan(shape: ModelShape, setup: TrainSetup) -> MemoryPlan:
         Row("loss_head", f"loss head ({setup.head})", head, head_note),
         Row("rollout_kv_cache", "rollout KV cache", roll.kv_cache,
             f"{setup.generation_batch or setup.rollouts} seqs x {setup.sequence_tokens:,} tokens x "
-            f"{2 * shape.num_layers * shape.kv_dim * c:,} B" if roll.kv_cache else "generation elsewhere"),
+            f"{2 * shape.num_layers * shape.kv_dim * c:,} B" if roll.kv_cache else
+            "inside the vLLM engine" if setup.rollout_engine != "hf" else "generation elsewhere"),
         Row("rollout_prefill", "rollout prefill working set", roll.prefill, "one layer's MLP on the prompts"),
+        Row("vllm_engine", "vLLM engine (while sampling)", engine.budget, _engine_note(setup, engine)),
         Row("reserve", "CUDA context + allocator reserve", reserve, "--reserve-gib"),
     ]
     persistent = params.weights + params.optimizer + fsdp + reserve
@@ -135,10 +138,14 @@ def memory_plan(shape: ModelShape, setup: TrainSetup) -> MemoryPlan:
                          acts.stash_per_layer + layers * params.layer_gradients)
                      + params.root_gradients + head_held_bytes(shape, setup) + acts.layer_backward)
     train_step = max(head_phase, decoder_phase)
-    train_peak = persistent + train_step
-    rollout_peak = persistent + roll.kv_cache + roll.prefill
+    train_peak = persistent + train_step + engine.held_while_training
+    rollout_peak = persistent + roll.kv_cache + roll.prefill + engine.budget
     peak = max(train_peak, rollout_peak)
     capacity = int(setup.gpu_memory_gib * GIB)
+    # A vLLM engine must hold its weights and at least one whole sequence's KV cache in its share.
+    engine_fits = setup.rollout_engine == "hf" or engine.kv_room >= engine.kv_per_sequence
+    if setup.rollout_engine == "vllm-server":  # its own GPUs, of the same memory
+        engine_fits = engine.weights + engine.kv_per_sequence <= capacity - reserve
     facts = {
         "tokens_per_micro_batch": n,
         "sequences_per_micro_batch": seqs,
@@ -150,9 +157,34 @@ def memory_plan(shape: ModelShape, setup: TrainSetup) -> MemoryPlan:
         "layer_saved_bytes_per_token": layer_saved_bytes_per_token(shape, setup),
         "head_phase_bytes": head_phase,
         "decoder_backward_phase_bytes": decoder_phase,
+        "rollout_engine": setup.rollout_engine,
     }
+    if setup.rollout_engine != "hf":
+        facts.update(vllm_engine_weights_bytes=engine.weights, vllm_kv_per_sequence_bytes=engine.kv_per_sequence,
+                     vllm_kv_wanted_bytes=engine.kv_wanted, vllm_kv_room_bytes=engine.kv_room,
+                     vllm_sequences_at_once=engine.sequences_at_once, vllm_engine_fits=engine_fits)
     return MemoryPlan(model=shape.name, setup=dict(asdict(setup), fused_tile_bytes=tile), rows=rows, train_step=train_step, train_peak=train_peak,
-                rollout_peak=rollout_peak, peak=peak, capacity=capacity, fits=peak <= capacity, facts=facts)
+                rollout_peak=rollout_peak, peak=peak, capacity=capacity, fits=peak <= capacity and engine_fits,
+                facts=facts)
+
+
+def _engine_note(setup: TrainSetup, engine) -> str:
+    if setup.rollout_engine == "hf":
+        return "rollouts by transformers generate (--rollout-engine hf)"
+    tp = setup.vllm_tensor_parallel_size
+    split = f" / TP {tp}" if tp > 1 else ""
+    what = (f"weights {engine.weights / GIB:.1f} GiB{split} + KV cache {max(engine.kv_room, 0) / GIB:.1f} GiB "
+            f"({engine.sequences_at_once:,} seqs at once, a rollout has "
+            f"{engine.kv_wanted // max(engine.kv_per_sequence, 1):,})")
+    if setup.rollout_engine == "vllm-server":
+        return (f"on the server's GPUs: weights {engine.weights / GIB:.1f} GiB{split} per GPU + KV cache "
+                f"({engine.kv_per_sequence / GIB:.2f} GiB per sequence)")
+    if engine.kv_room < engine.kv_per_sequence:
+        return (f"TOO SMALL: {setup.vllm_gpu_memory_utilization:g} x GPU < weights {engine.weights / GIB:.1f} GiB"
+                f"{split} + one sequence's KV; raise --vllm-gpu-memory-utilization or "
+                "--vllm-tensor-parallel-size")
+    asleep = "asleep while training" if setup.vllm_sleep else "held while training too (--no-vllm-sleep)"
+    return f"{setup.vllm_gpu_memory_utilization:g} x GPU: {what}; {asleep}"
 
 
 # --- the command -------------------------------------------------------------------------
@@ -211,6 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rollouts are generated on the same GPU (transformers generate): count their KV cache")
     p.add_argument("--generation-batch", type=int, default=None,
                    help="sequences generated at once per GPU (default: --rollouts)")
+    p.add_argument("--rollout-engine", choices=ROLLOUT_ENGINES, default="hf",
+                   help="hf: transformers generate on the trained model (its KV cache counted); vllm-colocate: "
+                        "a vLLM engine on each GPU (its --vllm-gpu-memory-utilization share counted); "
+                        "vllm-server: vLLM on other GPUs (their need reported)")
+    p.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.3,
+                   help="vllm-colocate: share of each GPU the engine takes while it samples")
+    p.add_argument("--vllm-tensor-parallel-size", type=int, default=1, help="GPUs one vLLM engine spans")
+    p.add_argument("--vllm-sleep", action=argparse.BooleanOptionalAction, default=True,
+                   help="vllm-colocate: the engine sleeps (holds nothing) while the trainer trains")
     p.add_argument("--reserve-gib", type=float, default=1.0, help="CUDA context and allocator slack, GiB")
     p.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     return p
@@ -223,7 +264,9 @@ def setup_from_args(args: argparse.Namespace) -> TrainSetup:
         prompt_tokens=args.prompt_tokens, cot_tokens=args.cot_tokens, rollouts=args.rollouts,
         micro_batch_tokens=args.micro_batch_tokens, gradient_checkpointing=args.gradient_checkpointing,
         head=args.head, attention=args.attention, padded=args.padded, rollout_on_gpu=args.rollout_on_gpu,
-        generation_batch=args.generation_batch, reserve_gib=args.reserve_gib,
+        generation_batch=args.generation_batch, reserve_gib=args.reserve_gib, rollout_engine=args.rollout_engine,
+        vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+        vllm_tensor_parallel_size=args.vllm_tensor_parallel_size, vllm_sleep=args.vllm_sleep,
     )
 
 
@@ -249,8 +292,11 @@ def format_table(result: MemoryPlan) -> str:
     lines.append("-" * (width + 60))
     lines.append(f"{'training step peak':<{width}}{result.train_peak / GIB:>9.2f}  weights + optimizer + FSDP + "
                  "reserve + max(head phase, decoder-backward phase), see below")
+    engine_on_gpu = s["rollout_engine"] == "vllm-colocate"
     lines.append(f"{'rollout peak':<{width}}{result.rollout_peak / GIB:>9.2f}  weights + optimizer + FSDP + reserve"
-                 " + KV cache + prefill")
+                 + (" + vLLM engine" if engine_on_gpu else " + KV cache + prefill"))
+    if not f.get("vllm_engine_fits", True):
+        lines.append(f"the vLLM engine does not hold the weights and one sequence: {result.row('vllm_engine').note}")
     verdict = "FITS" if result.fits else "DOES NOT FIT"
     headroom = (result.capacity - result.peak) / GIB
     lines.append(f"{'peak per GPU':<{width}}{result.peak / GIB:>9.2f}  of {result.capacity / GIB:.2f} GiB -> "

@@ -276,3 +276,38 @@ def test_a_run_that_does_not_fit_exits_2_and_says_what_would(capsys):
     for fix in report["suggestions"]:
         assert fix["fits"] and fix["peak_gib"] <= 80
     assert plan_cli.main(["--model", "qwen3-32b", "--gpus", "1", "--gpu-memory", "141", "--lora-rank", "64"]) == 0
+
+
+def test_the_vllm_engine_is_counted(capsys):
+    """Issue 19, item 7: a colocated vLLM engine takes its gpu_memory_utilization share while it samples (and
+    while training too unless it sleeps); it must hold the weights and one sequence; a server is elsewhere."""
+    common = ["--model", "qwen3-8b", "--gpus", "8", "--micro-batch-tokens", "3072", "--rollouts", "16", "--json"]
+    hf = json.loads(_run_cli(capsys, *common))
+    colo = json.loads(_run_cli(capsys, *common, "--rollout-engine", "vllm-colocate",
+                               "--vllm-gpu-memory-utilization", "0.4"))
+    budget = int(0.4 * 80 * GIB)
+    persistent = sum(colo["components"][k]["bytes"] for k in ("weights", "optimizer", "fsdp_buffers", "reserve"))
+    assert colo["components"]["vllm_engine"]["bytes"] == budget
+    assert colo["components"]["rollout_kv_cache"]["bytes"] == 0 and hf["components"]["vllm_engine"]["bytes"] == 0
+    assert colo["rollout_peak_bytes"] == persistent + budget
+    assert colo["train_peak_bytes"] == hf["train_peak_bytes"]  # asleep while training
+    shape = load_shape("qwen3-8b")
+    kv_per_seq = 3072 * 2 * shape.num_layers * shape.kv_dim * 2
+    assert colo["facts"]["vllm_engine_weights_bytes"] == shape.num_params() * 2
+    assert colo["facts"]["vllm_kv_per_sequence_bytes"] == kv_per_seq
+    assert colo["facts"]["vllm_sequences_at_once"] == (budget - shape.num_params() * 2) // kv_per_seq
+    awake = json.loads(_run_cli(capsys, *common, "--rollout-engine", "vllm-colocate",
+                                "--vllm-gpu-memory-utilization", "0.4", "--no-vllm-sleep"))
+    assert awake["train_peak_bytes"] == hf["train_peak_bytes"] + budget
+    # 32B in bf16 (61 GiB) does not fit in 0.3 x 80 GiB; four-way tensor parallel does
+    big = ["--model", "qwen3-32b", "--gpus", "16", "--micro-batch-tokens", "3072", "--rollout-engine", "vllm-colocate"]
+    assert plan_cli.main(big) == 2
+    assert "TOO SMALL" in capsys.readouterr().out
+    assert plan_cli.main(big + ["--vllm-tensor-parallel-size", "4"]) == 0
+    table = capsys.readouterr().out
+    assert "vLLM engine (while sampling)" in table and "/ TP 4" in table and "asleep while training" in table
+    server = json.loads(_run_cli(capsys, *common, "--rollout-engine", "vllm-server"))
+    assert server["components"]["vllm_engine"]["bytes"] == 0 and server["rollout_peak_bytes"] == persistent
+    assert "on the server's GPUs" in server["components"]["vllm_engine"]["note"]
+    assert plan_cli.main(["--rollout-engine", "vllm-colocate", "--vllm-gpu-memory-utilization", "1.5"]) == 2
+    assert "vllm_gpu_memory_utilization must be in (0, 1]" in capsys.readouterr().err
