@@ -73,3 +73,27 @@ def test_the_grpo_preset_has_the_released_grpo_path_settings(capsys):
 def test_flags_override_the_preset_in_the_printed_config(capsys):
     config = _printed(capsys, "--config", str(PRESETS / "qwen3-8b-real.yaml"), "--lr", "2e-6", "--print-config")
     assert config["lr"] == 2e-6 and config["prompts_per_step"] == 256
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in PRESETS.glob("*.yaml")))
+def test_full_fine_tuning_presets_keep_fp32_weights(capsys, preset):
+    """The released actor holds fp32 weights and AdamW states (verl builds it in fp32, bf16 compute under FSDP);
+    bf16 weights would drop most updates at the presets' learning rates (below).  LoRA adapters are fp32 anyway."""
+    config = _printed(capsys, "--config", str(PRESETS / preset), "--print-config")
+    assert config["dtype"] == ("auto" if config["lora_rank"] else "float32")
+
+
+def test_bf16_weights_drop_updates_at_the_released_learning_rates():
+    import torch
+
+    torch.manual_seed(0)
+    start = torch.randn(100_000) * 0.02  # the scale of a transformer's weights
+    changed = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        weights = torch.nn.Parameter(start.to(dtype).clone())
+        optimizer = torch.optim.AdamW([weights], lr=1e-6, weight_decay=0.01)
+        for _ in range(10):
+            weights.grad = torch.randn_like(weights)
+            optimizer.step()
+        changed[dtype] = (weights.detach() != start.to(dtype)).float().mean().item()
+    assert changed[torch.float32] > 0.99 and changed[torch.bfloat16] < 0.05
