@@ -53,6 +53,8 @@ def test_warm_up_presets(capsys, name, method, steps):
     assert (config["lr"], config["adam_betas"], config["weight_decay"]) == (1e-5, [0.9, 0.95], 0.01)
     assert (config["warmup_steps"], config["schedule"], config["min_lr_ratio"]) == (steps // 10, "cosine", 0.0)
     assert config["lora_rank"] == 0 and config["score_phrase"] == "released"
+    if method == "tract":  # its held-out evaluation writes CoTs as long as the released ones (1024 tokens)
+        assert config["max_new_tokens"] == config["max_cot_tokens"] == 1024
 
 
 def test_the_one_node_32b_chain_is_lora_and_says_what_it_changes():
