@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -198,7 +199,7 @@ def run_head(model, optimizer, batch, score_ids, head: str, device: torch.device
         holder.clear()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return terms["loss"]
+        return float(terms["loss"])  # a float, or a 0-dim tensor (real_loss keeps its terms on the device)
 
     gc.collect()
     result: Dict[str, object] = {"loss": None}
@@ -325,16 +326,23 @@ def main(argv: Optional[List[str]] = None) -> int:
                                   predicted_step_bytes=predicted.train_step,
                                   weights_changed=_fingerprint(trainable) != before, **measured))
         print("  " + _describe(results[-1]), flush=True)
+        if args.json:  # after every head, so a run cut at its time limit keeps the heads it finished
+            _write_json(args.json, {"device": str(device), "device_name": _device_name(device), "dtype": dtype_name,
+                                    "attention": attention, "config": config, "run": run,
+                                    "params": shape.num_params(), "total_seconds": time.perf_counter() - t0,
+                                    "complete": head == heads[-1], "results": [r.to_json() for r in results]})
 
     print(_table(results, device))
-    total = time.perf_counter() - t0
-    print(f"[fit_32b] total {total:.1f}s")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump({"device": str(device), "device_name": _device_name(device), "dtype": dtype_name,
-                       "attention": attention, "config": config, "run": run, "params": shape.num_params(),
-                       "total_seconds": total, "results": [r.to_json() for r in results]}, fh, indent=2)
+    print(f"[fit_32b] total {time.perf_counter() - t0:.1f}s")
     return 0
+
+
+def _write_json(path: str, report: dict) -> None:
+    """Written to a temporary name and renamed: a kill during the write leaves the previous version."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(report, fh, indent=2)
+    os.replace(tmp, path)
 
 
 def _tile_bytes(device: torch.device, batch: TeacherForcedBatch, config: dict) -> int:

@@ -1,7 +1,7 @@
 """One-shot GPU check: the kernels against the reference at real shapes, then speed, memory, determinism.
 
-Run on a CUDA machine (about 2-3 minutes on one H200; it stops starting new
-work after ``--budget`` seconds, 300 by default):
+Run on a CUDA machine (it stops starting new work after ``--budget``
+seconds, 300 by default; not yet run on a GPU, so no timing is claimed):
 
     python -m benchmarks.gpu_check --output-dir "$OUT"
 
@@ -14,27 +14,38 @@ work after ``--budget`` seconds, 300 by default):
    vocabulary id, random upstream gradients on every output.  The reference
    runs in row chunks (rows are independent; ``dW`` is summed over chunks in
    fp32), so it never needs the whole ``[N, V]`` fp32 logits at once.
-2. Forward and backward timed apart (CUDA events) at N = 16,384 and 16,400
+2. ``judge_loss`` phase by phase at the target shape (N = 16,384, H = 5,120,
+   V = 151,936, bf16): logits GEMM, stats pass, loss_fn, dlogits pass, dh
+   GEMM, dW GEMM(s), accumulation, with CUDA events
+   (``benchmarks.loss_phases.phase_breakdown``).
+3. Forward and backward timed apart (CUDA events) at N = 16,384 and 16,400
    (a row tail), H = 5,120, V = 151,936, bf16, for two losses (``advantage``:
    ``sum(adv * logprobs)``; ``judge``: that plus the squared error of the
-   expected score on the score rows) and the providers of ``python -m
-   benchmarks``: naive PyTorch, ``triton`` (``linear_logprobs`` /
-   ``judge_head`` under autograd), ``loss`` (``judge_loss``), Liger-Kernel and
-   Cut Cross-Entropy where installed (skipped with the reason where not).
+   expected score on the score rows) and the providers (``SPLIT_PROVIDERS``):
+   naive PyTorch, ``triton`` (``judge_head`` / ``linear_logprobs`` under
+   autograd), ``triton-low`` (the same with ``memory="low"``, where
+   ``judge_head`` has that argument), ``loss`` (``judge_loss``), Liger-Kernel
+   (``accum_dtype`` default, and ``liger-fp32`` with ``torch.float32``) and
+   Cut Cross-Entropy where installed (skipped with the reason where not, or
+   where the installed version lacks what the row needs).  The table says
+   what each provider does (how many NHV of GEMM work, where dW accumulates).
    Each provider's gradients are computed twice and must be bit-identical
    (ours; peers are reported), and agree with naive's; TFLOP/s is counted
    against 6NHV (logits, dh and dW once: the floor for a loss) and given as
    a share of 790 TFLOP/s (a bf16 GEMM on this H200).
-3. Speed and memory: forward and forward+backward of the log-probs and the
+4. Speed and memory: forward and forward+backward of the log-probs and the
    judge head at N = 4096 for every provider (the same machinery as
    ``python -m benchmarks``), unless ``--skip-timing``.
 
 Writes ``gpu_check.md`` (every table), ``gpu_check_correctness.json``,
-``gpu_check_split.json`` and the timing CSV / JSON / plots under
-``--output-dir``.  Exits 0 when every check passes, 1 when one fails (a
-peer's failure is reported, not failed), 2 without CUDA.  ``--device cpu``
-with ``--backends torch,loss`` and tiny shapes runs the same code on the CPU
-(that is how the test suite exercises it).
+``gpu_check_phases.json``, ``gpu_check_split.json`` and the timing CSV / JSON
+/ plots under ``--output-dir``, all rewritten after every row and every
+section (``ReportFiles``): a run killed at its time limit leaves everything
+it finished, and the markdown names the section that was running.  Exits 0
+when every check passes, 1 when one fails (a peer's failure is reported, not
+failed), 2 without CUDA.  ``--device cpu`` with ``--backends torch,loss``
+and tiny shapes runs the same code on the CPU (that is how the test suite
+exercises it).
 """
 from __future__ import annotations
 
@@ -42,6 +53,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import shlex
 import sys
 import time
@@ -53,19 +65,34 @@ import torch
 
 from .measure import MIB, is_oom
 from .output import write_outputs
-from .providers import HeadInputs, Provider, get_provider
+from .providers import HeadInputs, Provider, ProviderUnsupported, get_provider
 from .report import describe_device
 from .runner import build_cases, run_cases
-from .shapes import ALL_PROVIDERS, DTYPES, QWEN3_VOCAB, Shape, canonical_dtype, parse_choice_list, parse_int_list
+from .shapes import (ALL_PROVIDERS, DTYPES, QWEN3_VOCAB, VARIANT_PROVIDERS, Shape, canonical_dtype, parse_choice_list,
+                     parse_int_list)
 from .workloads import LOGIT_STD, make_inputs
 
 FORWARD_ABS_TOL = 1e-2  # log-probs, score log-probs, expected score, entropy: max |fused - reference|
 GRAD_REL_TOL = 2e-2  # dh, dW: ||fused - reference|| / ||reference|| (bf16 gradients round at ~4e-3)
 TIMING_OPS = ("logprobs-fwd", "logprobs-fwdbwd", "judge-fwdbwd")
 CHECK_BACKENDS = ("triton", "torch", "loss")  # judge_head's backends; loss: judge_loss, backend auto
-OUR_PROVIDERS = ("torch", "triton", "loss")
+OUR_PROVIDERS = ("torch", "triton", "triton-low", "loss")
+SPLIT_PROVIDERS = ("naive", "triton", "triton-low", "loss", "liger", "liger-fp32", "cce")
 SPLIT_LOSSES = ("advantage", "judge")
 PEAK_TFLOPS = 790.0  # an 8192^3 bf16 GEMM through PyTorch on this workplace's H200 (random data)
+SPLIT_PROVIDER_WORK = {  # what each provider of the forward/backward table does (providers.py has the details)
+    "naive": "hidden @ weight.T in the input dtype, fp32 log_softmax, autograd (materialised [N, V] logits; 6NHV)",
+    "torch": "real_kernels' chunked PyTorch backend under autograd (backward recomputes the logits: 8NHV)",
+    "triton": "judge_head / linear_logprobs (Triton) under autograd (backward recomputes the logits: 8NHV)",
+    "triton-low": "the same with memory=\"low\" (the fused kernel, no logits chunk; 8NHV)",
+    "loss": "judge_loss: the caller's loss inside the op, gradients formed in the forward (6NHV); its "
+            "backward only hands them out",
+    "liger": "Liger-Kernel fused linear CE, reduction=\"none\": defers its gradients to backward, which "
+             "recomputes the logits (8NHV); dW accumulated in bf16",
+    "liger-fp32": "the same with accum_dtype=torch.float32 (dW accumulated in an fp32 [V, H] buffer; 8NHV)",
+    "cce": "Cut Cross-Entropy, reduction=\"none\": log-sum-exp forward, backward recomputes the logits "
+           "(8NHV); dh and dW accumulated in bf16 under spin locks, gradient blocks below bf16 resolution skipped",
+}
 
 
 @dataclass(frozen=True)
@@ -193,12 +220,15 @@ def _errors(got: torch.Tensor, want: torch.Tensor):
 
 def check_against_reference(n: int, hidden: int, vocab: int, *, dtype: torch.dtype, device: str,
                             backends: Sequence[str] = ("triton",), row_chunk: int = 1024,
-                            settings: Sequence[HeadSetting] = SETTINGS, seed: int = 0) -> List[CheckRow]:
+                            settings: Sequence[HeadSetting] = SETTINGS, seed: int = 0,
+                            on_rows: Optional[Callable[[List[CheckRow]], None]] = None) -> List[CheckRow]:
     """Every backend in ``backends`` (``CHECK_BACKENDS``) against the chunked fp32 reference.
 
-    One row per (setting, backend, output or gradient).
+    One row per (setting, backend, output or gradient); ``on_rows`` gets each
+    (setting, backend)'s rows as soon as they are known (to save them).
     """
     rows: List[CheckRow] = []
+    done = 0  # rows already handed to on_rows
     for i, setting in enumerate(settings):
         h, w, targets, ids, values, score_targets, mask, grads = _make_problem(
             n, hidden, vocab, dtype, device, setting, seed + i)
@@ -217,6 +247,9 @@ def check_against_reference(n: int, hidden: int, vocab: int, *, dtype: torch.dty
                 rows.append(CheckRow(hidden, setting.name, backend, name, max_abs, rel,
                                      f"rel <= {GRAD_REL_TOL:g}", rel <= GRAD_REL_TOL))
             del out, dh, dw, hl, wl
+            if on_rows is not None:
+                on_rows(rows[done:])
+            done = len(rows)
         del h, w, ref_fwd, ref_dh, ref_dw
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -347,13 +380,16 @@ def time_forward_backward(provider: Provider, loss: str, inputs: HeadInputs, dev
 
 def run_split(n_values: Sequence[int], hidden: int, vocab: int, *, dtype: str, device: str,
               providers: Sequence[str], losses: Sequence[str] = SPLIT_LOSSES, repeats: int = 5,
-              deadline: Optional[float] = None, seed: int = 0) -> List[SplitRow]:
+              deadline: Optional[float] = None, seed: int = 0,
+              on_row: Optional[Callable[[SplitRow], None]] = None) -> List[SplitRow]:
     """Every (N, loss, provider); naive first when listed, as the reference of the others' gradients.
 
     ``deadline`` (a ``time.perf_counter()`` value): no run starts after it; the rest are skipped.
+    ``on_row`` gets each row once it is finished (measured, skipped or failed), to save it.
     """
     order = sorted(providers, key=lambda p: p != "naive")
     rows: List[SplitRow] = []
+    reasons: Dict[str, Optional[str]] = {}  # unavailable_reason once per provider (a peer's probe runs once)
     for n in n_values:
         flops = 6.0 * n * hidden * vocab
         inputs = None
@@ -363,12 +399,15 @@ def run_split(n_values: Sequence[int], hidden: int, vocab: int, *, dtype: str, d
                 row = SplitRow(n, hidden, vocab, loss, name, "ok")
                 rows.append(row)
                 provider = get_provider(name)
-                reason = provider.unavailable_reason(device)
-                if reason:
-                    row.status, row.note = "skipped", reason
+                if name not in reasons:
+                    reasons[name] = provider.unavailable_reason(device)
+                if reasons[name]:
+                    row.status, row.note = "skipped", reasons[name]
+                    _finished(row, on_row)
                     continue
                 if deadline is not None and time.perf_counter() > deadline:
                     row.status, row.note = "skipped", "time budget spent"
+                    _finished(row, on_row)
                     continue
                 try:
                     if inputs is None:
@@ -382,6 +421,8 @@ def run_split(n_values: Sequence[int], hidden: int, vocab: int, *, dtype: str, d
                     if name == "naive":
                         reference = grads
                     del grads
+                except ProviderUnsupported as exc:  # e.g. an installed version without the argument asked for
+                    row.status, row.note = "skipped", str(exc)
                 except Exception as exc:  # an OOM or a broken peer is a row of the table, not a crash
                     row.status = "oom" if is_oom(exc) else "error"
                     row.note = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
@@ -389,14 +430,21 @@ def run_split(n_values: Sequence[int], hidden: int, vocab: int, *, dtype: str, d
                     gc.collect()
                     if device == "cuda":
                         torch.cuda.empty_cache()
-                print(f"gpu_check: split N={n} {loss} {name}: {row.status}"
-                      + (f", {row.total_ms:.1f} ms" if row.total_ms is not None else ""), file=sys.stderr)
+                _finished(row, on_row)
             del reference
         del inputs
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
     return rows
+
+
+def _finished(row: SplitRow, on_row: Optional[Callable[[SplitRow], None]]) -> None:
+    print(f"gpu_check: split N={row.n} {row.loss} {row.provider}: {row.status}"
+          + (f", {row.total_ms:.1f} ms" if row.total_ms is not None else "")
+          + (f" ({row.note})" if row.status != "ok" and row.note else ""), file=sys.stderr)
+    if on_row is not None:
+        on_row(row)
 
 
 def _cell(value: Optional[float], fmt: str = "{:.1f}") -> str:
@@ -412,12 +460,14 @@ def split_markdown(rows: Sequence[SplitRow], dtype: str, device: str) -> str:
              f"V={r0.vocab:,}, {dtype}", "",
              "Median of the timed runs "
              + ("(CUDA events)" if device == "cuda" else "(perf_counter)")
-             + f"; TFLOP/s against 6NHV; % of {PEAK_TFLOPS:.0f} TFLOP/s (bf16 GEMM on this H200); peak extra: "
+             + f"; % of peak: of {PEAK_TFLOPS:.0f} TFLOP/s (bf16 GEMM on this H200); peak extra: "
                "above the inputs during one forward+backward, the returned gradients included; "
                "same grads: two runs bit-identical; rel err: ||g - g_naive|| / ||g_naive||. "
                "Losses: advantage = sum(adv * logprobs); judge = that + squared error of the expected score. "
-               "Providers: triton / torch = linear_logprobs or judge_head under autograd; loss = judge_loss, "
-               "which forms the gradients in its forward (its backward only hands them out).", "",
+               "TFLOP/s counts 6NHV for every provider, the floor for a loss; what each one does:", ""]
+    lines += [f"- {name}: {SPLIT_PROVIDER_WORK.get(name, get_provider(name).description)}"
+              for name in dict.fromkeys(r.provider for r in rows)]
+    lines += ["",
              "| N | loss | provider | forward ms | backward ms | total ms | TFLOP/s | % of peak | peak extra MiB | "
              "same grads | dh rel err | dW rel err | status |",
              "|---:|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|"]
@@ -458,6 +508,121 @@ def target_lines(rows: Sequence[SplitRow]) -> List[str]:
     return lines
 
 
+# ---- judge_loss phase by phase -------------------------------------------------------------------------------------
+
+PHASE_ORDER = ("logits GEMM", "stats pass", "loss_fn", "dlogits pass", "dh GEMM", "dW GEMM", "accumulation")
+
+
+def _phase_breakdown_fn() -> Callable[..., List[Dict[str, float]]]:
+    """``benchmarks.loss_phases.phase_breakdown`` (CUDA events per phase of judge_loss's loop)."""
+    from .loss_phases import phase_breakdown
+
+    return phase_breakdown
+
+
+def run_phases(n: int, hidden: int, vocab: int, *, dtype: str, device: str, repeats: int) -> Tuple[List[dict], str]:
+    """(rows ``{"phase", "ms", "share"}``, a note): the note says why there are no rows when there are none."""
+    try:
+        breakdown = _phase_breakdown_fn()
+    except ImportError as exc:
+        return [], f"not measured: benchmarks.loss_phases is not available ({exc})"
+    try:
+        rows = breakdown(n, hidden, vocab, dtype=DTYPES[dtype], device=device, repeats=repeats)
+    except Exception as exc:  # an OOM or a broken hook is a line of the report, not a crash
+        kind = "out of memory" if is_oom(exc) else "failed"
+        return [], f"{kind}: " + " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+    finally:
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return [{"phase": str(r["phase"]), "ms": float(r["ms"]), "share": float(r["share"])} for r in rows], ""
+
+
+def phases_markdown(rows: Sequence[dict], note: str, n: int, hidden: int, vocab: int, dtype: str, device: str) -> str:
+    lines = [f"### judge_loss phase by phase: N={n:,}, H={hidden:,}, V={vocab:,}, {dtype}", ""]
+    if not rows:
+        return "\n".join(lines + [f"Phase breakdown {note}."])
+    clock = "CUDA events" if device == "cuda" else "perf_counter"
+    lines += [f"One judge_loss forward+backward (advantage loss), each phase summed over the chunks ({clock}, "
+              "median of the timed calls; the phases are timed with events between them, so their sum can "
+              "exceed an untimed call).", "",
+              "| phase | ms | share |", "|---|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['phase']} | {r['ms']:.2f} | {100.0 * r['share']:.1f}% |")
+    lines.append(f"| total | {sum(r['ms'] for r in rows):.2f} | {100.0 * sum(r['share'] for r in rows):.0f}% |")
+    return "\n".join(lines)
+
+
+# ---- the files, rewritten after every row and section -----------------------------------------------------------
+
+class ReportFiles:
+    """gpu_check's report, rewritten whole after every row and every section.
+
+    A run killed at its time limit (the device tool's, or gpu_suite.sh's
+    ``timeout``) leaves on disk everything it finished; the markdown says
+    which section was running.  Each file is written to a temporary name and
+    renamed, so a kill during a write leaves the previous version, never a
+    torn one.
+    """
+
+    def __init__(self, out_dir: Path, device_name: str, command: str, n: int, vocab: int, dtype: str,
+                 device: str):
+        self.out_dir, self.device_name, self.command = out_dir, device_name, command
+        self.n, self.vocab, self.dtype, self.device = n, vocab, dtype, device
+        self.start = time.perf_counter()
+        self.running = "starting"  # the section in progress; "" once the run is complete
+        self.check_rows: List[CheckRow] = []
+        self.phase_rows: List[dict] = []
+        self.phase_header: Optional[Tuple[int, int, int]] = None  # (N, H, V) once the phase section ran
+        self.phase_note = ""
+        self.split_rows: List[SplitRow] = []
+        self.timing_markdown = ""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+
+    def add_check_rows(self, rows: Sequence[CheckRow]) -> None:
+        self.check_rows += rows
+        self.save()
+
+    def add_split_row(self, row: SplitRow) -> None:
+        self.split_rows.append(row)
+        self.save()
+
+    def section(self, name: str) -> None:
+        self.running = name
+        self.save()
+
+    def markdown(self) -> str:
+        elapsed = time.perf_counter() - self.start
+        state = (f"Complete in {elapsed:.0f} s." if not self.running else
+                 f"**In progress** after {elapsed:.0f} s: {self.running} (a run cut here keeps the rows above).")
+        parts = [f"## GPU check on {self.device_name}", "", f"Command: `{self.command}`", "", state, "",
+                 correctness_markdown(self.check_rows, self.n, self.vocab, self.dtype), ""]
+        if self.phase_header is not None:
+            parts += [phases_markdown(self.phase_rows, self.phase_note, *self.phase_header, self.dtype,
+                                      self.device), ""]
+        if self.split_rows:
+            parts += [split_markdown(self.split_rows, self.dtype, self.device), ""]
+        if self.timing_markdown:
+            parts += [self.timing_markdown, ""]
+        return "\n".join(parts)
+
+    def save(self) -> None:
+        _write_atomic(self.out_dir / "gpu_check.md", self.markdown())
+        _write_atomic(self.out_dir / "gpu_check_correctness.json",
+                      json.dumps([asdict(r) for r in self.check_rows], indent=1) + "\n")
+        _write_atomic(self.out_dir / "gpu_check_split.json",
+                      json.dumps([asdict(r) for r in self.split_rows], indent=1) + "\n")
+        _write_atomic(self.out_dir / "gpu_check_phases.json",
+                      json.dumps({"shape": self.phase_header, "note": self.phase_note, "rows": self.phase_rows},
+                                 indent=1) + "\n")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.gpu_check",
@@ -480,13 +645,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split-n", default="16384,16400",
                         help="N of the forward/backward timing (default 16384,16400: the second leaves a row tail)")
     parser.add_argument("--split-hidden", type=int, default=5120, help="H of the forward/backward timing (5120)")
-    parser.add_argument("--split-providers", default="naive,triton,loss,liger,cce",
-                        help="providers of the forward/backward timing (default naive,triton,loss,liger,cce)")
+    parser.add_argument("--split-providers", default=",".join(SPLIT_PROVIDERS),
+                        help=f"providers of the forward/backward timing (default {','.join(SPLIT_PROVIDERS)}; "
+                             "triton-low = judge_head with memory='low', liger-fp32 = Liger with "
+                             "accum_dtype=torch.float32)")
     parser.add_argument("--split-losses", default=",".join(SPLIT_LOSSES),
                         help="losses of the forward/backward timing: advantage, judge (default both)")
     parser.add_argument("--split-repeats", type=int, default=5,
                         help="timed forward+backward runs per provider after one warm-up, >= 2 (default 5)")
     parser.add_argument("--skip-split", action="store_true", help="no forward/backward timing")
+    parser.add_argument("--phase-n", type=int, default=16384,
+                        help="N of judge_loss's phase-by-phase timing, at --split-hidden (default 16384)")
+    parser.add_argument("--phase-repeats", type=int, default=3, help="timed calls of the phase timing (default 3)")
+    parser.add_argument("--skip-phases", action="store_true", help="no phase-by-phase timing of judge_loss")
     parser.add_argument("--budget", type=float, default=300.0,
                         help="seconds after which no new work is started; what is left is reported as skipped "
                              "(default 300)")
@@ -511,10 +682,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         backends = parse_choice_list(args.backends, "--backends", CHECK_BACKENDS)
         providers = parse_choice_list(args.providers, "--providers", ALL_PROVIDERS)
         split_ns = parse_int_list(args.split_n, "--split-n")
-        split_providers = parse_choice_list(args.split_providers, "--split-providers", ALL_PROVIDERS)
+        split_providers = parse_choice_list(args.split_providers, "--split-providers",
+                                            ALL_PROVIDERS + VARIANT_PROVIDERS)
         split_losses = parse_choice_list(args.split_losses, "--split-losses", SPLIT_LOSSES)
-        if args.row_chunk < 1 or args.n < 1 or args.vocab < 1 or args.split_hidden < 1:
-            raise ValueError("--n, --vocab, --row-chunk and --split-hidden must be positive")
+        if min(args.row_chunk, args.n, args.vocab, args.split_hidden, args.phase_n, args.phase_repeats) < 1:
+            raise ValueError("--n, --vocab, --row-chunk, --split-hidden, --phase-n and --phase-repeats must be "
+                             "positive")
         if args.split_repeats < 2:
             raise ValueError("--split-repeats must be >= 2 (two runs are compared bit for bit)")
     except ValueError as exc:
@@ -522,11 +695,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.device == "cpu" and "triton" in backends:
         parser.error("--device cpu checks the torch backend and loss only: pass --backends torch,loss")
     out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device_name = describe_device(args.device)
     command = shlex.join(["python", "-m", "benchmarks.gpu_check", *argv])
-    start = time.perf_counter()
-    deadline = start + args.budget
+    report = ReportFiles(out_dir, describe_device(args.device), command, args.n, args.vocab, dtype, args.device)
+    deadline = report.start + args.budget
 
     def budget_left(what: str) -> bool:
         if time.perf_counter() < deadline:
@@ -534,51 +705,55 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"gpu_check: time budget of {args.budget:.0f} s spent; {what} not run", file=sys.stderr)
         return False
 
-    check_rows: List[CheckRow] = []
     for hidden in hiddens:
         if not budget_left(f"correctness at H={hidden}"):
             break
+        report.section(f"correctness at H={hidden:,}")
         t0 = time.perf_counter()
-        rows = check_against_reference(args.n, hidden, args.vocab, dtype=DTYPES[dtype],
-                                       device=args.device, backends=backends, row_chunk=args.row_chunk)
-        check_rows += rows
+        rows = check_against_reference(args.n, hidden, args.vocab, dtype=DTYPES[dtype], device=args.device,
+                                       backends=backends, row_chunk=args.row_chunk,
+                                       on_rows=report.add_check_rows)
         print(f"gpu_check: H={hidden} correctness {'passed' if all(r.passed for r in rows) else 'FAILED'} "
               f"in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
-    split_rows: List[SplitRow] = []
-    if not args.skip_split and budget_left("forward/backward timing"):
+    if not args.skip_phases and budget_left("phase-by-phase timing"):
+        report.section(f"judge_loss phase by phase at N={args.phase_n:,}")
         t0 = time.perf_counter()
-        split_rows = run_split(split_ns, args.split_hidden, args.vocab, dtype=dtype, device=args.device,
-                               providers=split_providers, losses=split_losses, repeats=args.split_repeats,
-                               deadline=deadline)
+        report.phase_rows, report.phase_note = run_phases(args.phase_n, args.split_hidden, args.vocab, dtype=dtype,
+                                                          device=args.device, repeats=args.phase_repeats)
+        report.phase_header = (args.phase_n, args.split_hidden, args.vocab)
+        report.save()
+        print(f"gpu_check: phase timing {report.phase_note or 'done'} in {time.perf_counter() - t0:.0f} s",
+              file=sys.stderr)
+
+    if not args.skip_split and budget_left("forward/backward timing"):
+        report.section("forward/backward timing")
+        t0 = time.perf_counter()
+        run_split(split_ns, args.split_hidden, args.vocab, dtype=dtype, device=args.device,
+                  providers=split_providers, losses=split_losses, repeats=args.split_repeats, deadline=deadline,
+                  on_row=report.add_split_row)
         print(f"gpu_check: forward/backward timing done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
     results = []
     for hidden in [] if args.skip_timing else hiddens:
         if not budget_left(f"timing at H={hidden}"):
             break
+        report.section(f"speed and memory at N={args.n:,}, H={hidden:,}")
         t0 = time.perf_counter()
         cases = build_cases([Shape(args.n, hidden, args.vocab, dtype)], providers, TIMING_OPS,
                             device=args.device, warmup=1, repeats=args.repeats)
         results += run_cases(cases, isolation="inprocess", progress=True,
                              budget_s=max(0.0, deadline - time.perf_counter()))
+        timing = write_outputs(results, output_dir=out_dir, stem="gpu_check_timing",
+                               title=f"speed and memory at N={args.n:,}", device_name=report.device_name,
+                               command=command, isolation="inprocess")
+        report.timing_markdown = timing["markdown"]
         print(f"gpu_check: H={hidden} timing done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
-    sections = [f"## GPU check on {device_name}", "", f"Command: `{command}`", "",
-                correctness_markdown(check_rows, args.n, args.vocab, dtype), ""]
-    if split_rows:
-        sections += [split_markdown(split_rows, dtype, args.device), ""]
-    if results:
-        timing = write_outputs(results, output_dir=out_dir, stem="gpu_check_timing",
-                               title=f"speed and memory at N={args.n:,}", device_name=device_name, command=command,
-                               isolation="inprocess")
-        sections.append(timing["markdown"])
-    sections.append(f"Total time: {time.perf_counter() - start:.0f} s.")
-    text = "\n".join(sections) + "\n"
-    (out_dir / "gpu_check.md").write_text(text)
-    (out_dir / "gpu_check_correctness.json").write_text(json.dumps([asdict(r) for r in check_rows], indent=1) + "\n")
-    (out_dir / "gpu_check_split.json").write_text(json.dumps([asdict(r) for r in split_rows], indent=1) + "\n")
-    print(text)
+    report.running = ""
+    report.save()
+    print(report.markdown())
+    check_rows, split_rows = report.check_rows, report.split_rows
     failed = [r for r in check_rows if not r.passed]
     # a peer that fails is reported in the table; a failure of our own providers fails the check
     errors = [r for r in results if r.status in ("error", "timeout") and r.case.provider in OUR_PROVIDERS]

@@ -18,6 +18,9 @@ DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half
 QWEN3_VOCAB = 151_936
 
 ALL_PROVIDERS = ("naive", "torch", "triton", "loss", "liger", "cce")
+# variants of two of them, timed by gpu_check's forward/backward section only: judge_head with memory="low",
+# Liger with accum_dtype=torch.float32
+VARIANT_PROVIDERS = ("triton-low", "liger-fp32")
 ALL_OPS = ("logprobs-fwd", "logprobs-fwdbwd", "judge-fwdbwd")
 
 

@@ -19,7 +19,10 @@ import torch
 from benchmarks import __main__ as bench_cli
 from benchmarks import gpu_check
 from benchmarks.measure import Case, Result, is_oom, quantiles
-from benchmarks.providers import CPU_TRITON_REASON, LossProvider, NaiveProvider, PeerProvider, RealKernelsProvider
+from benchmarks import providers as providers_module
+from benchmarks.providers import (CPU_TRITON_REASON, LigerFp32AccumProvider, LigerProvider, LossProvider,
+                                  NaiveProvider, PeerProvider, ProviderUnsupported, RealKernelsProvider,
+                                  per_token_gradient_error)
 from benchmarks.report import CSV_FIELDS
 from benchmarks.shapes import PRESETS, QWEN3_VOCAB, Shape
 from benchmarks.runner import run_cases
@@ -201,7 +204,7 @@ def test_gpu_check_code_path_on_cpu(tmp_path, capsys):
         "--device", "cpu", "--backends", "torch,loss", "--n", "40", "--hidden", "24", "--vocab", "300",
         "--row-chunk", "16", "--dtype", "fp32", "--providers", "naive,torch,loss", "--repeats", "1",
         "--split-n", "40,44", "--split-hidden", "24", "--split-providers", "naive,torch,triton,loss",
-        "--split-repeats", "2", "--output-dir", str(tmp_path),
+        "--split-repeats", "2", "--phase-n", "40", "--output-dir", str(tmp_path),
     ])
     assert rc == 0
     checks = json.loads((tmp_path / "gpu_check_correctness.json").read_text())
@@ -255,3 +258,161 @@ def test_run_cases_budget_reports_unstarted_cases_as_skipped():
     results = run_cases(cases, isolation="inprocess", progress=False, budget_s=0.0)
     assert [r.status for r in results] == ["skipped", "skipped"]
     assert "time budget of 0 s spent" in results[0].note
+
+
+# ---- gpu_check saves as it goes; its phase section; the peers' version checks ------------------------------------
+
+GPU_CHECK_TINY = ["--device", "cpu", "--backends", "torch,loss", "--n", "40", "--hidden", "24", "--vocab", "300",
+                  "--row-chunk", "16", "--dtype", "fp32", "--split-n", "40", "--split-hidden", "24",
+                  "--split-providers", "naive,torch,loss", "--split-repeats", "2", "--phase-n", "40", "--skip-timing"]
+
+
+def _interrupt_after(calls: int, fn):
+    """``fn``, but the call after the first ``calls`` raises KeyboardInterrupt (a run killed mid-section)."""
+    count = {"n": 0}
+
+    def wrapped(*args, **kwargs):
+        count["n"] += 1
+        if count["n"] > calls:
+            raise KeyboardInterrupt
+        return fn(*args, **kwargs)
+    return wrapped
+
+
+def test_gpu_check_saves_every_finished_row_when_a_later_one_is_cut(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "time_forward_backward", _interrupt_after(2, gpu_check.time_forward_backward))
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.main(GPU_CHECK_TINY + ["--output-dir", str(tmp_path)])
+    checks = json.loads((tmp_path / "gpu_check_correctness.json").read_text())
+    assert len(checks) == 2 * (7 + 6) and all(c["passed"] for c in checks)  # the section before: complete
+    split = json.loads((tmp_path / "gpu_check_split.json").read_text())
+    assert [(r["loss"], r["provider"], r["status"]) for r in split] == [("advantage", "naive", "ok"),
+                                                                         ("advantage", "torch", "ok")]
+    assert split[1]["total_ms"] > 0 and split[1]["dh_rel_err"] < 1e-4  # finished rows, with their numbers
+    report = (tmp_path / "gpu_check.md").read_text()
+    assert "**In progress**" in report and ": forward/backward timing (a run cut here keeps the rows above)" in report
+    assert "| 40 | advantage | torch |" in report and "| 40 | judge |" not in report
+    assert "| 24 | t=0.7 normalize ignore mask | loss | d weight |" in report
+    assert not list(tmp_path.glob("*.tmp"))  # files are replaced whole
+
+
+def test_gpu_check_saves_correctness_rows_per_backend_as_they_come(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "_outputs_and_grads", _interrupt_after(2, gpu_check._outputs_and_grads))
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.main(GPU_CHECK_TINY + ["--output-dir", str(tmp_path)])
+    checks = json.loads((tmp_path / "gpu_check_correctness.json").read_text())
+    # setting 1 (5 outputs with the entropy, 2 gradients) for torch and loss; setting 2 was cut
+    assert [(c["setting"], c["backend"]) for c in checks] == [("t=1.0 entropy", "torch")] * 7 + [
+        ("t=1.0 entropy", "loss")] * 7
+    assert "**In progress** " in (tmp_path / "gpu_check.md").read_text()
+    assert json.loads((tmp_path / "gpu_check_split.json").read_text()) == []
+
+
+def test_gpu_check_phase_section_calls_the_breakdown_at_the_target_shape(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_breakdown(n, hdim, vocab, *, dtype, device, repeats):
+        calls.append((n, hdim, vocab, dtype, device, repeats))
+        ms = [float(i + 1) for i in range(len(gpu_check.PHASE_ORDER))]
+        return [{"phase": p, "ms": m, "share": m / sum(ms)} for p, m in zip(gpu_check.PHASE_ORDER, ms)]
+
+    monkeypatch.setattr(gpu_check, "_phase_breakdown_fn", lambda: fake_breakdown)
+    assert gpu_check.main(GPU_CHECK_TINY + ["--skip-split", "--phase-repeats", "2", "--output-dir",
+                                            str(tmp_path)]) == 0
+    assert calls == [(40, 24, 300, torch.float32, "cpu", 2)]
+    saved = json.loads((tmp_path / "gpu_check_phases.json").read_text())
+    assert saved["shape"] == [40, 24, 300] and [r["phase"] for r in saved["rows"]] == list(gpu_check.PHASE_ORDER)
+    report = (tmp_path / "gpu_check.md").read_text()
+    assert "### judge_loss phase by phase: N=40, H=24, V=300, float32" in report
+    assert "| dW GEMM | 6.00 | 21.4% |" in report and "| total | 28.00 | 100% |" in report
+    assert "Complete in" in report and "In progress" not in report
+    # the defaults are the target shape
+    args = gpu_check.build_parser().parse_args([])
+    assert (args.phase_n, args.split_hidden, args.vocab, args.dtype) == (16384, 5120, QWEN3_VOCAB, "bfloat16")
+
+
+def test_gpu_check_phase_section_reports_a_failure_instead_of_crashing(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("hook missing")
+
+    monkeypatch.setattr(gpu_check, "_phase_breakdown_fn", lambda: broken)
+    rows, note = gpu_check.run_phases(8, 8, 50, dtype="float32", device="cpu", repeats=1)
+    assert rows == [] and note == "failed: RuntimeError: hook missing"
+    assert "Phase breakdown failed: RuntimeError: hook missing." in gpu_check.phases_markdown(
+        rows, note, 8, 8, 50, "float32", "cpu")
+
+
+def _plain_ce(hidden, weight, targets):
+    return torch.nn.functional.cross_entropy((hidden @ weight.T).float(), targets, reduction="none")
+
+
+class _GradientsFormedInForward(torch.autograd.Function):
+    """What liger-kernel 0.7.0 / 0.8.0 do with reduction='none': per-row losses, gradients of their plain sum
+    formed in the forward, then scaled by the first element of the per-row upstream gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets):
+        with torch.enable_grad():
+            h, w = hidden.detach().requires_grad_(True), weight.detach().requires_grad_(True)
+            ce = _plain_ce(h, w, targets)
+            ctx.save_for_backward(*torch.autograd.grad(ce.sum(), (h, w)))
+        return ce.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        dh, dw = ctx.saved_tensors
+        return dh * grad.flatten()[0], dw * grad.flatten()[0], None
+
+
+def test_per_token_probe_tells_a_usable_peer_from_a_reduced_or_wrongly_weighted_one():
+    assert per_token_gradient_error(_plain_ce, "cpu") is None
+    assert per_token_gradient_error(_plain_ce, "cpu", dtype=torch.float32, vocab=333) is None
+    reduced = per_token_gradient_error(lambda h, w, t: _plain_ce(h, w, t).sum(), "cpu")
+    assert "returns a loss of shape () for reduction='none'" in reduced
+    wrong = per_token_gradient_error(_GradientsFormedInForward.apply, "cpu")
+    assert wrong.startswith("per-token gradients wrong in this version (dh off by") and "defers" in wrong
+
+
+def test_liger_fp32_row_says_why_when_the_installed_liger_has_no_accum_dtype(monkeypatch):
+    def old_liger(input, weight, target, bias=None, ignore_index=-100, reduction="mean"):
+        return _plain_ce(input, weight, target)
+
+    provider = LigerFp32AccumProvider()
+    provider.module = "torch"  # stands in for an installed liger_kernel
+    monkeypatch.setattr(LigerProvider, "_function", staticmethod(lambda: old_liger))
+    monkeypatch.setattr(LigerProvider, "version", lambda self: "liger-kernel 0.6.1")
+    assert provider.unavailable_reason("cpu").startswith("needs CUDA")
+    assert provider.unavailable_reason("cuda") == (
+        "liger-kernel 0.6.1 has no accum_dtype argument (it exists since liger-kernel 0.6.2): dW accumulates in the "
+        "weight's dtype only")
+    inputs = make_inputs(Shape(n=12, hidden=8, vocab=50), "cpu")
+    with pytest.raises(ProviderUnsupported, match="has no accum_dtype argument"):
+        provider.judge(inputs)
+    # the default accumulator needs no accum_dtype: the same old version computes its row
+    plain = LigerProvider()
+    assert torch.isfinite(plain.judge(inputs))
+
+
+def test_liger_installed_here_passes_the_per_token_probe_under_the_interpreter():
+    """The installed Liger (0.8.5 here) defers its reduction='none' gradients; both accumulators pass."""
+    pytest.importorskip("liger_kernel")
+    for provider in (LigerProvider(), LigerFp32AccumProvider()):
+        assert per_token_gradient_error(provider.cross_entropy, "cpu", n=16, hidden=16, vocab=130) is None, provider.name
+
+
+def test_split_reports_an_unsupported_variant_as_skipped_with_the_reason(monkeypatch):
+    class NoMemoryArgument(RealKernelsProvider):
+        def judge(self, inputs):
+            raise ProviderUnsupported("this real_kernels' judge_head has no memory= argument")
+
+    monkeypatch.setitem(providers_module.PROVIDERS, "torch-low", lambda: NoMemoryArgument("torch", name="torch-low"))
+    rows = gpu_check.run_split([24], 8, 64, dtype="float32", device="cpu", providers=["naive", "torch-low"],
+                               losses=["judge"], repeats=2)
+    assert [(r.provider, r.status) for r in rows] == [("naive", "ok"), ("torch-low", "skipped")]
+    assert rows[1].note == "this real_kernels' judge_head has no memory= argument" and not rows[1].failed
+    def linear_logprobs_without_memory(hidden, weight, targets, backend="auto"):
+        raise AssertionError("not called")
+
+    with pytest.raises(ProviderUnsupported, match="linear_logprobs_without_memory has no memory= argument"):
+        RealKernelsProvider("torch", memory="low")._memory_kwargs(linear_logprobs_without_memory)
+    assert providers_module.get_provider("triton-low").unavailable_reason("cpu") == CPU_TRITON_REASON
