@@ -443,11 +443,11 @@ class VLLMEngineBytes:
 
 def vllm_engine_bytes(shape: ModelShape, setup: TrainSetup) -> VLLMEngineBytes:
     """The vLLM engine's bytes per GPU (colocated on the trainer's GPUs, or a server's GPU for
-    ``vllm-server``).  Its own activation peak and CUDA graphs come out of the KV share and are not
+    ``vllm-server``), in 16-bit.  Its own activation peak and CUDA graphs come out of the KV share and are not
     counted separately."""
     if setup.rollout_engine == "hf":
         return VLLMEngineBytes(0, 0, 0, 0, 0, 0)
-    c = DTYPE_BYTES[setup.dtype]
+    c = 2  # the engine samples in bf16 / fp16 whatever the trainer keeps (real.vllm_rollout)
     tp = setup.vllm_tensor_parallel_size
     weights = shape.num_params() * c // tp
     kv_per_sequence = setup.sequence_tokens * 2 * shape.num_layers * shape.kv_dim * c // tp

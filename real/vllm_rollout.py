@@ -6,7 +6,8 @@ written against vLLM's public API and both working under torchrun:
 
 - ``vllm-colocate`` (``VLLMColocateRollout``): one ``vllm.LLM`` in every training process, on the
   process's own GPU (``distributed_executor_backend="external_launcher"`` under torchrun, as TRL's
-  colocate mode does; ``--vllm-tensor-parallel-size`` > 1 splits one engine over that many ranks).  The
+  colocate mode does; ``--vllm-tensor-parallel-size`` > 1 splits one engine over that many ranks, which
+  then ask it for all their prompts together, each keeping its own share).  The
   engine starts from the model's config with dummy weights (``load_format="dummy"``: nothing is written
   to disk) and sleeps (``enable_sleep_mode``, level 2: weights and KV cache released) while the trainer
   trains.  Before each rollout it wakes its weight memory, receives the trained weights
@@ -46,12 +47,17 @@ VLLM_ENGINES = ("vllm-colocate", "vllm-server")
 SLEEP_LEVEL = 2  # weights and KV cache released between rollouts; weights come back from the trainer
 
 
+class MissingPackage(ImportError, ValueError):
+    """A package the chosen engine needs is not installed (a ValueError too: ``real train`` reports it as a
+    bad setting, exit 2, without a traceback)."""
+
+
 def import_vllm():
     """The vllm package, or an error that says how to get it and what to use instead."""
     try:
         import vllm
     except ImportError as exc:
-        raise ImportError(f"--rollout vllm-colocate / vllm-server need the vllm package (pip install "
+        raise MissingPackage(f"--rollout vllm-colocate / vllm-server need the vllm package (pip install "
                           f"'real-kernels[vllm]', CUDA only); use --rollout hf otherwise ({exc})") from None
     return vllm
 
@@ -195,13 +201,22 @@ class VLLMColocateRollout(_SamplingSettings):
         config = getattr(model, "get_base_model", lambda: model)().config
         config.save_pretrained(self._folder)
         tokenizer.save_pretrained(self._folder)
-        dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+        # The engine samples in 16-bit whatever the trainer keeps (the released runs: fp32 weights, bf16 vLLM);
+        # load_weights casts what it receives.
+        dtype = "float16" if next(model.parameters()).dtype == torch.float16 else "bfloat16"
         kwargs = dict(model=self._folder, dtype=dtype, load_format="dummy", seed=ranks.rank // tensor_parallel_size,
                       gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
                       enable_sleep_mode=sleep, enable_prefix_caching=True,
                       max_model_len=(self.max_prompt_tokens or config.max_position_embeddings) + self.max_new_tokens)
         if ranks.is_distributed:
             kwargs["distributed_executor_backend"] = "external_launcher"
+        # Tensor parallel: the ranks of a group run one engine together and must all ask it for the same
+        # prompts (vLLM's external launcher is SPMD); each rank then keeps its own share.
+        self.tp_group, self.tp_rank = None, 0
+        if tensor_parallel_size > 1:
+            self.tp_group, _ = torch.distributed.new_subgroups_by_enumeration(
+                [list(range(g, g + tensor_parallel_size)) for g in range(0, ranks.world_size, tensor_parallel_size)])
+            self.tp_rank = ranks.rank % tensor_parallel_size
         self.llm = self._vllm.LLM(**kwargs)
         self.pushes = 0
         if sleep:
@@ -225,13 +240,19 @@ class VLLMColocateRollout(_SamplingSettings):
         if self.sleep:
             self.llm.wake_up(tags=["kv_cache"])
         try:
+            ids = prompt_token_ids(self.tokenizer, prompts, self.max_prompt_tokens)
+            shares = [(ids, seed)]
+            if self.tp_group is not None:
+                shares = [None] * torch.distributed.get_world_size(self.tp_group)
+                torch.distributed.all_gather_object(shares, (ids, seed), group=self.tp_group)
             params = self._vllm.SamplingParams(
                 n=group_size, temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_new_tokens,
-                seed=seed, stop=None if with_score else [self.marker], include_stop_str_in_output=True)
-            ids = prompt_token_ids(self.tokenizer, prompts, self.max_prompt_tokens)
-            outputs = self.llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
+                seed=shares[0][1], stop=None if with_score else [self.marker], include_stop_str_in_output=True)
+            everything = [x for share, _ in shares for x in share]
+            outputs = self.llm.generate([{"prompt_token_ids": x} for x in everything], params, use_tqdm=False)
+            start = sum(len(share) for share, _ in shares[:self.tp_rank])
             per_prompt = [[finish_text(c.text, self.marker, with_score, self.score_values) for c in out.outputs]
-                          for out in outputs]
+                          for out in outputs[start:start + len(ids)]]
         finally:
             if self.sleep:
                 self.llm.sleep(level=SLEEP_LEVEL)
@@ -255,9 +276,12 @@ def trl_client(host: str, port: int, group_port: int, timeout: float):
     try:
         from trl.extras.vllm_client import VLLMClient
     except ImportError as exc:
-        raise ImportError(f"--rollout vllm-server needs trl and vllm (pip install 'real-kernels[vllm]'); start "
+        raise MissingPackage(f"--rollout vllm-server needs trl and vllm (pip install 'real-kernels[vllm]'); start "
                           f"the server with `trl vllm-serve --model MODEL --tensor-parallel-size N` ({exc})") from None
-    return VLLMClient(host=host, server_port=port, group_port=group_port, connection_timeout=timeout)
+    client = VLLMClient(host=host, server_port=port, group_port=group_port, connection_timeout=timeout)
+    if getattr(client, "pynccl_comm", None) is None:  # TRL >= 0.19 joins the weight-update group on request
+        client.init_communicator(device=torch.cuda.current_device())
+    return client
 
 
 class VLLMServerRollout(_SamplingSettings):
@@ -326,5 +350,7 @@ class VLLMServerRollout(_SamplingSettings):
         return _group(prompts, per_prompt, group_size, with_score, self.score_values, self.marker)
 
     def close(self) -> None:
+        """Leave the server's weight-update group (once; the server keeps running)."""
         if self.client is not None and hasattr(self.client, "close_communicator"):
             self.client.close_communicator()
+        self.client = None

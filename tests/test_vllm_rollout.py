@@ -134,7 +134,7 @@ def test_colocated_engine_sleeps_between_rollouts_and_gets_every_update(tmp_path
     [llm] = fake_vllm.instances
     assert llm.kwargs["gpu_memory_utilization"] == 0.45 and llm.kwargs["tensor_parallel_size"] == 1
     assert llm.kwargs["enable_sleep_mode"] is True and llm.kwargs["load_format"] == "dummy"
-    assert llm.kwargs["dtype"] == "float32" and llm.kwargs["max_model_len"] == 300 + 12
+    assert llm.kwargs["dtype"] == "bfloat16" and llm.kwargs["max_model_len"] == 300 + 12
     assert "distributed_executor_backend" not in llm.kwargs  # one process: no external launcher
     assert llm.calls == [("sleep", 2)]  # asleep from the start: training has the memory
     trainer.run()
@@ -283,24 +283,36 @@ def _fsdp_worker(rank, world, port, workdir):
     from real.train import Trainer
 
     cfg = _cfg(workdir, rollout="vllm-colocate", steps=2, prompts_per_step=2, group_size=2, eval_size=2,
-               collective_timeout=90)
+               collective_timeout=90, vllm_tensor_parallel_size=2)
     trainer = Trainer(cfg, log=lambda m: None)
     [llm] = FakeLLM.instances
+    rollouts, generate = [], trainer.engine.generate
+    trainer.engine.generate = lambda *a, **k: rollouts.append(generate(*a, **k)) or rollouts[-1]
     trainer.run()
     trainer.close()
+    generates = [c for c in llm.calls if c[0] == "generate"]
     torch.save({"kwargs": {k: v for k, v in llm.kwargs.items() if k != "model"}, "pushed": llm.pushed,
-                "prompts": [len(c[1]) for c in llm.calls if c[0] == "generate"]},
+                "prompts": [[p["prompt_token_ids"] for p in c[1]] for c in generates],
+                "seeds": [c[2]["seed"] for c in generates],
+                "cots": [r.cots for r in rollouts]},
                os.path.join(workdir, f"rank{rank}.pt"))
     cleanup_distributed()
 
 
-def test_two_fsdp_ranks_each_engine_gets_the_whole_model(tmp_path):
+@pytest.mark.slow
+def test_two_fsdp_ranks_share_one_tensor_parallel_engine_with_the_whole_model(tmp_path):
+    """Two ranks, FSDP, one engine over both (tensor parallel 2): both push the whole gathered model, ask the
+    engine for both ranks' prompts with the same seed (vLLM's external launcher is SPMD), and each keeps the
+    CoTs of its own prompt."""
     mp.spawn(_fsdp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for r, got in enumerate(ranks):
-        assert got["kwargs"]["distributed_executor_backend"] == "external_launcher" and got["kwargs"]["seed"] == r
-        assert got["prompts"] == [1, 1]  # each rank samples its own share of the 2 prompts
-        assert len(got["pushed"]) == 2
+        assert got["kwargs"]["distributed_executor_backend"] == "external_launcher" and got["kwargs"]["seed"] == 0
+        assert got["kwargs"]["tensor_parallel_size"] == 2
+        assert [len(p) for p in got["prompts"]] == [2, 2] and len(got["pushed"]) == 2
+        # the fake numbers its outputs by prompt: rank r keeps those of prompt r
+        assert all(f" {r} {SCORE_MARKER}" in cot for step in got["cots"] for cot in step)
+    assert ranks[0]["prompts"] == ranks[1]["prompts"] and ranks[0]["seeds"] == ranks[1]["seeds"]
     for step in range(2):  # the same full (gathered) weights on both ranks, and full shapes
         assert_same_weights(ranks[0]["pushed"][step], ranks[1]["pushed"][step], f"rollout {step + 1}", atol=0)
     from real.tiny import build_tiny_model, build_tiny_tokenizer
