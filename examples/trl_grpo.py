@@ -2,19 +2,28 @@
 
 Install TRL next to this project (it brings ``datasets`` and ``accelerate``):
 
-    pip install torch==2.13.0 trl       # CPU machines: keep the torch pin, or pip pulls a CUDA build
-    pip install trl                     # CUDA machines
+    pip install torch==2.13.0 -e ".[examples]"   # CPU machines: keep the torch pin, or pip pulls a CUDA build
+    pip install -e ".[examples]"                 # CUDA machines
 
-(tested with trl 1.16).  ``GRPOTrainer`` gets every log-prob it needs (the
-policy's with gradients, the old policy's and the reference model's without)
-from one method, ``_get_per_token_logps_and_entropies``.  The subclass below
-overrides only that method: the decoder runs to hidden states and
-``real_kernels.hf.token_logprobs`` sends the completion rows with the LM-head
-weight through the fused head (Triton on CUDA, chunked PyTorch on the CPU),
-with TRL's temperature; the rest of the trainer (sampling, rewards,
-advantages, clipping, KL, logging) is TRL's own.  Text-only models; MoE
-auxiliary losses and vision inputs are refused with a clear error.
-Single-process training as written: under DDP the unwrapped model is called.
+TRL's trainers (GRPO, RLOO, DPO, KTO, SFT) get every per-token log-prob they
+need (the policy's with gradients, the old policy's and the reference
+model's without) by calling the model as ``model(..., labels=labels,
+fused_lm_head=True)``, a forward that TRL's public ``trl.trainer.add_fused_lm_head``
+installs and documents: it returns a ``FusedCausalLMOutput`` whose
+``log_probs`` / ``entropy`` are ``[batch, seq_len - 1]``, zero where the next
+label is -100.  ``add_real_kernels_lm_head`` below installs a forward that
+keeps that contract and computes it with ``real_kernels.hf.token_logprobs``
+(the decoder runs to hidden states, the kept rows go with the LM-head weight
+through the fused head: Triton on CUDA, chunked PyTorch on the CPU), with
+TRL's temperature.  ``RealKernelsGRPOTrainer`` calls it on the policy (and the
+reference model, when there is one) right after ``GRPOTrainer.__init__`` has
+installed TRL's own head, so nothing private of TRL is overridden and the
+trainer calls the model it prepared (under DDP the wrapped model, so the
+gradients are all-reduced).  The rest (sampling, rewards, advantages,
+clipping, KL, logging) is TRL's own.  Written against trl 1.16 (the contract
+appeared with ``add_fused_lm_head``); ``pyproject.toml``'s ``examples`` extra
+asks for ``trl>=1.16,<2``.  Text-only models; vision inputs, MoE router
+losses and ``cast_lm_head_to_fp32`` are refused with a clear error.
 
 The demo trains the built-in tiny random judge for a step.  Its default
 reward is REAL's regression reward computed by the judge itself through the
@@ -27,9 +36,11 @@ equals the rounded ground truth; sparse on an untrained model):
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import tempfile
-from typing import List, Optional
+import types
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -37,39 +48,87 @@ from real_kernels.hf import token_logprobs
 
 try:
     from trl import GRPOConfig, GRPOTrainer
+    from trl.trainer.utils import FusedCausalLMOutput
 except ImportError as exc:  # pragma: no cover - exercised only without trl
-    raise ImportError("examples/trl_grpo.py needs TRL: pip install torch==2.13.0 trl (keep the pin on CPU)") from exc
+    raise ImportError('examples/trl_grpo.py needs TRL 1.16 or later: pip install torch==2.13.0 -e ".[examples]" '
+                      "(keep the torch pin on CPU)") from exc
+
+_HEAD = "_real_kernels_lm_head"  # the forward the head replaced, kept on the model to undo it
+_FIELDS = ("log_probs", "entropy")  # the FusedCausalLMOutput fields this head computes
+
+
+def add_real_kernels_lm_head(model, temperature: float = 1.0, outputs: Sequence[str] = ("log_probs",),
+                             backend: str = "auto") -> None:
+    """``trl.trainer.add_fused_lm_head``'s contract, served by ``real_kernels``: see the module docstring.
+
+    ``model`` is the transformers model (for a peft model, its ``get_base_model()``,
+    as TRL does).  ``model(..., labels=labels, fused_lm_head=True)`` then returns
+    ``FusedCausalLMOutput(loss, log_probs, entropy, label_mask)``; without
+    ``fused_lm_head`` the forward found on the model runs.  Undo with
+    ``remove_real_kernels_lm_head``.
+    """
+    unknown = sorted(set(outputs) - set(_FIELDS))
+    if unknown:
+        raise ValueError(f"outputs {unknown} are not computed by the real_kernels head; it computes {_FIELDS}")
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
+        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    if backend not in ("auto", "triton", "torch", "reference"):
+        raise ValueError(f"backend must be 'auto', 'triton', 'torch' or 'reference', got {backend!r}")
+    if getattr(model.config, "output_router_logits", False):
+        raise ValueError("the real_kernels head does not compute MoE router losses (config.output_router_logits)")
+    previous = model.__dict__.get(_HEAD, (model.forward,))[0]  # adding twice replaces, never stacks
+    want_entropy = "entropy" in outputs
+
+    @functools.wraps(type(model).forward)  # generate() validates its kwargs against the forward's signature
+    def forward(self, input_ids=None, attention_mask=None, *args, fused_lm_head=False, labels=None,
+                shift_labels=None, num_items_in_batch=None, **kwargs):
+        if not fused_lm_head:
+            extra = {k: v for k, v in (("labels", labels), ("shift_labels", shift_labels),
+                                       ("num_items_in_batch", num_items_in_batch)) if v is not None}
+            return previous(input_ids, attention_mask, *args, **kwargs, **extra)
+        given = sorted(k for k, v in kwargs.items() if v is not None and k not in ("use_cache", "return_dict"))
+        if args or given or shift_labels is not None:
+            raise ValueError(f"the real_kernels head handles text-only models without context parallelism; got "
+                             f"{given + (['shift_labels'] if shift_labels is not None else [])}"
+                             f"{' and positional arguments' if args else ''}")
+        if labels is None:
+            raise ValueError("fused_lm_head=True needs labels (the next-token targets, -100 where not scored)")
+        scored = labels[:, 1:] != -100
+        if not torch.equal(labels[:, 1:][scored], input_ids[:, 1:][scored]):
+            raise ValueError("labels differ from input_ids where they are kept: this head scores the input's "
+                             "own next tokens (as TRL's trainers ask it to)")
+        out = token_logprobs(self, input_ids, attention_mask, token_mask=scored, temperature=temperature,
+                             return_entropy=want_entropy, backend=backend)
+        count = scored.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return FusedCausalLMOutput(loss=-out.logprobs.sum() / count, log_probs=out.logprobs, entropy=out.entropy,
+                                   label_mask=scored)
+
+    model.__dict__[_HEAD] = (previous,)
+    model.forward = types.MethodType(forward, model)
+
+
+def remove_real_kernels_lm_head(model) -> None:
+    """Put back the forward ``add_real_kernels_lm_head`` found (TRL's own fused head inside a trainer)."""
+    previous = model.__dict__.pop(_HEAD, None)
+    if previous is not None:
+        model.forward = previous[0]
 
 
 class RealKernelsGRPOTrainer(GRPOTrainer):
-    """``GRPOTrainer`` whose per-token log-probs and entropies come from the fused head."""
+    """``GRPOTrainer`` whose per-token log-probs and entropies come from the real_kernels fused head."""
 
-    real_kernels_backend = "auto"  # "torch", "triton" or "reference" to force one
-
-    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
-                                           compute_entropy=False, compute_aux_loss=False, **extra_inputs):
-        given = sorted(k for k, v in extra_inputs.items() if v is not None)
-        if given:
-            raise ValueError(f"RealKernelsGRPOTrainer handles text-only models; got {given}")
-        if compute_aux_loss:
-            raise ValueError("RealKernelsGRPOTrainer does not compute MoE router auxiliary losses")
-        model = self.accelerator.unwrap_model(model)
-        batch_size = batch_size or input_ids.size(0)
-        seq_len = input_ids.size(1)
-        logps, entropies = [], []
-        for start in range(0, input_ids.size(0), batch_size):
-            ids = input_ids[start: start + batch_size]
-            mask = attention_mask[start: start + batch_size]
-            # position t predicts token t+1; TRL scores the last ``logits_to_keep`` tokens that are not padding
-            rows = mask[:, 1:].bool().clone()
-            rows[:, : seq_len - 1 - logits_to_keep] = False
-            with self.accelerator.autocast():
-                out = token_logprobs(model, ids, mask, token_mask=rows, temperature=self.temperature,
-                                     return_entropy=compute_entropy, backend=self.real_kernels_backend)
-            logps.append(out.logprobs[:, -logits_to_keep:])
-            if compute_entropy:
-                entropies.append(out.entropy[:, -logits_to_keep:])
-        return torch.cat(logps), (torch.cat(entropies) if compute_entropy else None), None
+    def __init__(self, *args, real_kernels_backend: str = "auto", **kwargs):
+        training_args = kwargs.get("args")
+        if getattr(training_args, "cast_lm_head_to_fp32", False):
+            raise ValueError("cast_lm_head_to_fp32=True: the real_kernels head already computes its softmax "
+                             "statistics in fp32 from the model's own weights; leave it False")
+        super().__init__(*args, **kwargs)
+        self.real_kernels_backend = real_kernels_backend
+        policy = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        add_real_kernels_lm_head(policy, self.temperature, outputs=_FIELDS, backend=real_kernels_backend)
+        if self.ref_model is not None:
+            add_real_kernels_lm_head(self.accelerator.unwrap_model(self.ref_model), self.temperature,
+                                     backend=real_kernels_backend)
 
 
 class RegressionReward:
@@ -148,8 +207,7 @@ def build_trainer(*, model_name: str = "tiny", output_dir: str, max_steps: int =
         raise ValueError(f"reward must be 'regression' or 'exact', got {reward!r}")
     reward_func = RegressionReward(model, tokenizer) if reward == "regression" else exact_score_reward
     trainer = RealKernelsGRPOTrainer(model=model, reward_funcs=reward_func, args=args, train_dataset=dataset,
-                                     processing_class=tokenizer)
-    trainer.real_kernels_backend = backend
+                                     processing_class=tokenizer, real_kernels_backend=backend)
     return trainer
 
 

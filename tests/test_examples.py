@@ -3,8 +3,9 @@
 The plain example's loss and gradients must equal the same loss computed the
 way a plain trainer does it (``model(...).logits``, ``log_softmax``,
 ``gather``), and one step must run end to end.  The TRL tests run only when
-``trl`` is installed (``pip install torch==2.13.0 trl``): the overridden
-log-prob method must agree with TRL's own, and a training step must run.
+``trl>=1.16`` is installed (``pip install -e ".[examples]"``): TRL's trainer code
+with the real_kernels head under its ``fused_lm_head`` contract must give the
+log-probs, entropies and gradients of TRL's own head, and a training step must run.
 """
 import importlib.util
 import sys
@@ -101,42 +102,90 @@ def test_grpo_step_updates_the_model_and_the_script_runs(grpo, tiny, capsys):
 
 @pytest.fixture(scope="module")
 def trl_example():
-    pytest.importorskip("trl", reason="trl is not installed (pip install torch==2.13.0 trl)")
+    pytest.importorskip("trl", minversion="1.16", reason="trl>=1.16 is not installed (pip install -e '.[examples]')")
     return _load("trl_grpo")
 
 
-def test_trl_logprob_override_matches_trl_own(trl_example, tmp_path):
-    from trl import GRPOTrainer
-
-    trainer = trl_example.build_trainer(output_dir=str(tmp_path), max_steps=1)
-    tokenizer, model = trainer.processing_class, trainer.model
+def _trl_batch(tokenizer, keep):
+    """TRL's layout: left-padded prompts, then right-padded completions of ``keep`` tokens."""
     torch.manual_seed(0)
-    # TRL's layout: left-padded prompts, then right-padded completions of logits_to_keep tokens
     prompt_ids = tokenizer(["Rate this answer:", "A longer prompt to rate, with more words:"], padding=True,
                            padding_side="left", return_tensors="pt")
-    keep = 5
     completion = torch.randint(10, len(tokenizer), (2, keep))
     completion_mask = torch.ones(2, keep, dtype=torch.long)
     completion_mask[1, 3:] = 0
     ids = torch.cat([prompt_ids["input_ids"], completion], dim=1)
     mask = torch.cat([prompt_ids["attention_mask"], completion_mask], dim=1)
+    return ids, mask, completion_mask
 
-    results = []
-    for method in (trainer._get_per_token_logps_and_entropies,
-                   lambda *a, **k: GRPOTrainer._get_per_token_logps_and_entropies(trainer, *a, **k)):
-        model.zero_grad(set_to_none=True)
-        logps, entropy, aux = method(model, ids, mask, keep, batch_size=1, compute_entropy=True)
-        assert logps.shape == (2, keep) and entropy.shape == (2, keep) and aux is None
-        (logps * completion_mask).sum().backward()
-        results.append((logps.detach(), entropy.detach(), [p.grad.clone() for p in model.parameters()
-                                                            if p.grad is not None]))
-    (ours_lp, ours_ent, ours_grads), (trl_lp, trl_ent, trl_grads) = results
+
+def _trl_logps(trainer, ids, mask, keep, completion_mask):
+    model = trainer.model
+    model.zero_grad(set_to_none=True)
+    logps, entropy, aux = trainer._get_per_token_logps_and_entropies(model, ids, mask, keep, batch_size=1,
+                                                                     compute_entropy=True)
+    assert logps.shape == (2, keep) and entropy.shape == (2, keep) and aux is None
+    (logps * completion_mask).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    return logps.detach(), entropy.detach(), grads
+
+
+def test_trl_fused_lm_head_contract_served_by_real_kernels_matches_trl_own_head(trl_example, tmp_path, monkeypatch):
+    trainer = trl_example.build_trainer(output_dir=str(tmp_path), max_steps=1)
+    ids, mask, completion_mask = _trl_batch(trainer.processing_class, keep=5)
+    calls = []
+    real_token_logprobs = trl_example.token_logprobs
+    monkeypatch.setattr(trl_example, "token_logprobs", lambda *a, **k: calls.append(1) or real_token_logprobs(*a, **k))
+
+    ours = _trl_logps(trainer, ids, mask, 5, completion_mask)  # TRL's own trainer code, our head under it
+    assert len(calls) == 2  # batch_size=1: one call per sequence
+    trl_example.remove_real_kernels_lm_head(trainer.model)  # back to TRL's fused head (add_fused_lm_head)
+    theirs = _trl_logps(trainer, ids, mask, 5, completion_mask)
+    assert len(calls) == 2
+
+    (ours_lp, ours_ent, ours_grads), (trl_lp, trl_ent, trl_grads) = ours, theirs
     valid = completion_mask.bool()
     torch.testing.assert_close(ours_lp[valid], trl_lp[valid], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours_ent[valid], trl_ent[valid], rtol=1e-5, atol=1e-5)
+    assert (ours_lp[~valid] == 0).all() and (ours_ent[~valid] == 0).all()
     assert len(ours_grads) == len(trl_grads) > 0
     for got, want in zip(ours_grads, trl_grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_trl_head_output_and_errors(trl_example, tiny):
+    from trl.trainer import add_fused_lm_head
+
+    from real.tiny import build_tiny_model
+
+    tokenizer, _ = tiny
+    model = build_tiny_model(tokenizer, seed=3)  # its own: the heads are installed on the instance
+    ids = torch.randint(10, len(tokenizer), (2, 7))
+    mask = torch.ones_like(ids)
+    labels = ids.masked_fill(torch.arange(7) < 3, -100)
+    add_fused_lm_head(model, temperature=0.7, outputs=("log_probs", "entropy"))
+    want = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    trl_example.add_real_kernels_lm_head(model, temperature=0.7, outputs=("log_probs", "entropy"))
+    trl_example.add_real_kernels_lm_head(model, temperature=0.7, outputs=("log_probs", "entropy"))  # replaces
+    got = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.log_probs, want.log_probs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.entropy, want.entropy, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got.label_mask, want.label_mask)
+    plain = model(input_ids=ids, attention_mask=mask)  # without fused_lm_head: the model's own forward
+    assert plain.logits.shape == (2, 7, len(tokenizer))
+
+    with pytest.raises(ValueError, match="labels"):
+        model(input_ids=ids, attention_mask=mask, labels=labels.roll(1, dims=1), fused_lm_head=True)
+    with pytest.raises(ValueError, match="pixel_values"):
+        model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, pixel_values=torch.zeros(1))
+    with pytest.raises(ValueError, match="is_top1"):
+        trl_example.add_real_kernels_lm_head(model, outputs=("log_probs", "is_top1"))
+    with pytest.raises(ValueError, match="backend"):
+        trl_example.add_real_kernels_lm_head(model, backend="cuda")
+    trl_example.remove_real_kernels_lm_head(model)
+    again = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)  # TRL's head is back
+    assert torch.equal(again.log_probs, want.log_probs)
 
 
 def test_trl_example_trains_a_step(trl_example, capsys):

@@ -252,3 +252,27 @@ def test_bad_call_arguments_are_named():
     for extra, error, argument in cases:
         with pytest.raises(error, match=argument):
             model(input_ids=ids, attention_mask=mask, **extra)
+
+
+def test_transformers_trainer_takes_the_same_steps_patched(tmp_path):
+    """Trainer passes num_items_in_batch under gradient accumulation; the patched model must train identically."""
+    from transformers import Trainer, TrainingArguments
+
+    ids, mask, labels = _batch()
+    rows = [dict(input_ids=ids[i], attention_mask=mask[i], labels=labels[i]) for i in range(3)] * 2
+    params = []
+    for patched in (False, True):
+        model = _qwen3(False)
+        if patched:
+            hf.patch(model)
+        args = TrainingArguments(output_dir=str(tmp_path / str(patched)), per_device_train_batch_size=2,
+                                 gradient_accumulation_steps=2, max_steps=1, learning_rate=1e-2, report_to="none",
+                                 save_strategy="no", use_cpu=True, seed=0, data_seed=0, dataloader_num_workers=0,
+                                 lr_scheduler_type="constant", optim="sgd")
+        Trainer(model=model, args=args, train_dataset=rows).train()
+        params.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    moved = 0
+    for name, before in _qwen3(False).named_parameters():
+        torch.testing.assert_close(params[1][name], params[0][name], rtol=1e-5, atol=1e-7, msg=name)
+        moved += not torch.equal(params[0][name], before)
+    assert moved > 0
