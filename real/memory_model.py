@@ -433,7 +433,7 @@ class VLLMEngineBytes:
     held_while_training: int  # what it keeps while the trainer trains (0 asleep, level 2)
     weights: int  # the full (merged) model in the compute dtype, split over tensor-parallel GPUs
     kv_per_sequence: int  # one prompt + CoT's KV cache on one GPU
-    kv_wanted: int  # KV cache for every sequence of a rollout at once
+    kv_wanted: int  # KV cache for every sequence of a rollout at once (an engine serves its TP ranks' prompts)
     kv_room: int  # budget - weights: the KV cache the engine can hold
 
     @property
@@ -456,7 +456,7 @@ def vllm_engine_bytes(shape: ModelShape, setup: TrainSetup) -> VLLMEngineBytes:
     colocated = setup.rollout_engine == "vllm-colocate"
     return VLLMEngineBytes(budget=budget if colocated else 0,
                            held_while_training=budget if colocated and not setup.vllm_sleep else 0,
-                           weights=weights, kv_per_sequence=kv_per_sequence, kv_wanted=seqs * kv_per_sequence,
+                           weights=weights, kv_per_sequence=kv_per_sequence, kv_wanted=seqs * tp * kv_per_sequence,
                            kv_room=budget - weights)
 
 

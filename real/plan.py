@@ -172,7 +172,7 @@ def _engine_note(setup: TrainSetup, engine) -> str:
     if setup.rollout_engine == "hf":
         return "rollouts by transformers generate (--rollout-engine hf)"
     tp = setup.vllm_tensor_parallel_size
-    split = f" / TP {tp}" if tp > 1 else ""
+    split = f" per GPU (TP {tp})" if tp > 1 else ""
     what = (f"weights {engine.weights / GIB:.1f} GiB{split} + KV cache {max(engine.kv_room, 0) / GIB:.1f} GiB "
             f"({engine.sequences_at_once:,} seqs at once, a rollout has "
             f"{engine.kv_wanted // max(engine.kv_per_sequence, 1):,})")
@@ -299,8 +299,10 @@ def format_table(result: MemoryPlan) -> str:
         lines.append(f"the vLLM engine does not hold the weights and one sequence: {result.row('vllm_engine').note}")
     verdict = "FITS" if result.fits else "DOES NOT FIT"
     headroom = (result.capacity - result.peak) / GIB
+    why = ("the vLLM engine's share is too small" if headroom >= 0 and not result.fits else
+           f"{'headroom' if headroom >= 0 else 'short by'} {abs(headroom):.2f} GiB")
     lines.append(f"{'peak per GPU':<{width}}{result.peak / GIB:>9.2f}  of {result.capacity / GIB:.2f} GiB -> "
-                 f"{verdict} ({'headroom' if headroom >= 0 else 'short by'} {abs(headroom):.2f} GiB)")
+                 f"{verdict} ({why})")
     lines.append("")
     lines.append(f"head phase            = stash + final + loss head + LM-head grad   = "
                  f"{f['head_phase_bytes'] / GIB:.2f} GiB")

@@ -305,7 +305,8 @@ def test_the_vllm_engine_is_counted(capsys):
     assert "TOO SMALL" in capsys.readouterr().out
     assert plan_cli.main(big + ["--vllm-tensor-parallel-size", "4"]) == 0
     table = capsys.readouterr().out
-    assert "vLLM engine (while sampling)" in table and "/ TP 4" in table and "asleep while training" in table
+    assert "vLLM engine (while sampling)" in table and "per GPU (TP 4)" in table and "asleep while training" in table
+    assert "a rollout has 32)" in table  # 8 rollouts x the 4 ranks one engine serves
     server = json.loads(_run_cli(capsys, *common, "--rollout-engine", "vllm-server"))
     assert server["components"]["vllm_engine"]["bytes"] == 0 and server["rollout_peak_bytes"] == persistent
     assert "on the server's GPUs" in server["components"]["vllm_engine"]["note"]
