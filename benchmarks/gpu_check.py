@@ -510,9 +510,6 @@ def target_lines(rows: Sequence[SplitRow]) -> List[str]:
 
 # ---- judge_loss phase by phase -------------------------------------------------------------------------------------
 
-PHASE_ORDER = ("logits GEMM", "stats pass", "loss_fn", "dlogits pass", "dh GEMM", "dW GEMM", "accumulation")
-
-
 def _phase_breakdown_fn() -> Callable[..., List[Dict[str, float]]]:
     """``benchmarks.loss_phases.phase_breakdown`` (CUDA events per phase of judge_loss's loop)."""
     from .loss_phases import phase_breakdown
@@ -521,7 +518,11 @@ def _phase_breakdown_fn() -> Callable[..., List[Dict[str, float]]]:
 
 
 def run_phases(n: int, hidden: int, vocab: int, *, dtype: str, device: str, repeats: int) -> Tuple[List[dict], str]:
-    """(rows ``{"phase", "ms", "share"}``, a note): the note says why there are no rows when there are none."""
+    """(rows ``{"phase", "ms", "share"}``, a note): the note says why there are no rows when there are none.
+
+    The phases are ``real_kernels.loss.PHASES`` (logits GEMM, stats pass,
+    loss_fn, dlogits pass, dh GEMM, dW GEMM, accumulation).
+    """
     try:
         breakdown = _phase_breakdown_fn()
     except ImportError as exc:
@@ -542,10 +543,11 @@ def phases_markdown(rows: Sequence[dict], note: str, n: int, hidden: int, vocab:
     lines = [f"### judge_loss phase by phase: N={n:,}, H={hidden:,}, V={vocab:,}, {dtype}", ""]
     if not rows:
         return "\n".join(lines + [f"Phase breakdown {note}."])
-    clock = "CUDA events" if device == "cuda" else "perf_counter"
-    lines += [f"One judge_loss forward+backward (advantage loss), each phase summed over the chunks ({clock}, "
-              "median of the timed calls; the phases are timed with events between them, so their sum can "
-              "exceed an untimed call).", "",
+    clock = ("CUDA events around each phase, so the sum can exceed an untimed call" if device == "cuda"
+             else "perf_counter")
+    lines += ["One judge_loss call (its gradients formed in the forward) on a REAL-shaped loss: policy gradient "
+              "on the log-probs, squared error of the expected score, an entropy bonus, T = 0.7. Each phase "
+              f"summed over the chunks, mean over the timed calls after a warm-up ({clock}).", "",
               "| phase | ms | share |", "|---|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['phase']} | {r['ms']:.2f} | {100.0 * r['share']:.1f}% |")

@@ -28,6 +28,7 @@ from benchmarks.shapes import PRESETS, QWEN3_VOCAB, Shape
 from benchmarks.runner import run_cases
 from benchmarks.worker import ProviderWorker, _death_result
 from benchmarks.workloads import make_inputs, make_step
+from real_kernels.loss import PHASES
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -313,15 +314,15 @@ def test_gpu_check_phase_section_calls_the_breakdown_at_the_target_shape(tmp_pat
 
     def fake_breakdown(n, hdim, vocab, *, dtype, device, repeats):
         calls.append((n, hdim, vocab, dtype, device, repeats))
-        ms = [float(i + 1) for i in range(len(gpu_check.PHASE_ORDER))]
-        return [{"phase": p, "ms": m, "share": m / sum(ms)} for p, m in zip(gpu_check.PHASE_ORDER, ms)]
+        ms = [float(i + 1) for i in range(len(PHASES))]
+        return [{"phase": p, "ms": m, "share": m / sum(ms)} for p, m in zip(PHASES, ms)]
 
     monkeypatch.setattr(gpu_check, "_phase_breakdown_fn", lambda: fake_breakdown)
     assert gpu_check.main(GPU_CHECK_TINY + ["--skip-split", "--phase-repeats", "2", "--output-dir",
                                             str(tmp_path)]) == 0
     assert calls == [(40, 24, 300, torch.float32, "cpu", 2)]
     saved = json.loads((tmp_path / "gpu_check_phases.json").read_text())
-    assert saved["shape"] == [40, 24, 300] and [r["phase"] for r in saved["rows"]] == list(gpu_check.PHASE_ORDER)
+    assert saved["shape"] == [40, 24, 300] and [r["phase"] for r in saved["rows"]] == list(PHASES)
     report = (tmp_path / "gpu_check.md").read_text()
     assert "### judge_loss phase by phase: N=40, H=24, V=300, float32" in report
     assert "| dW GEMM | 6.00 | 21.4% |" in report and "| total | 28.00 | 100% |" in report
@@ -329,6 +330,17 @@ def test_gpu_check_phase_section_calls_the_breakdown_at_the_target_shape(tmp_pat
     # the defaults are the target shape
     args = gpu_check.build_parser().parse_args([])
     assert (args.phase_n, args.split_hidden, args.vocab, args.dtype) == (16384, 5120, QWEN3_VOCAB, "bfloat16")
+
+
+def test_gpu_check_phase_section_through_the_real_loss_phases_module(tmp_path):
+    """benchmarks.loss_phases on the CPU at a small odd shape: every phase timed, shares summing to 1."""
+    assert gpu_check.main(GPU_CHECK_TINY + ["--skip-split", "--phase-n", "300", "--phase-repeats", "1",
+                                            "--output-dir", str(tmp_path)]) == 0
+    saved = json.loads((tmp_path / "gpu_check_phases.json").read_text())
+    assert saved["note"] == "" and [r["phase"] for r in saved["rows"]] == list(PHASES)
+    assert all(r["ms"] > 0 for r in saved["rows"]) and sum(r["share"] for r in saved["rows"]) == pytest.approx(1.0)
+    report = (tmp_path / "gpu_check.md").read_text()
+    assert "### judge_loss phase by phase: N=300, H=24, V=300, float32" in report and "| dlogits pass |" in report
 
 
 def test_gpu_check_phase_section_reports_a_failure_instead_of_crashing(monkeypatch):
