@@ -12,8 +12,8 @@ per sequence as a :class:`JudgeForward`, the one result type of a head pass in
   (RAIL's read-out: the expected score after the marker);
 - :func:`micro_batch_loss`: the head pass of one training micro-batch and a
   method's loss on it, in loss mode (``real_kernels.judge_loss``, docs/design.md
-  section 6: the gradients formed in the forward).  Every method's loss goes
-  through it.
+  section 6: the gradients formed in the forward), chunk by chunk of whole
+  sequences, the loss once per chunk.  Every method's loss goes through it.
 """
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ import torch
 from real.batching import TeacherForcedBatch
 from real_kernels import hf
 
-LossFn = Callable[["JudgeForward"], Tuple[torch.Tensor, Dict[str, float]]]
+# loss_fn(fwd, seqs) -> (loss, terms): the loss of the sequences ``seqs`` of a micro-batch (their
+# JudgeForward ``fwd``) with the micro-batch's denominators, and its terms as detached 0-dim tensors
+ChunkLossFn = Callable[["JudgeForward", slice], Tuple[torch.Tensor, Dict[str, torch.Tensor]]]
 
 
 @dataclass
@@ -119,61 +121,51 @@ def _check_targets(batch: TeacherForcedBatch, caller: str) -> None:
         raise ValueError(f"{caller} needs a batch built with targets (build_teacher_forced_batch(..., targets=...))")
 
 
-def cot_entropy_mean(fwd: JudgeForward) -> float:
-    """Mean entropy over the CoT tokens (NaN when the head pass did not compute it)."""
-    if fwd.cot_entropy is None:
-        return float("nan")
-    return float((fwd.cot_entropy.detach() * fwd.cot_mask).sum() / fwd.cot_mask.sum().clamp(min=1))
-
-
 def micro_batch_loss(model, batch: TeacherForcedBatch, score_token_ids: Sequence[int],
-                     score_values: Sequence[float], loss_fn: LossFn, *, normalize: bool = False,
-                     temperature: float = 1.0, return_entropy: bool = True, backend: str = "auto",
-                     chunk_size: Optional[int] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
-    """The head pass of one training micro-batch and ``loss_fn`` on it, in loss mode: ``(loss, terms)``.
+                     score_values: Sequence[float], loss_fn: ChunkLossFn, *, sequence_group: int = 1,
+                     normalize: bool = False, temperature: float = 1.0, return_entropy: bool = True,
+                     backend: str = "auto", chunk_size: Optional[int] = None
+                     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], JudgeForward]:
+    """The head pass of one training micro-batch and ``loss_fn`` on it, in loss mode: ``(loss, terms, fwd)``.
 
-    ``loss_fn(fwd) -> (loss, terms)`` is the method's loss (``real.methods``).
-    The head runs as ``real_kernels.judge_loss`` (docs/design.md section 6): the
-    gradient is formed chunk by chunk in the forward (3 GEMMs, no ``[rows, V]``
-    logits beyond one chunk), and ``loss.backward()`` hands it back.  Each chunk
-    calls ``loss_fn`` on a :class:`JudgeForward` whose entries at the chunk's
-    rows are live and whose others are constants, minus the same loss on the
-    all-constant view: a loss that is a sum of per-row terms given the batch's
-    constants (advantages, old / reference log-probs, token counts: every
-    method's is) then contributes exactly its live rows' gradient.  The value
-    and ``terms`` come from one last call on the whole detached forward; the
-    CoT entropy is added to ``terms`` when the loss does not report it.  Called
-    as ``wrapped(micro_batch_loss, ...)`` (``real.parallel``), so under FSDP
-    the whole pass runs inside the root module's forward.
+    The head runs as ``real_kernels.judge_loss`` (docs/design.md section 6):
+    the gradient is formed chunk by chunk in the forward (3 GEMMs, no ``[rows,
+    V]`` logits beyond one chunk), and ``loss.backward()`` hands it back.
+    Chunks hold whole sequences (whole runs of ``sequence_group`` of them,
+    e.g. prompt groups whose advantages the loss computes), and ``loss_fn(fwd,
+    seqs)`` (the method's loss, ``real.methods``) is called once per chunk with
+    the :class:`JudgeForward` of the chunk's sequences ``seqs`` (a slice of the
+    micro-batch's rows).  It must be the chunk's share of the micro-batch loss
+    (per-sequence terms over the micro-batch's denominators, every method's
+    is): ``loss`` is the sum over the chunks.  ``terms`` are the sums of the
+    chunks' detached 0-dim terms (the CoT entropy's mean added when the loss
+    does not report it); nothing in the chunk loop is read back to the host.
+    ``fwd`` is the micro-batch's detached forward.  Called as
+    ``wrapped(micro_batch_loss, ...)`` (``real.parallel``), so under FSDP the
+    whole pass runs inside the root module's forward.
     """
     _check_targets(batch, "micro_batch_loss")
+    cot_tokens = batch.cot_mask.sum().clamp(min=1)
+    terms: Dict[str, torch.Tensor] = {}
 
-    def chunk_loss(view: hf.HFJudgeOutput, live: torch.Tensor) -> torch.Tensor:
-        fwd = _forward_of(view, batch, with_targets=True)
-        live_loss, _ = loss_fn(fwd)
-        frozen_loss, _ = loss_fn(fwd.detached())
-        return live_loss - frozen_loss
+    def chunk_loss(view: hf.HFJudgeOutput, seqs: slice) -> torch.Tensor:
+        fwd = _forward_of(view, _sequences(batch, seqs), with_targets=True)
+        loss, chunk_terms = loss_fn(fwd, seqs)
+        if "entropy" not in chunk_terms and fwd.cot_entropy is not None:  # the SFT losses do not report it
+            chunk_terms = dict(chunk_terms, entropy=(fwd.cot_entropy.detach() * fwd.cot_mask).sum() / cot_tokens)
+        for name, value in chunk_terms.items():
+            value = torch.as_tensor(value).detach()
+            terms[name] = terms[name] + value if name in terms else value
+        return loss
 
-    carrier, out = hf.judge_loss_outputs(
+    loss, out = hf.judge_loss_outputs(
         model, batch.input_ids, batch.attention_mask, batch.targets, score_token_ids, score_values, chunk_loss,
         score_pos=batch.score_pos, cot_mask=batch.cot_mask, normalize=normalize, temperature=temperature,
-        return_entropy=return_entropy, chunk_size=chunk_size, backend=backend,
+        return_entropy=return_entropy, chunk_size=chunk_size, sequence_group=sequence_group, backend=backend,
     )
-    fwd = _forward_of(out, batch, with_targets=True)
-    value, terms = loss_fn(fwd)
-    if "entropy" not in terms and fwd.cot_entropy is not None:  # the SFT losses do not report it
-        terms["entropy"] = cot_entropy_mean(fwd)
-    return _ValueWithGradientOf.apply(value.detach(), carrier), terms
+    return loss, terms, _forward_of(out, batch, with_targets=True)
 
 
-class _ValueWithGradientOf(torch.autograd.Function):
-    """``value`` in the forward; in backward the incoming gradient goes to ``carrier`` (loss mode's scalar,
-    whose own value is meaningless: each chunk's live-minus-frozen loss is 0 up to rounding)."""
-
-    @staticmethod
-    def forward(ctx, value, carrier):
-        return value.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return None, grad
+def _sequences(batch: TeacherForcedBatch, seqs: slice) -> TeacherForcedBatch:
+    """Rows ``seqs`` of the batch, every column kept (the chunk's outputs are laid out ``[S, T]``)."""
+    return TeacherForcedBatch(**{name: getattr(batch, name)[seqs] for name in batch.__dataclass_fields__})

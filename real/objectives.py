@@ -17,15 +17,25 @@ is docs/design.md section 1:
   term is plain REINFORCE, ``-A log pi``), optional k3 KL to a reference policy.
 
 Sequences of one prompt must be contiguous: rows ``b*G .. b*G+G-1`` form group b.
+
+Every loss is a pure function of tensors: a sum of per-sequence terms divided by
+the batch's denominators (:class:`LossNorms`: sequences, tokens), so that the
+loss of a batch equals the sum of the losses of any split of it into whole
+sequences evaluated with the batch's norms (``real.head.micro_batch_loss`` runs
+it once per chunk of sequences).  Its terms are detached 0-dim tensors that add
+up over such a split the same way; nothing is read back to the host.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
-from real.head import JudgeForward, cot_entropy_mean, judge_forward
+from real.head import JudgeForward, judge_forward
+
+Terms = Dict[str, torch.Tensor]
 
 # The CoT term's aggregation, named as verl names it (``loss_agg_mode``):
 # token-mean: every CoT token of the batch weighs the same (the released REAL code's setting);
@@ -36,6 +46,67 @@ RENAMED_AGGREGATIONS = {"sequence-sum": "seq-mean-token-sum", "batch-token-mean"
 # How leave-one-out advantages are scaled within a group: by the std of the group's rewards, by the std of
 # the advantages themselves (the released REAL code: A / (std(A) + eps), which is G/(G-1) times smaller), or not.
 ADVANTAGE_NORMS = ("reward-std", "advantage-std", "none")
+
+
+@dataclass(frozen=True)
+class LossNorms:
+    """The denominators of a loss's means, fixed for a whole (micro-)batch.
+
+    A loss evaluated on a part of the batch (some of its sequences) with the
+    batch's norms is that part's share of the batch loss: the shares of a split
+    into whole sequences add up to the batch loss, value and gradient.
+    """
+
+    sequences: int  # sequences of the batch: every mean over sequences divides by it
+    tokens: Union[torch.Tensor, float]  # the token-mean's denominator: action tokens, or sequences x tokens_per_row
+    action_tokens: torch.Tensor  # 0-dim, the batch's action tokens (at least 1): the clip fraction's denominator
+    cot_tokens: torch.Tensor  # 0-dim, the batch's CoT tokens (at least 1): the entropy mean's denominator
+
+
+def loss_norms(action_mask: torch.Tensor, *, cot_mask: Optional[torch.Tensor] = None,
+               tokens_per_row: Optional[float] = None) -> LossNorms:
+    """The norms of a batch whose action tokens are ``action_mask`` ``[B, T]`` (its CoT tokens ``cot_mask``,
+    by default the same).  ``tokens_per_row``: the token-mean is over a larger batch (a micro-batch of a
+    step, one rank's share) with that many action tokens per row: its denominator is then ``B x
+    tokens_per_row``, so that micro-batch losses weighted by their share of rows add up to the whole
+    batch's token mean."""
+    if not isinstance(action_mask, torch.Tensor) or action_mask.dim() != 2:
+        raise ValueError(f"action_mask must be a [B, T] tensor, got {getattr(action_mask, 'shape', action_mask)!r}")
+    if cot_mask is not None and cot_mask.shape != action_mask.shape:
+        raise ValueError(f"cot_mask must have the shape of action_mask {tuple(action_mask.shape)}, got "
+                         f"{tuple(cot_mask.shape)}")
+    if tokens_per_row is not None and not (isinstance(tokens_per_row, (int, float)) and tokens_per_row >= 0):
+        raise ValueError(f"tokens_per_row must be a number >= 0 or None, got {tokens_per_row!r}")
+    rows = action_mask.shape[0]
+    action = action_mask.sum().clamp(min=1)
+    tokens = action if tokens_per_row is None else max(rows * tokens_per_row, 1e-12)
+    cot = action if cot_mask is None else cot_mask.sum().clamp(min=1)
+    return LossNorms(sequences=rows, tokens=tokens, action_tokens=action, cot_tokens=cot)
+
+
+def _norms_for(fwd: JudgeForward, norms: Optional[LossNorms], tokens_per_row: Optional[float],
+               action_mask: Optional[torch.Tensor] = None) -> LossNorms:
+    """``norms`` when given (then ``tokens_per_row`` must not be), else the norms of ``fwd`` as a whole batch."""
+    if norms is None:
+        mask = fwd.cot_mask if action_mask is None else action_mask
+        return loss_norms(mask, cot_mask=fwd.cot_mask, tokens_per_row=tokens_per_row)
+    if not isinstance(norms, LossNorms):
+        raise TypeError(f"norms must be a LossNorms (real.objectives.loss_norms), got {type(norms).__name__}")
+    if tokens_per_row is not None:
+        raise ValueError("pass tokens_per_row to loss_norms, not together with norms")
+    return norms
+
+
+def _mean(x: torch.Tensor, norms: LossNorms) -> torch.Tensor:
+    """The batch mean of the per-sequence ``x`` (this part's share of it)."""
+    return x.sum() / norms.sequences
+
+
+def entropy_mean(fwd: JudgeForward, norms: LossNorms) -> torch.Tensor:
+    """Mean entropy over the batch's CoT tokens (this part's share; NaN when the head pass did not compute it)."""
+    if fwd.cot_entropy is None:
+        return torch.full((), float("nan"), device=fwd.cot_mask.device)
+    return (fwd.cot_entropy.detach() * fwd.cot_mask).sum() / norms.cot_tokens
 
 
 def check_aggregation(agg: str) -> str:
@@ -135,23 +206,15 @@ def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
     return x.reshape(-1, group_size)
 
 
-def _aggregate(per_token: torch.Tensor, mask: torch.Tensor, agg: str,
-               tokens_per_row: Optional[float] = None) -> torch.Tensor:
-    """The CoT term aggregated as ``agg`` says (see AGGREGATIONS).
-
-    ``tokens_per_row``: for token-mean over a larger batch than this one (a micro-batch, one rank's
-    share), that batch's tokens per row; the sum here is then divided by ``rows x tokens_per_row``, so
-    that micro-batch losses weighted by their share of rows add up to the whole batch's token mean.
-    """
+def _aggregate(per_token: torch.Tensor, mask: torch.Tensor, agg: str, norms: LossNorms) -> torch.Tensor:
+    """The CoT term aggregated as ``agg`` says (see AGGREGATIONS), over the batch ``norms`` describe."""
     per_token = per_token * mask
     agg = check_aggregation(agg)
     if agg == "seq-mean-token-mean":
-        return (per_token.sum(1) / mask.sum(1).clamp(min=1)).mean()
+        return _mean(per_token.sum(1) / mask.sum(1).clamp(min=1), norms)
     if agg == "seq-mean-token-sum":
-        return per_token.sum(1).mean()
-    if tokens_per_row is not None:
-        return per_token.sum() / max(mask.shape[0] * tokens_per_row, 1e-12)
-    return per_token.sum() / mask.sum().clamp(min=1)
+        return _mean(per_token.sum(1), norms)
+    return per_token.sum() / norms.tokens
 
 
 def _policy_gradient(
@@ -161,9 +224,9 @@ def _policy_gradient(
     old_logprobs: Optional[torch.Tensor],
     ppo_clip: Optional[float],
     agg: str,
-    tokens_per_row: Optional[float] = None,
-) -> Tuple[torch.Tensor, float]:
-    """Clipped-surrogate policy-gradient term and the fraction of clipped tokens.
+    norms: LossNorms,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Clipped-surrogate policy-gradient term and the fraction of clipped tokens (a detached tensor).
 
     With no old log-probs the batch is on-policy: the term is ``-A log pi``
     (plain REINFORCE, the gradient the ratio form would give at ratio 1).
@@ -172,27 +235,31 @@ def _policy_gradient(
     adv = advantages.detach().to(logprobs.dtype)[:, None]
     if old_logprobs is None:
         # on-policy: the ratio is 1, its gradient is grad log pi; write the REINFORCE form directly
-        return _aggregate(-adv * logprobs, mask, agg, tokens_per_row), 0.0
+        return _aggregate(-adv * logprobs, mask, agg, norms), _zero(logprobs)
     old = old_logprobs.detach().to(logprobs.dtype)
     if old.shape != logprobs.shape:
         raise ValueError(f"old_logprobs must have shape {tuple(logprobs.shape)}, got {tuple(old.shape)}")
     ratio = torch.exp((logprobs - old) * mask)
     surrogate = -adv * ratio
-    clip_frac = 0.0
+    clip_frac = _zero(logprobs)
     if ppo_clip is not None:
         clipped = -adv * ratio.clamp(1.0 - ppo_clip, 1.0 + ppo_clip)
-        clip_frac = float(((clipped > surrogate) & mask).sum() / mask.sum().clamp(min=1))
+        clip_frac = (((clipped > surrogate) & mask).sum() / norms.action_tokens).detach()
         surrogate = torch.maximum(surrogate, clipped)
-    return _aggregate(surrogate, mask, agg, tokens_per_row), clip_frac
+    return _aggregate(surrogate, mask, agg, norms), clip_frac
+
+
+def _zero(like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros((), dtype=torch.float32, device=like.device)
 
 
 def _k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, agg: str,
-           tokens_per_row: Optional[float] = None) -> torch.Tensor:
+           norms: LossNorms) -> torch.Tensor:
     """Low-variance KL(pi || ref) estimator: exp(ref - logp) - (ref - logp) - 1 per token."""
     if ref_logprobs.shape != logprobs.shape:
         raise ValueError(f"ref_logprobs must have shape {tuple(logprobs.shape)}, got {tuple(ref_logprobs.shape)}")
     delta = (ref_logprobs.detach().to(logprobs.dtype) - logprobs) * mask
-    return _aggregate(torch.exp(delta) - delta - 1, mask.bool(), agg, tokens_per_row)
+    return _aggregate(torch.exp(delta) - delta - 1, mask.bool(), agg, norms)
 
 
 def real_loss(
@@ -213,16 +280,20 @@ def real_loss(
     ref_logprobs: Optional[torch.Tensor] = None,
     kl_coef: float = 0.0,
     tokens_per_row: Optional[float] = None,
-) -> Tuple[torch.Tensor, Dict[str, float]]:
+    norms: Optional[LossNorms] = None,
+) -> Tuple[torch.Tensor, Terms]:
     """REAL: ``mean_i [ -A_i agg_t log pi(c_{i,t}) - beta * r_i ] (+ kl_coef * k3 KL)``.
 
     ``advantages`` ``[B*G]`` overrides the RLOO advantages of the current
     rewards (pass the first epoch's when reusing a rollout batch, together with
     its ``old_logprobs`` ``[B, T]``); else they are :func:`real_advantages`
-    (``normalize_advantages``: see :func:`rloo_advantages`; ``prob_bonus``).
-    ``ref_logprobs`` ``[B, T]`` with ``kl_coef > 0`` adds the k3 KL; it is off
-    by default.  ``tokens_per_row``: see ``_aggregate`` (token-mean over a larger batch).
+    (``normalize_advantages``: see :func:`rloo_advantages`; ``prob_bonus``), and
+    ``fwd`` must hold whole groups of ``group_size``.  ``ref_logprobs`` ``[B, T]``
+    with ``kl_coef > 0`` adds the k3 KL; it is off by default.  ``norms``: the
+    denominators of the batch ``fwd`` is a part of (default: ``fwd`` is the batch;
+    ``tokens_per_row``: see :func:`loss_norms`).
     """
+    norms = _norms_for(fwd, norms, tokens_per_row)
     rewards = _rewards_of(fwd, lam, mu)
     if advantages is None:
         advantages = combined_advantages(rewards.detach(), fwd.pi_star.detach(), group_size,
@@ -230,60 +301,55 @@ def real_loss(
                                          prob_bonus=prob_bonus)
     elif advantages.shape != rewards.shape:
         raise ValueError(f"advantages must have shape {tuple(rewards.shape)}, got {tuple(advantages.shape)}")
-    else:
-        _grouped(rewards, group_size)
-    pg, clip_frac = _policy_gradient(fwd.cot_logprobs, fwd.cot_mask, advantages, old_logprobs, ppo_clip, agg,
-                                     tokens_per_row)
-    prediction = -rewards.mean()
+    pg, clip_frac = _policy_gradient(fwd.cot_logprobs, fwd.cot_mask, advantages, old_logprobs, ppo_clip, agg, norms)
+    prediction = -_mean(rewards, norms)
     loss = pg + beta * prediction
     kl = torch.zeros((), device=loss.device)
     if kl_coef:
         if ref_logprobs is None:
             raise ValueError("kl_coef > 0 needs ref_logprobs")
-        kl = _k3_kl(fwd.cot_logprobs, ref_logprobs, fwd.cot_mask, agg, tokens_per_row)
+        kl = _k3_kl(fwd.cot_logprobs, ref_logprobs, fwd.cot_mask, agg, norms)
         loss = loss + kl_coef * kl
-    grouped = _grouped(rewards.detach(), group_size)
     terms = {
-        "loss": float(loss.detach()),
-        "pg_loss": float(pg.detach()),
-        "prediction_loss": float(prediction.detach()),
-        "reward_mean": float(grouped.mean()),
-        "reward_group_std": float(grouped.std(dim=1, unbiased=False).mean()),
-        "sq_error": float(fwd.sq_error.detach().mean()),
-        "log_pi_star": float(fwd.log_pi_star.detach().mean()),
-        "expected_score": float(fwd.expected_score.detach().mean()),
-        "advantage_abs": float(advantages.abs().mean()),
+        "loss": loss.detach(),
+        "pg_loss": pg.detach(),
+        "prediction_loss": prediction.detach(),
+        "reward_mean": _mean(rewards.detach(), norms),
+        "sq_error": _mean(fwd.sq_error.detach(), norms),
+        "log_pi_star": _mean(fwd.log_pi_star.detach(), norms),
+        "expected_score": _mean(fwd.expected_score.detach(), norms),
+        "advantage_abs": _mean(advantages.detach().abs(), norms),
         "clip_frac": clip_frac,
-        "kl": float(kl.detach()),
-        "entropy": cot_entropy_mean(fwd),
-        "cot_tokens": float(fwd.cot_token_count.float().mean()),
+        "kl": kl.detach(),
+        "entropy": entropy_mean(fwd, norms),
+        "cot_tokens": _mean(fwd.cot_token_count.float(), norms),
     }
     return loss, terms
 
 
-def raft_loss(fwd: JudgeForward) -> Tuple[torch.Tensor, Dict[str, float]]:
+def raft_loss(fwd: JudgeForward, *, norms: Optional[LossNorms] = None) -> Tuple[torch.Tensor, Terms]:
     """RAFT: ``mean (yhat(x) - y*)^2`` at the position right after the prompt (batch built with cots=None)."""
-    loss = fwd.sq_error.mean()
-    return loss, {"loss": float(loss.detach()), "sq_error": float(loss.detach()),
-                  "expected_score": float(fwd.expected_score.detach().mean())}
+    norms = _norms_for(fwd, norms, None)
+    loss = _mean(fwd.sq_error, norms)
+    return loss, {"loss": loss.detach(), "sq_error": loss.detach(),
+                  "expected_score": _mean(fwd.expected_score.detach(), norms)}
 
 
-def tract_loss(fwd: JudgeForward, *, lam: float = 1.0,
-               tokens_per_row: Optional[float] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
+def tract_loss(fwd: JudgeForward, *, lam: float = 1.0, tokens_per_row: Optional[float] = None,
+               norms: Optional[LossNorms] = None) -> Tuple[torch.Tensor, Terms]:
     """TRACT / CoT-RAFT: ``CE(c_gt | x) + lam * (yhat(x, c_gt) - y*)^2``, teacher-forced on reference CoTs.
 
     CE is the mean over all reference-CoT tokens of the batch (the score token
     is not a CoT token, so it is excluded); the regression term is the batch mean.
-    ``fwd`` may be one micro-batch (or one rank's share) of a larger batch whose
-    mean CoT tokens per row is ``tokens_per_row``: CE is then the micro-batch's
-    token sum over ``rows x tokens_per_row``, so that micro-batch losses weighted
-    by their share of rows add up to the whole batch's token mean.
+    ``fwd`` may be a part of a larger batch whose denominators are ``norms``
+    (``tokens_per_row``: see :func:`loss_norms`).
     """
-    ce = -_aggregate(fwd.cot_logprobs, fwd.cot_mask, "token-mean", tokens_per_row)
-    regression = fwd.sq_error.mean()
+    norms = _norms_for(fwd, norms, tokens_per_row)
+    ce = -_aggregate(fwd.cot_logprobs, fwd.cot_mask, "token-mean", norms)
+    regression = _mean(fwd.sq_error, norms)
     loss = ce + lam * regression
-    return loss, {"loss": float(loss.detach()), "ce": float(ce.detach()), "sq_error": float(regression.detach()),
-                  "expected_score": float(fwd.expected_score.detach().mean())}
+    return loss, {"loss": loss.detach(), "ce": ce.detach(), "sq_error": regression.detach(),
+                  "expected_score": _mean(fwd.expected_score.detach(), norms)}
 
 
 def binary_rewards(decoded_scores: Sequence[Optional[float]], targets: Sequence[float]) -> torch.Tensor:
@@ -308,6 +374,20 @@ def group_normalized_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> tor
         return (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)
 
 
+def grpo_action_mask(cot_mask: torch.Tensor, score_pos: torch.Tensor,
+                     sampled_score_index: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(actions, at_score)`` ``[B, T]`` bool: GRPO's action tokens (the CoT tokens and the written score
+    token) and the score position of the rows whose written score is readable (index >= 0)."""
+    if sampled_score_index is None:
+        return cot_mask, torch.zeros_like(cot_mask)
+    idx = torch.as_tensor(sampled_score_index, device=cot_mask.device).long()
+    if idx.shape != score_pos.shape:
+        raise ValueError(f"sampled_score_index must have shape {tuple(score_pos.shape)}, got {tuple(idx.shape)}")
+    columns = torch.arange(cot_mask.shape[1], device=cot_mask.device)
+    at_score = (columns[None, :] == score_pos[:, None]) & (idx >= 0)[:, None]
+    return cot_mask | at_score, at_score
+
+
 def grpo_token_logprobs(fwd: JudgeForward, sampled_score_index: Optional[torch.Tensor]):
     """CoT log-probs with the policy's own sampled score token added at the score position.
 
@@ -318,14 +398,11 @@ def grpo_token_logprobs(fwd: JudgeForward, sampled_score_index: Optional[torch.T
     """
     if sampled_score_index is None:
         return fwd.cot_logprobs, fwd.cot_mask
+    mask, at_score = grpo_action_mask(fwd.cot_mask, fwd.score_pos, sampled_score_index)
     idx = torch.as_tensor(sampled_score_index, device=fwd.cot_logprobs.device).long()
-    has = idx >= 0
     score_lp = fwd.score_logprobs.gather(1, idx.clamp(min=0)[:, None]).squeeze(1)
-    rows = torch.arange(idx.shape[0], device=idx.device)
-    at_score = torch.zeros_like(fwd.cot_mask)
-    at_score[rows[has], fwd.score_pos[has]] = True
     logprobs = torch.where(at_score, score_lp[:, None].expand_as(fwd.cot_logprobs), fwd.cot_logprobs)
-    return logprobs, fwd.cot_mask | at_score
+    return logprobs, mask
 
 
 def sampled_score_indices(decoded_scores: Sequence[Optional[float]], score_values: Sequence[float]) -> torch.Tensor:
@@ -342,38 +419,47 @@ def grpo_loss(
     sampled_score_index: Optional[torch.Tensor] = None,
     agg: str = "seq-mean-token-mean",
     eps: float = 1e-6,
+    advantages: Optional[torch.Tensor] = None,
     old_logprobs: Optional[torch.Tensor] = None,
     ppo_clip: Optional[float] = 0.2,
     ref_logprobs: Optional[torch.Tensor] = None,
     kl_coef: float = 0.0,
     tokens_per_row: Optional[float] = None,
-) -> Tuple[torch.Tensor, Dict[str, float]]:
+    norms: Optional[LossNorms] = None,
+) -> Tuple[torch.Tensor, Terms]:
     """Standard RL baseline: GRPO with binary rewards ``[B*G]`` (see :func:`binary_rewards`), PPO clip.
 
     The judge head's regression outputs are not used in the loss (only reported).
-    ``old_logprobs`` / ``ref_logprobs`` are ``[B, T]`` from :func:`grpo_token_logprobs`.
+    ``advantages`` ``[B*G]``: the group-normalised rewards computed beforehand (else here, and
+    ``fwd`` must hold whole groups).  ``old_logprobs`` / ``ref_logprobs`` are ``[B, T]`` from
+    :func:`grpo_token_logprobs`.  ``norms``: as :func:`real_loss`'s, over GRPO's action tokens
+    (:func:`grpo_action_mask`).
     """
     rewards = torch.as_tensor(rewards, dtype=torch.float32, device=fwd.cot_logprobs.device)
-    advantages = group_normalized_advantages(_grouped(rewards, group_size), eps=eps).reshape(-1)
+    if advantages is None:
+        advantages = group_normalized_advantages(_grouped(rewards, group_size), eps=eps).reshape(-1)
+    elif advantages.shape != rewards.shape:
+        raise ValueError(f"advantages must have shape {tuple(rewards.shape)}, got {tuple(advantages.shape)}")
     logprobs, mask = grpo_token_logprobs(fwd, sampled_score_index)
-    pg, clip_frac = _policy_gradient(logprobs, mask, advantages, old_logprobs, ppo_clip, agg, tokens_per_row)
+    norms = _norms_for(fwd, norms, tokens_per_row, action_mask=mask)
+    pg, clip_frac = _policy_gradient(logprobs, mask, advantages, old_logprobs, ppo_clip, agg, norms)
     loss = pg
     kl = torch.zeros((), device=loss.device)
     if kl_coef:
         if ref_logprobs is None:
             raise ValueError("kl_coef > 0 needs ref_logprobs")
-        kl = _k3_kl(logprobs, ref_logprobs, mask, agg, tokens_per_row)
+        kl = _k3_kl(logprobs, ref_logprobs, mask, agg, norms)
         loss = loss + kl_coef * kl
     return loss, {
-        "loss": float(loss.detach()), "pg_loss": float(pg.detach()), "reward_mean": float(rewards.mean()),
-        "advantage_abs": float(advantages.abs().mean()), "clip_frac": clip_frac, "kl": float(kl.detach()),
-        "sq_error": float(fwd.sq_error.detach().mean()), "entropy": cot_entropy_mean(fwd),
-        "cot_tokens": float(fwd.cot_token_count.float().mean()),
+        "loss": loss.detach(), "pg_loss": pg.detach(), "reward_mean": _mean(rewards, norms),
+        "advantage_abs": _mean(advantages.detach().abs(), norms), "clip_frac": clip_frac, "kl": kl.detach(),
+        "sq_error": _mean(fwd.sq_error.detach(), norms), "entropy": entropy_mean(fwd, norms),
+        "cot_tokens": _mean(fwd.cot_token_count.float(), norms),
     }
 
 
 __all__ = [
-    "AGGREGATIONS", "ADVANTAGE_NORMS", "RENAMED_AGGREGATIONS", "check_aggregation", "JudgeForward", "judge_forward", "regression_reward", "rloo_advantages", "real_advantages", "combined_advantages",
+    "LossNorms", "loss_norms", "entropy_mean", "grpo_action_mask", "AGGREGATIONS", "ADVANTAGE_NORMS", "RENAMED_AGGREGATIONS", "check_aggregation", "JudgeForward", "judge_forward", "regression_reward", "rloo_advantages", "real_advantages", "combined_advantages",
     "real_loss", "raft_loss", "tract_loss", "binary_rewards", "group_normalized_advantages",
     "grpo_token_logprobs", "sampled_score_indices", "grpo_loss",
 ]

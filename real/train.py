@@ -66,7 +66,15 @@ def _generate_with(model, engine, *args, **kwargs):
     return engine.generate(model, *args, **kwargs)
 
 
-def _dummy_loss(fwd):
+def _read_terms(sums: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """The step's terms as floats: one read from the device for all of them."""
+    if not sums:
+        return {}
+    values = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in sums.values()]).tolist()
+    return dict(zip(sums, values))
+
+
+def _dummy_loss(fwd, seqs):
     return 0.0 * (fwd.expected_score.sum() + fwd.cot_logprobs.sum()), {}
 
 
@@ -217,12 +225,14 @@ class Trainer:
                 return self.ref_wrapped(self._judge_forward, mb, False)
             return self.wrapped(self._judge_forward, mb, False, False)
 
-    def _loss(self, mb: TeacherForcedBatch, loss_fn, entropy: bool = True):
-        """``method.loss`` on the head pass of one micro-batch, inside the wrapper."""
+    def _loss(self, mb: TeacherForcedBatch, loss_fn, entropy: bool = True, sequence_group: int = 1):
+        """``(loss, terms, fwd)``: ``loss_fn`` (``method.loss``) on the head pass of one micro-batch, chunk by
+        chunk of whole sequences, inside the wrapper."""
         cfg = self.config
         return self.wrapped(micro_batch_loss, mb, self.scale.token_ids, self.scale.values, loss_fn,
-                            normalize=cfg.normalize_scores, temperature=self.method.head_temperature,
-                            return_entropy=entropy, backend=cfg.head_backend)
+                            sequence_group=sequence_group, normalize=cfg.normalize_scores,
+                            temperature=self.method.head_temperature, return_entropy=entropy,
+                            backend=cfg.head_backend)
 
     def dummy_forward(self, batch: TeacherForcedBatch, grad: bool) -> None:
         """A forward (and backward) that changes nothing, on a rank with fewer micro-batches than another:
@@ -254,9 +264,10 @@ class Trainer:
         micro_batches = method.prepare(self, step_batch, ranges, n_slots)  # loss inputs (pre-pass, no grad)
 
         record: Dict[str, Any] = {}
-        grad_norms, last_loss, skipped = [], None, None
+        grad_norms, last_loss, skipped, forwards = [], None, None, []
+        weight = 1.0 if step_batch.trainable else 0.0  # 0: nothing to learn from on this rank
         for epoch in range(cfg.epochs_per_batch):
-            sums: Dict[str, float] = {}
+            sums: Dict[str, torch.Tensor] = {}  # the terms, summed on the device; read once per update
             for k in range(n_slots):
                 # Gradient accumulation: ranks exchange gradients only after the last micro-batch.
                 with parallel.gradient_sync(self.wrapped, enabled=k == n_slots - 1):
@@ -265,11 +276,15 @@ class Trainer:
                         continue
                     mb = micro_batches[k]
                     share = (mb.end - mb.start) / n_rows
-                    loss, terms = self._loss(slice_batch(batch, mb.start, mb.end),
-                                             lambda fwd, mb=mb: method.loss(fwd, mb, epoch))
-                    (loss * share).backward()
+                    loss, terms, fwd = self._loss(slice_batch(batch, mb.start, mb.end),
+                                                  lambda fwd, seqs, mb=mb: method.loss(fwd, mb.inputs(seqs), mb.norms),
+                                                  sequence_group=method.sequence_group(mb))
+                    (loss * (share * weight)).backward()
+                if epoch == 0:
+                    forwards.append(fwd)
                 for name, value in terms.items():
-                    sums[name] = sums.get(name, 0.0) + value * share
+                    sums[name] = sums.get(name, 0.0) + value.double() * share
+            sums = _read_terms(sums)
             grad_norms.append(parallel.clip_grad_norm(self.wrapped, cfg.grad_clip))  # <= 0: measured, not clipped
             if finite_on_all_ranks(sums.get("loss", 0.0), grad_norms[-1], self.env):
                 self.optimizer.step()
@@ -282,10 +297,10 @@ class Trainer:
             last_loss = sums.get("loss")
 
         return self._step_record(step, step_batch, record, last_loss, grad_norms, len(ranges), n_slots, skipped,
-                                 t_start, t_rollout)
+                                 t_start, t_rollout, self.method.step_metrics(step_batch, micro_batches, forwards))
 
     def _step_record(self, step, step_batch, record, last_loss, grad_norms, n_ranges, n_slots, skipped,
-                     t_start, t_rollout) -> Dict[str, Any]:
+                     t_start, t_rollout, method_metrics) -> Dict[str, Any]:
         """The step's metrics.jsonl line (the method's terms and metrics, throughput, memory; reduced over
         ranks: means for terms, sums for counts and throughput, maxima for memory and times)."""
         cfg, batch = self.config, step_batch.batch
@@ -295,7 +310,7 @@ class Trainer:
         out: Dict[str, Any] = {"type": "train", "step": step, "method": cfg.method, **record}
         if cfg.epochs_per_batch > 1:
             out["loss_last_epoch"] = last_loss
-        out.update(self.method.step_metrics(step_batch))
+        out.update(method_metrics)
         out.update(mse=record.get("sq_error"), entropy=record.get("entropy"),
                    grad_norm=grad_norms[0] if len(grad_norms) == 1 else float(np.mean(grad_norms)),
                    lr=self.scheduler.get_last_lr()[0], micro_batches=n_ranges, sequences=len(batch),

@@ -213,7 +213,12 @@ class _JudgeRows:
         )
 
 
-def _judge_rows(model, input_ids, attention_mask, targets, score_pos, cot_mask, score_first: bool) -> _JudgeRows:
+def _judge_rows(model, input_ids, attention_mask, targets, score_pos, cot_mask, score_first: bool = False,
+                chunks: Optional[list] = None) -> _JudgeRows:
+    """The head's rows of a batch: all CoT rows then all score rows (``score_first``: the other way round),
+    or with ``chunks`` (``(first sequence, end sequence, first CoT row, end CoT row)`` each, covering the
+    batch in order) chunk by chunk, each chunk's score rows then its CoT rows (``score_slice`` and
+    ``cot_slice`` are then None)."""
     b, t = input_ids.shape
     device = input_ids.device
     score_pos = torch.as_tensor(score_pos, device=device).long()
@@ -237,20 +242,28 @@ def _judge_rows(model, input_ids, attention_mask, targets, score_pos, cot_mask, 
     cot_rows = cot_mask.reshape(-1).nonzero().squeeze(1)
     score_rows = torch.arange(b, device=device) * t + score_pos
     n_cot = cot_rows.numel()
-    if score_first:
-        rows = torch.cat([score_rows, cot_rows])
-        score_slice, cot_slice = slice(0, b), slice(b, b + n_cot)
+    is_score_row = torch.zeros(b + n_cot, dtype=torch.bool, device=device)
+    if chunks is None:
+        if score_first:
+            rows = torch.cat([score_rows, cot_rows])
+            score_slice, cot_slice = slice(0, b), slice(b, b + n_cot)
+        else:
+            rows = torch.cat([cot_rows, score_rows])
+            score_slice, cot_slice = slice(n_cot, n_cot + b), slice(0, n_cot)
+        is_score_row[score_slice] = True
     else:
-        rows = torch.cat([cot_rows, score_rows])
-        score_slice, cot_slice = slice(n_cot, n_cot + b), slice(0, n_cot)
-    is_score_row = torch.zeros(rows.numel(), dtype=torch.bool, device=device)
-    is_score_row[score_slice] = True
-    row_targets = next_tokens.index_select(0, rows)
-    row_targets[score_slice] = IGNORE_INDEX  # the score token is not part of the CoT log-probs
+        pieces, start = [], 0
+        for s0, s1, c0, c1 in chunks:
+            pieces += [score_rows[s0:s1], cot_rows[c0:c1]]
+            is_score_row[start:start + s1 - s0] = True
+            start += s1 - s0 + c1 - c0
+        rows = torch.cat(pieces)
+        score_slice = cot_slice = None
+    row_targets = torch.where(is_score_row, IGNORE_INDEX, next_tokens.index_select(0, rows))
     score_targets = None
-    if targets is not None:
+    if targets is not None:  # the score token is not part of the CoT log-probs (IGNORE_INDEX above)
         score_targets = torch.zeros(rows.numel(), dtype=torch.float32, device=device)
-        score_targets[score_slice] = targets
+        score_targets[is_score_row] = targets
     return _JudgeRows(
         hidden=hidden.reshape(b * t, -1).index_select(0, rows), targets=row_targets, score_targets=score_targets,
         score_mask=is_score_row if targets is not None else None, cot_rows=cot_rows, score_slice=score_slice,
@@ -265,7 +278,7 @@ def judge_loss_outputs(
     targets: Optional[torch.Tensor],
     score_token_ids,
     score_values,
-    loss_fn: Callable[[HFJudgeOutput, torch.Tensor], torch.Tensor],
+    loss_fn: Callable[[HFJudgeOutput, slice], torch.Tensor],
     *,
     score_pos: torch.Tensor,
     cot_mask: Optional[torch.Tensor] = None,
@@ -273,63 +286,82 @@ def judge_loss_outputs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     chunk_size: Optional[int] = None,
+    sequence_group: int = 1,
     backend: str = "auto",
 ) -> Tuple[torch.Tensor, HFJudgeOutput]:
     """``judge_outputs`` in loss mode (``real_kernels.judge_loss``): gradients formed in the forward.
 
-    The rows go to the head score rows first, and the first chunk holds them
-    all, so that every chunk sees the true score outputs.  ``loss_fn(view,
-    live)`` is called once per chunk with a per-sequence ``HFJudgeOutput``
-    whose entries at this chunk's rows are differentiable and whose others are
-    constants (the values of earlier chunks, 0 for later CoT rows), and
-    ``live`` ``[B, T]`` bool marking this chunk's CoT positions (the score
-    outputs are live in the first chunk only).  The loss must be a sum of
-    per-row terms given such constants (every REAL-family loss is); the caller
-    makes each chunk's contribution count only its live rows (``real.head``
-    subtracts the same loss on the detached view).  Returns ``(loss, outputs)``
-    with the detached per-sequence outputs.
+    The head's chunks hold whole sequences (whole runs of ``sequence_group``
+    consecutive sequences, e.g. a prompt's group of rollouts; a run larger than
+    the chunk size gets a chunk of its own), so ``loss_fn(view, seqs)`` runs
+    once per chunk on the per-sequence outputs of the chunk's sequences
+    ``seqs`` (a slice of the batch's rows): ``view`` holds ``[S, T]`` CoT
+    log-probs and ``[S]`` / ``[S, m]`` score outputs, all differentiable.  The
+    loss must be a sum over its sequences (normalised by batch constants), so
+    that the chunks' losses add up to the batch loss.  Returns ``(loss,
+    outputs)``: ``loss`` the sum of the chunks' losses (its ``backward()``
+    hands back the gradients formed in the forward), ``outputs`` the detached
+    per-sequence outputs of the whole batch.  Per chunk nothing is read back
+    to the host; the plan is made once, before the chunk loop.
     """
-    from .loss import default_chunk_size, judge_loss
+    from .loss import default_chunk_size, judge_loss, plan_chunks
 
-    rows = _judge_rows(model, input_ids, attention_mask, targets, score_pos, cot_mask, score_first=True)
-    b, t = rows.shape
+    b, t = input_ids.shape
+    if b == 0:
+        raise ValueError("input_ids holds no sequences: loss mode needs at least one")
+    if isinstance(sequence_group, bool) or not isinstance(sequence_group, int) or sequence_group < 1:
+        raise ValueError(f"sequence_group must be a positive int, got {sequence_group!r}")
+    if b % sequence_group:
+        raise ValueError(f"sequence_group={sequence_group} does not divide the batch's {b} sequences")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if cot_mask is not None and tuple(cot_mask.shape) != (b, t):
+        raise ValueError(f"cot_mask must have shape {(b, t)}, got {tuple(cot_mask.shape)}")
+    cot_counts = [0] * b if cot_mask is None else [int(c) for c in cot_mask.sum(1).tolist()]
+    group_rows = [sum(cot_counts[g:g + sequence_group]) + sequence_group for g in range(0, b, sequence_group)]
     weight = lm_head_weight(model)
-    n = rows.hidden.shape[0]
-    chunk = max(chunk_size or default_chunk_size(n, weight.shape[0], rows.hidden.device), b)
-    device = rows.hidden.device
-    known_logp = torch.zeros(b * t, dtype=torch.float32, device=device)
-    known_ent = torch.zeros(b * t, dtype=torch.float32, device=device) if return_entropy else None
-    score = {}
+    device, vocab, n = input_ids.device, weight.shape[0], sum(group_rows)
+    size = chunk_size or default_chunk_size(n, vocab, device, weight.dtype)
+    plan = plan_chunks(n, vocab, device, weight.dtype, row_groups=group_rows, chunk_size=size)
+    chunks, row_start, seq, cot = [], 0, 0, 0  # (s0, s1, c0, c1) of each planned chunk
+    for rows in plan:
+        s0, c0 = seq, cot
+        while row_start < rows.stop:
+            end = seq + sequence_group
+            row_start += sum(cot_counts[seq:end]) + sequence_group
+            cot += sum(cot_counts[seq:end])
+            seq = end
+        chunks.append((s0, seq, c0, cot))
+    head_rows = _judge_rows(model, input_ids, attention_mask, targets, score_pos, cot_mask, chunks=chunks)
+    by_start = {rows.start: (rows, chunk) for rows, chunk in zip(plan, chunks)}
+    cot_rows = head_rows.cot_rows
+    views = []
 
-    def chunk_loss(out, span: slice) -> torch.Tensor:
-        if span.start == 0:
-            score.update(score_logprobs=out.score_logprobs[:b], expected_score=out.expected_score[:b],
-                         sq_error=out.sq_error[:b])
-            live_score = score
-        else:
-            live_score = {k: v.detach() for k, v in score.items()}
-        first_cot = max(span.start, b)
-        positions = rows.cot_rows[first_cot - b: span.stop - b]
-        local = slice(first_cot - span.start, span.stop - span.start)
-        cot_logp = known_logp.index_put((positions,), out.logprobs[local])
-        cot_ent = None if known_ent is None else known_ent.index_put((positions,), out.entropy[local])
-        live = torch.zeros(b * t, dtype=torch.bool, device=device)
-        live[positions] = True
+    def chunk_loss(out, rows: slice) -> torch.Tensor:
+        planned, (s0, s1, c0, c1) = by_start.get(rows.start, (None, (0, 0, 0, 0)))
+        if planned != rows:
+            raise RuntimeError(f"judge_loss ran the rows {rows}, which are not a planned chunk of whole sequences")
+        n_seq = s1 - s0
+        at = cot_rows[c0:c1] - s0 * t  # the chunk's CoT rows in its [S, T] layout
+
+        def per_sequence(values):
+            return values.new_zeros(n_seq * t).index_put((at,), values[n_seq:]).view(n_seq, t)
+
         view = HFJudgeOutput(
-            cot_logprobs=cot_logp.view(b, t), score_logprobs=live_score["score_logprobs"],
-            expected_score=live_score["expected_score"], sq_error=live_score["sq_error"],
-            cot_entropy=None if cot_ent is None else cot_ent.view(b, t),
+            cot_logprobs=per_sequence(out.logprobs), score_logprobs=out.score_logprobs[:n_seq],
+            expected_score=out.expected_score[:n_seq], sq_error=out.sq_error[:n_seq],
+            cot_entropy=per_sequence(out.entropy) if out.entropy is not None else None,
         )
-        loss = loss_fn(view, live.view(b, t))
-        known_logp[positions] = out.logprobs[local].detach()
-        if known_ent is not None:
-            known_ent[positions] = out.entropy[local].detach()
-        return loss
+        views.append(HFJudgeOutput(*(None if v is None else v.detach() for v in (
+            view.cot_logprobs, view.score_logprobs, view.expected_score, view.sq_error, view.cot_entropy))))
+        return loss_fn(view, slice(s0, s1))
 
-    loss, out = judge_loss(
-        rows.hidden, weight, rows.targets, chunk_loss, score_token_ids=score_token_ids, score_values=score_values,
-        score_targets=rows.score_targets, score_mask=rows.score_mask, normalize=normalize,
-        temperature=_effective_temperature(model, temperature), return_entropy=return_entropy,
-        chunk_size=chunk, backend=backend,
+    loss, _ = judge_loss(
+        head_rows.hidden, weight, head_rows.targets, chunk_loss, score_token_ids=score_token_ids,
+        score_values=score_values, score_targets=head_rows.score_targets, score_mask=head_rows.score_mask,
+        normalize=normalize, temperature=_effective_temperature(model, temperature), return_entropy=return_entropy,
+        chunk_size=size, row_groups=[rows.stop - rows.start for rows in plan], backend=backend,
     )
-    return loss, rows.per_sequence(out, return_entropy)
+    names = ("cot_logprobs", "score_logprobs", "expected_score", "sq_error", "cot_entropy")
+    whole = {k: None if getattr(views[0], k) is None else torch.cat([getattr(v, k) for v in views]) for k in names}
+    return loss, HFJudgeOutput(**whole)

@@ -191,8 +191,8 @@ def test_one_non_finite_step_is_skipped_and_the_run_goes_on(tmp_path):
     trainer = Trainer(_cfg(tmp_path, method="raft", steps=3), log=_quiet)
     step_once = trainer.method.loss
 
-    def nan_at_step_2(fwd, mb, epoch):
-        loss, terms = step_once(fwd, mb, epoch)
+    def nan_at_step_2(fwd, inputs, norms):
+        loss, terms = step_once(fwd, inputs, norms)
         if trainer.stream.position == 4:  # step 2
             loss = loss * float("nan")
         return loss, terms

@@ -7,12 +7,18 @@ order every step and never asks which method it is:
    step (sampled rollouts, reference CoTs, or none) and the per-row inputs the
    loss needs besides it (:class:`StepBatch`);
 2. ``prepare(loop, step_batch, ranges, n_slots)``: the per-micro-batch inputs
-   (:class:`MicroBatch`), after a pre-pass where the method needs one: old and
-   reference log-probs, group advantages over the whole batch;
-3. ``loss(fwd, micro_batch, epoch)``: the loss of one micro-batch and the terms
-   it logs, from the head pass ``fwd`` (``real.head.micro_batch_loss`` runs the
-   head and calls it);
-4. ``step_metrics(step_batch)``: what the method logs once per step.
+   (:class:`MicroBatch`: per-row tensors and the micro-batch's denominators,
+   ``real.objectives.LossNorms``), after a pre-pass where the method needs one:
+   old and reference log-probs, group advantages over the whole batch;
+3. ``loss(fwd, inputs, norms)``: a pure function of tensors, the loss of some
+   whole sequences of a micro-batch (their head outputs ``fwd`` and per-row
+   ``inputs``; ``real.head.micro_batch_loss`` calls it once per chunk of the
+   head) as their share of the micro-batch's loss, and its terms as detached
+   0-dim tensors that add up over the chunks (read once per update);
+   ``sequence_group(mb)``: how many consecutive sequences a chunk must keep
+   together (a prompt group, when the loss computes its advantages);
+4. ``step_metrics(step_batch, micro_batches, forwards)``: what the method logs
+   once per step, from the first epoch's detached forwards.
 
 Class attributes say what the loop must provide: ``needs_rollouts`` (a rollout
 engine, G sampled CoTs per prompt), ``split_groups`` (a prompt group may be
@@ -29,14 +35,17 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from real import distributed as dist_utils
 from real.batching import TeacherForcedBatch, build_teacher_forced_batch, slice_batch
 from real.head import JudgeForward
+from real.objectives import LossNorms, loss_norms
 from real.prompts import ScoreScale
+
+LossTerms = Tuple[torch.Tensor, Dict[str, torch.Tensor]]
 
 
 @dataclass
@@ -48,15 +57,21 @@ class StepBatch:
     generated_tokens: int = 0
     metrics: Dict[str, Any] = field(default_factory=dict)  # logged as they are (e.g. GRPO's decoded_rate)
     prepass: bool = False  # set by prepare(): a pre-pass ran (one more forward over the batch)
+    trainable: bool = True  # False: nothing to learn from on this rank (its loss is weighted 0, collectives run)
 
 
 @dataclass
 class MicroBatch:
-    """Rows ``[start, end)`` of the step's batch and the loss's inputs for them."""
+    """Rows ``[start, end)`` of the step's batch, the loss's per-row inputs for them, its denominators."""
 
     start: int
     end: int
-    inputs: Dict[str, Any]
+    rows: Dict[str, torch.Tensor]  # per-row loss inputs: advantages, old / reference log-probs, rewards, ...
+    norms: LossNorms  # the micro-batch's denominators: the chunks' losses add up to its loss
+
+    def inputs(self, seqs: slice) -> Dict[str, torch.Tensor]:
+        """The per-row inputs of the micro-batch's rows ``seqs`` (one chunk of its loss)."""
+        return {name: values[seqs] for name, values in self.rows.items()}
 
 
 class Method:
@@ -95,12 +110,34 @@ class Method:
 
     def prepare(self, loop, step_batch: StepBatch, ranges: Sequence[Tuple[int, int]],
                 n_slots: int) -> List[MicroBatch]:
-        return [MicroBatch(s, e, {name: rows[s:e] for name, rows in step_batch.rows.items()}) for s, e in ranges]
+        per_row = self.tokens_per_row(loop, step_batch, len(ranges))
+        micro_batches = []
+        for s, e in ranges:
+            rows = {name: values[s:e] for name, values in step_batch.rows.items()}
+            norms = self.loss_norms(slice_batch(step_batch.batch, s, e), rows, per_row)
+            micro_batches.append(MicroBatch(s, e, rows, norms))
+        return micro_batches
 
-    def loss(self, fwd: JudgeForward, mb: MicroBatch, epoch: int) -> Tuple[torch.Tensor, Dict[str, float]]:
+    def tokens_per_row(self, loop, step_batch: StepBatch, n_micro_batches: int) -> Optional[float]:
+        """The step's action tokens per row when a token-mean spans more than one micro-batch (or rank),
+        else None (see ``real.objectives.loss_norms``); a collective under torchrun."""
+        return None
+
+    def loss_norms(self, part: TeacherForcedBatch, rows: Dict[str, torch.Tensor],
+                   tokens_per_row: Optional[float]) -> LossNorms:
+        """The denominators of the micro-batch ``part`` (its per-row inputs ``rows``)."""
+        return loss_norms(part.cot_mask, tokens_per_row=tokens_per_row)
+
+    def sequence_group(self, mb: MicroBatch) -> int:
+        """Consecutive sequences of ``mb`` that one chunk of the loss must hold together."""
+        return 1
+
+    def loss(self, fwd: JudgeForward, inputs: Dict[str, torch.Tensor], norms: LossNorms) -> LossTerms:
         raise NotImplementedError
 
-    def step_metrics(self, step_batch: StepBatch) -> Dict[str, Any]:
+    def step_metrics(self, step_batch: StepBatch, micro_batches: List[MicroBatch],
+                     forwards: List[JudgeForward]) -> Dict[str, Any]:
+        """Logged once per step; ``forwards``: the first epoch's detached forward of each micro-batch."""
         return {}
 
 
@@ -117,7 +154,7 @@ def teacher_forced(loop, prompts, cots, targets, *, quiet: bool = False) -> Teac
 
 def step_tokens_per_row(loop, tokens: float, rows: int) -> float:
     """The step's action tokens per row over every rank: the normaliser of a token-mean taken over the
-    whole step's batch when it is trained in micro-batches or on several ranks (see ``_aggregate``)."""
+    whole step's batch when it is trained in micro-batches or on several ranks (see ``loss_norms``)."""
     return dist_utils.sum_over_ranks(float(tokens), loop.env) / dist_utils.sum_over_ranks(float(rows), loop.env)
 
 
@@ -158,15 +195,17 @@ class PolicyGradientMethod(Method):
         examples = dist_utils.shard_for_rank(examples, loop.env)
         rollouts = loop.sample_rollouts([e.prompt for e in examples], step, with_score=self.with_score)
         targets = [e.target for e in examples for _ in range(self.config.group_size)]
-        rollouts, targets, metrics = self.select_groups(rollouts, targets)
+        rollouts, targets, metrics, trainable = self.select_groups(rollouts, targets)
         batch = teacher_forced(loop, rollouts.prompts, rollouts.cots, targets, quiet=True)
-        step_batch = StepBatch(batch, generated_tokens=int(batch.cot_lengths.sum()), metrics=metrics)
+        step_batch = StepBatch(batch, generated_tokens=int(batch.cot_lengths.sum()), metrics=metrics,
+                               trainable=trainable)
         self.read_rollouts(loop, rollouts, targets, step_batch)
         return step_batch
 
     def select_groups(self, rollouts, targets: List[float]):
-        """``(rollouts, targets, metrics)`` of the prompt groups this method trains on (all, by default)."""
-        return rollouts, targets, {}
+        """``(rollouts, targets, metrics, trainable)`` of the prompt groups this method trains on (all, by
+        default); ``trainable`` False: none is left, the rows returned only keep the collectives going."""
+        return rollouts, targets, {}, True
 
     def read_rollouts(self, loop, rollouts, targets: List[float], step_batch: StepBatch) -> None:
         """Per-row loss inputs and metrics read off the rollouts (GRPO: rewards of the written scores)."""
@@ -185,13 +224,14 @@ class PolicyGradientMethod(Method):
     def finish_prepass(self, micro_batches: List[MicroBatch]) -> None:
         """Called once the pre-pass has seen every micro-batch."""
 
+    def tokens_per_row(self, loop, step_batch: StepBatch, n_micro_batches: int) -> Optional[float]:
+        if self.config.loss_agg == "token-mean" and (n_micro_batches > 1 or loop.env.is_distributed):
+            return step_tokens_per_row(loop, self.action_tokens(step_batch), len(step_batch.batch))
+        return None
+
     def prepare(self, loop, step_batch: StepBatch, ranges, n_slots: int) -> List[MicroBatch]:
         cfg, batch = self.config, step_batch.batch
         micro_batches = super().prepare(loop, step_batch, ranges, n_slots)
-        if cfg.loss_agg == "token-mean" and (len(micro_batches) > 1 or loop.env.is_distributed):
-            per_row = step_tokens_per_row(loop, self.action_tokens(step_batch), len(batch))
-            for mb in micro_batches:
-                mb.inputs["tokens_per_row"] = per_row
         split = any((e - s) % self.group_size for s, e in ranges)
         # Every rank must agree whether the pre-pass (more forwards) runs.
         step_batch.prepass = (cfg.epochs_per_batch > 1 or cfg.kl_coef > 0
@@ -210,8 +250,8 @@ class PolicyGradientMethod(Method):
                 fwd = loop.forward(part, entropy=False)
                 self.observe_prepass(fwd, mb)
                 if cfg.epochs_per_batch > 1:
-                    mb.inputs["old_logprobs"] = self.action_logprobs(fwd, mb).detach()
+                    mb.rows["old_logprobs"] = self.action_logprobs(fwd, mb).detach()
             if cfg.kl_coef > 0:
-                mb.inputs["ref_logprobs"] = self.action_logprobs(loop.reference_forward(part), mb)
+                mb.rows["ref_logprobs"] = self.action_logprobs(loop.reference_forward(part), mb)
         self.finish_prepass(micro_batches)
         return micro_batches

@@ -4,7 +4,7 @@ The judge is evaluated the same way (RAIL with no CoT).
 """
 from __future__ import annotations
 
-from real.methods.base import Method, MicroBatch, StepBatch, teacher_forced
+from real.methods.base import Method, StepBatch, teacher_forced
 from real import distributed as dist_utils
 from real.objectives import raft_loss
 
@@ -18,5 +18,5 @@ class RAFT(Method):
         examples = dist_utils.shard_for_rank(examples, loop.env)
         return StepBatch(teacher_forced(loop, [e.prompt for e in examples], None, [e.target for e in examples]))
 
-    def loss(self, fwd, mb: MicroBatch, epoch: int):
-        return raft_loss(fwd)
+    def loss(self, fwd, inputs, norms):
+        return raft_loss(fwd, norms=norms)

@@ -36,19 +36,19 @@ class Real(PolicyGradientMethod):
 
     def select_groups(self, rollouts, targets):
         if self.config.group_filter != "partial":
-            return rollouts, targets, {}
+            return rollouts, targets, {}, True
         g = self.config.group_size
         n_groups = len(targets) // g
         kept = partial_groups(rollouts.decoded_scores, targets, g)
         metrics = {"groups_kept": len(kept) / n_groups}
-        self._live = bool(kept)
-        if not kept:  # nothing to learn from on this rank: one group goes through with its loss zeroed
+        trainable = bool(kept)
+        if not kept:  # nothing to learn from on this rank: one group goes through with its loss weighted 0
             kept = [0]
         rows = [i * g + j for i in kept for j in range(g)]
         pick = lambda values: [values[r] for r in rows]  # noqa: E731
         rollouts = replace(rollouts, prompts=pick(rollouts.prompts), cots=pick(rollouts.cots),
                            decoded_scores=pick(rollouts.decoded_scores))
-        return rollouts, pick(targets), metrics
+        return rollouts, pick(targets), metrics, trainable
 
     def _reward(self, fwd) -> torch.Tensor:
         return regression_reward(fwd.expected_score, fwd.targets, fwd.log_pi_star, lam=self.config.lam,
@@ -56,8 +56,6 @@ class Real(PolicyGradientMethod):
 
     def prepare(self, loop, step_batch: StepBatch, ranges, n_slots: int) -> List[MicroBatch]:
         rows = len(step_batch.batch)
-        self.rewards = torch.zeros(rows, device=loop.device)  # epoch 0's rewards and advantages, for the log
-        self.advantages = torch.zeros(rows, device=loop.device)
         self._prepass_rewards = torch.zeros(rows, device=loop.device)
         self._prepass_pi_star = torch.zeros(rows, device=loop.device)
         return super().prepare(loop, step_batch, ranges, n_slots)
@@ -74,28 +72,27 @@ class Real(PolicyGradientMethod):
         adv = combined_advantages(self._prepass_rewards, self._prepass_pi_star, self.config.group_size,
                                   **self._advantage_settings())
         for mb in micro_batches:
-            mb.inputs["advantages"] = adv[mb.start:mb.end]
+            mb.rows["advantages"] = adv[mb.start:mb.end]
 
-    def loss(self, fwd, mb: MicroBatch, epoch: int):
-        cfg, inputs = self.config, mb.inputs
-        if "advantages" not in inputs:  # no pre-pass: whole groups, on-policy
-            inputs["advantages"] = real_advantages(fwd, cfg.group_size, lam=cfg.lam, mu=cfg.mu,
-                                                   **self._advantage_settings())
-        rows = fwd.targets.shape[0]
-        # A micro-batch holding part of a group carries precomputed advantages; real_loss then only
-        # uses group_size to report the group std, which step_metrics recomputes over the whole batch.
-        group = cfg.group_size if rows % cfg.group_size == 0 else rows
-        loss, terms = real_loss(fwd, group, beta=cfg.beta, lam=cfg.lam, mu=cfg.mu, agg=cfg.loss_agg,
-                                advantages=inputs["advantages"], old_logprobs=inputs.get("old_logprobs"),
-                                ppo_clip=cfg.clip_ratio, ref_logprobs=inputs.get("ref_logprobs"),
-                                kl_coef=cfg.kl_coef, tokens_per_row=inputs.get("tokens_per_row"))
-        if not getattr(self, "_live", True):  # --group-filter partial kept no group on this rank
-            loss = loss * 0.0
-        if epoch == 0:
-            with torch.no_grad():
-                self.advantages[mb.start:mb.end] = inputs["advantages"]
-                self.rewards[mb.start:mb.end] = self._reward(fwd)
-        return loss, terms
+    def sequence_group(self, mb: MicroBatch) -> int:
+        # without a pre-pass the loss computes each group's advantages: a chunk holds whole groups
+        return 1 if "advantages" in mb.rows else self.config.group_size
 
-    def step_metrics(self, step_batch: StepBatch):
-        return dict(step_batch.metrics, **reward_metrics(self.rewards, self.advantages, self.config.group_size))
+    def loss(self, fwd, inputs, norms):
+        cfg = self.config
+        settings = self._advantage_settings()
+        return real_loss(fwd, cfg.group_size, beta=cfg.beta, lam=cfg.lam, mu=cfg.mu, agg=cfg.loss_agg,
+                         normalize_advantages=settings["normalize"], advantage_clip=settings["clip"],
+                         prob_bonus=settings["prob_bonus"], advantages=inputs.get("advantages"),
+                         old_logprobs=inputs.get("old_logprobs"), ppo_clip=cfg.clip_ratio,
+                         ref_logprobs=inputs.get("ref_logprobs"), kl_coef=cfg.kl_coef, norms=norms)
+
+    def step_metrics(self, step_batch: StepBatch, micro_batches, forwards):
+        """Rewards and advantages of the first epoch's forwards (the pre-pass's advantages where one ran)."""
+        cfg = self.config
+        rewards = torch.cat([self._reward(f) for f in forwards])
+        advantages = torch.cat([
+            mb.rows["advantages"] if "advantages" in mb.rows else
+            real_advantages(f, cfg.group_size, lam=cfg.lam, mu=cfg.mu, **self._advantage_settings())
+            for mb, f in zip(micro_batches, forwards)])
+        return dict(step_batch.metrics, **reward_metrics(rewards, advantages, cfg.group_size))

@@ -14,7 +14,7 @@ import random
 import warnings
 
 from real import distributed as dist_utils
-from real.methods.base import Method, MicroBatch, StepBatch, step_tokens_per_row, teacher_forced
+from real.methods.base import Method, StepBatch, step_tokens_per_row, teacher_forced
 from real.objectives import tract_loss
 from real.prompts import SCORE_MARKER, format_cot
 
@@ -66,15 +66,12 @@ class TRACT(Method):
         examples = dist_utils.shard_for_rank(examples, loop.env)
         return StepBatch(teacher_forced(loop, [e.prompt for e in examples], cots, [e.target for e in examples]))
 
-    def prepare(self, loop, step_batch: StepBatch, ranges, n_slots: int):
-        micro_batches = super().prepare(loop, step_batch, ranges, n_slots)
-        batch = step_batch.batch
-        if len(micro_batches) > 1 or loop.env.is_distributed:
+    def tokens_per_row(self, loop, step_batch: StepBatch, n_micro_batches: int):
+        if n_micro_batches > 1 or loop.env.is_distributed:
             # TRACT's CE is a mean over all CoT tokens of the step: normalise every micro-batch (and rank) by it
-            per_row = step_tokens_per_row(loop, float(batch.cot_mask.sum()), len(batch))
-            for mb in micro_batches:
-                mb.inputs["tokens_per_row"] = per_row
-        return micro_batches
+            batch = step_batch.batch
+            return step_tokens_per_row(loop, float(batch.cot_mask.sum()), len(batch))
+        return None
 
-    def loss(self, fwd, mb: MicroBatch, epoch: int):
-        return tract_loss(fwd, lam=self.config.beta, tokens_per_row=mb.inputs.get("tokens_per_row"))
+    def loss(self, fwd, inputs, norms):
+        return tract_loss(fwd, lam=self.config.beta, norms=norms)
