@@ -276,3 +276,21 @@ def test_transformers_trainer_takes_the_same_steps_patched(tmp_path):
         torch.testing.assert_close(params[1][name], params[0][name], rtol=1e-5, atol=1e-7, msg=name)
         moved += not torch.equal(params[0][name], before)
     assert moved > 0
+
+
+def test_evaluation_under_no_grad_gives_the_loss_without_forming_gradients(monkeypatch):
+    from real_kernels import hf_patch
+
+    model = _qwen3(False)
+    ids, mask, labels = _batch()
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    hf.patch(model)
+    seen = []
+    judge_loss = hf_patch.judge_loss
+    monkeypatch.setattr(hf_patch, "judge_loss", lambda h, w, *a, **k: seen.append((h, w)) or judge_loss(h, w, *a, **k))
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(got.loss, want, rtol=1e-6, atol=1e-6)
+    # judge_loss forms dh / dW for inputs that require grad, even under no_grad: none are passed
+    assert got.logits is None and seen and not any(h.requires_grad or w.requires_grad for h, w in seen)
