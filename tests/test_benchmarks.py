@@ -244,12 +244,22 @@ def test_gpu_check_budget_skips_the_rest_and_targets_are_read_off_the_split_rows
     assert rc == 1  # nothing checked is a failure
     assert json.loads((tmp_path / "gpu_check_split.json").read_text()) == []
 
-    row = lambda provider, ms: gpu_check.SplitRow(16384, 5120, 151936, "advantage", provider, "ok", total_ms=ms)
-    lines = gpu_check.target_lines([row("loss", 120.0), row("triton", 200.0), row("liger", 150.0)])
-    assert "judge_loss forward+backward 120.0 ms (target <= 140 ms): met" in lines[1]
-    assert any("faster than liger (150.0 ms): yes" in line for line in lines)
-    assert any("cce: not measured" in line for line in lines)
-    assert any("= 1.67x (target <= 1.5x): NOT met" in line for line in lines)
+    def row(provider, ms, loss="advantage", n=16384):
+        return gpu_check.SplitRow(n, 5120, 151936, loss, provider, "ok", total_ms=ms)
+
+    lines = gpu_check.target_lines([row("loss", 120.0), row("triton", 200.0), row("liger", 150.0),
+                                    row("liger-fp32", 110.0), row("loss", 130.0, "judge"),
+                                    row("triton", 160.0, "judge"), row("triton-low", 300.0, "judge"),
+                                    row("loss", 999.0, n=16400)])
+    assert lines[0] == "Targets (N=16,384):"
+    assert "judge_loss forward+backward 120.0 ms on the advantage loss (target <= 140 ms): met" in lines[1]
+    assert "- faster than liger (150.0 ms): yes" in lines and "- faster than liger-fp32 (110.0 ms): NO" in lines
+    assert "- cce: not measured" in lines
+    assert "- judge_head (triton) / judge_loss on the judge loss = 1.23x (target <= 1.3x): met" in lines
+    assert '- judge_head (triton, memory="low") / judge_loss on the judge loss = 2.31x (the low-memory fallback: ' \
+           'reported)' in lines
+    assert gpu_check.target_lines([row("triton", 1.0)])[1:3] == [
+        "- advantage loss: judge_loss not measured", "- judge_head (triton) / judge_loss on the judge loss: not measured"]
     assert row("loss", 1.0).failed is False and gpu_check.SplitRow(1, 1, 1, "judge", "loss", "oom").failed
     assert gpu_check.SplitRow(1, 1, 1, "judge", "cce", "error").failed is False  # peers are reported, not failed
 
