@@ -148,3 +148,18 @@ def test_bad_call_is_refused_naming_the_argument():
         JudgeLoss()(hidden, weight, torch.zeros(4, dtype=torch.long), loss_fn=3)
     with pytest.raises(ValueError, match="weight"):
         JudgeHead([1, 2], [1, 2])(hidden, torch.randn(10, 7), torch.zeros(4, dtype=torch.long))
+
+
+def test_judge_loss_module_under_no_grad_forms_no_gradients(monkeypatch):
+    from real_kernels import modules
+
+    seen = []
+    judge_loss = modules.judge_loss
+    monkeypatch.setattr(modules, "judge_loss", lambda h, w, *a, **k: seen.append((h, w)) or judge_loss(h, w, *a, **k))
+    case = make_case(20, 16, 97, seed=7)
+    hidden, weight = case.hidden.requires_grad_(True), case.weight.requires_grad_(True)
+    want, _ = JudgeLoss(backend="torch")(hidden, weight, case.targets)
+    with torch.no_grad():
+        got, _ = JudgeLoss(backend="torch")(hidden, weight, case.targets)
+    assert got.item() == want.item() and not got.requires_grad
+    assert not any(h.requires_grad or w.requires_grad for h, w in seen[1:])
