@@ -294,3 +294,22 @@ def test_evaluation_under_no_grad_gives_the_loss_without_forming_gradients(monke
     torch.testing.assert_close(got.loss, want, rtol=1e-6, atol=1e-6)
     # judge_loss forms dh / dW for inputs that require grad, even under no_grad: none are passed
     assert got.logits is None and seen and not any(h.requires_grad or w.requires_grad for h, w in seen)
+
+
+def test_patched_loss_never_allocates_tokens_by_vocab_logits():
+    from head_utils import LargestAllocation
+
+    vocab = 4099
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(**{**SMALL, "vocab_size": vocab, "num_hidden_layers": 1}))
+    ids = torch.randint(3, vocab, (4, 64))
+    tokens = ids.numel()
+    largest = []
+    for patched in (False, True):
+        if patched:
+            hf.patch(model)
+        with LargestAllocation(allocations_only=True) as watch:
+            model(input_ids=ids, labels=ids).loss.backward()
+        largest.append(watch.largest)
+    assert largest[0] >= tokens * vocab  # the plain forward builds [tokens, vocab] logits
+    assert largest[1] <= tokens * vocab // 4  # the patched one a [chunk <= tokens / 4, vocab] buffer at most
