@@ -39,7 +39,6 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from real.batching import truncate_prompt_ids
-from real.prompts import SCORE_MARKER
 
 logger = logging.getLogger(__name__)
 
@@ -193,9 +192,9 @@ class VLLMColocateRollout(_SamplingSettings):
         if tensor_parallel_size < 1 or ranks.world_size % tensor_parallel_size:
             raise ValueError(f"vllm_tensor_parallel_size {tensor_parallel_size} must divide the "
                              f"{ranks.world_size} rank(s)")
-        if ranks.is_distributed:
-            # vLLM runs in this process and uses torchrun's group (TRL's colocate mode does the same).
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # The engine runs in this process (under torchrun on torchrun's group, as TRL's colocate mode), so
+        # collective_rpc hands it the weight tensors themselves, not pickled copies.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         # The engine needs the config and tokenizer from a folder; the weights come from the trainer.
         self._folder = tempfile.mkdtemp(prefix="real-vllm-")
         config = getattr(model, "get_base_model", lambda: model)().config

@@ -18,7 +18,6 @@ import torch.multiprocessing as mp
 from real import vllm_rollout
 from real.config import make_config
 from real.prompts import SCORE_MARKER
-from real.rollout import Rollouts
 from real.vllm_rollout import engine_weights, finish_text
 
 from rank_utils import assert_same_weights, free_port
@@ -255,7 +254,7 @@ def test_server_engine_gets_every_update_before_each_rollout(tmp_path, monkeypat
 def test_finish_text_matches_the_hf_engine():
     values = [1, 2, 3, 4, 5]
     assert finish_text("ok [RESULT] 4 blah", "[RESULT]", False, values) == "ok [RESULT]"
-    assert finish_text("never wrote it", "[RESULT]", False, values) == f"never wrote it [RESULT]"
+    assert finish_text("never wrote it", "[RESULT]", False, values) == "never wrote it [RESULT]"
     assert finish_text("ok [RESULT] 4 blah", "[RESULT]", True, values) == "ok [RESULT] 4"
     assert finish_text("ok [RESULT] x", "[RESULT]", True, values) == "ok [RESULT] x"
 
