@@ -313,3 +313,24 @@ def test_patched_loss_never_allocates_tokens_by_vocab_logits():
         largest.append(watch.largest)
     assert largest[0] >= tokens * vocab  # the plain forward builds [tokens, vocab] logits
     assert largest[1] <= tokens * vocab // 4  # the patched one a [chunk <= tokens / 4, vocab] buffer at most
+
+
+def test_bf16_model_and_autocast_give_transformers_loss_within_bf16_rounding():
+    ids, mask, labels = _batch()
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    model = _qwen3(False).to(torch.bfloat16)
+    want, want_grads = _loss_and_grads(model, **inputs)
+    hf.patch(model)
+    got, got_grads = _loss_and_grads(model, **inputs)
+    assert got.loss.dtype == torch.float32 and got.logits is None
+    torch.testing.assert_close(got.loss, want.loss, rtol=2e-3, atol=0)
+    for name, g in want_grads.items():  # bf16 gradients: the same direction, not the same bits
+        cos = torch.nn.functional.cosine_similarity(got_grads[name].float().flatten(), g.float().flatten(), dim=0)
+        assert cos > 0.99, f"gradient of {name}: cosine {cos:.4f}"
+
+    model = _qwen3(False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(**inputs).loss
+        hf.patch(model)
+        got = model(**inputs).loss
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=0)
