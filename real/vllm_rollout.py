@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 VLLM_ENGINES = ("vllm-colocate", "vllm-server")
 SLEEP_LEVEL = 2  # weights and KV cache released between rollouts; weights come back from the trainer
+PUSH_CHUNK_BYTES = 1 << 30  # gathered weights handed to a colocated engine per call
 
 
 class MissingPackage(ImportError, ValueError):
@@ -139,11 +140,12 @@ def prompt_token_ids(tokenizer, prompts: Sequence[str], max_prompt_tokens: Optio
 def finish_text(text: str, marker: str, with_score: bool, score_values: Sequence[float]) -> str:
     """What the HF engine returns for the same generation: cut after the first marker (REAL: the marker
     appended when the CoT never wrote it), or (GRPO) after the score that follows it."""
-    from real.inference import _end_at_marker
+    from real.batching import cut_at_marker
     from real.rollout import _value_text
 
     if not with_score:
-        return _end_at_marker(text, marker)
+        body = cut_at_marker(text, marker)
+        return f"{body} {marker}" if body else marker
     cut = text.find(marker)
     if cut < 0:
         return text
@@ -222,10 +224,18 @@ class VLLMColocateRollout(_SamplingSettings):
             self.llm.sleep(level=SLEEP_LEVEL)
 
     def push_weights(self, model) -> None:
-        """The trained weights into the engine (every rank calls it: FSDP shards are gathered)."""
+        """The trained weights into the engine (every rank calls it: FSDP shards are gathered), in chunks of
+        about ``PUSH_CHUNK_BYTES`` so that only one chunk of gathered tensors exists at a time."""
+        chunk, size = [], 0
         with torch.no_grad():
-            weights = list(engine_weights(model))
-        self.llm.collective_rpc(_load_weights, args=(weights,))
+            for name, tensor in engine_weights(model):
+                chunk.append((name, tensor))
+                size += tensor.numel() * tensor.element_size()
+                if size >= PUSH_CHUNK_BYTES:
+                    self.llm.collective_rpc(_load_weights, args=(chunk,))
+                    chunk, size = [], 0
+            if chunk:
+                self.llm.collective_rpc(_load_weights, args=(chunk,))
         self.llm.reset_prefix_cache()
         self.pushes += 1
 
