@@ -89,8 +89,7 @@ def patch(model, *, backend: str = "auto", chunk_size: Optional[int] = None):
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a transformers causal LM (a torch.nn.Module), got {type(model).__name__}")
+    _check_model(model)
     base = _unwrap_peft(model)
     _check_patchable(base)
     state = base.__dict__.get(_STATE)
@@ -108,8 +107,14 @@ def patch(model, *, backend: str = "auto", chunk_size: Optional[int] = None):
     return model
 
 
+def _check_model(model) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a transformers causal LM (a torch.nn.Module), got {type(model).__name__}")
+
+
 def unpatch(model):
     """Undo ``patch``: the model's forward is what it was before; returns ``model`` (a no-op if not patched)."""
+    _check_model(model)
     base = _unwrap_peft(model)
     state = base.__dict__.pop(_STATE, None)
     if state is None:
@@ -122,6 +127,7 @@ def unpatch(model):
 
 
 def is_patched(model) -> bool:
+    _check_model(model)
     return _STATE in _unwrap_peft(model).__dict__
 
 
@@ -222,6 +228,9 @@ def causal_lm_loss(
         raise ValueError(f"hidden must be a [B, T, H] tensor, got {getattr(hidden, 'shape', type(hidden).__name__)}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        got = getattr(weight, "shape", type(weight).__name__)
+        raise ValueError(f"weight must be the [V, H] LM-head weight, got {got}")
     vocab = weight.shape[0]
     if shift_labels is None:
         if labels is None:

@@ -334,3 +334,23 @@ def test_bf16_model_and_autocast_give_transformers_loss_within_bf16_rounding():
         hf.patch(model)
         got = model(**inputs).loss
     torch.testing.assert_close(got, want, rtol=2e-3, atol=0)
+
+
+def test_causal_lm_loss_and_unpatch_name_bad_arguments():
+    hidden, weight = torch.randn(2, 5, 8), torch.randn(11, 8)
+    labels = torch.randint(0, 11, (2, 5))
+    logits = (hidden.double() @ weight.double().T)[:, :-1]
+    want = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), labels[:, 1:].reshape(-1))
+    got = hf.causal_lm_loss(hidden, weight, labels=labels, backend="torch")
+    assert abs(got.item() - want.item()) <= 1e-6 * want.item()
+    for call, error, argument in [
+        (lambda: hf.causal_lm_loss(hidden[0], weight, labels=labels), ValueError, "hidden"),
+        (lambda: hf.causal_lm_loss(hidden, weight), ValueError, "labels"),
+        (lambda: hf.causal_lm_loss(hidden, weight, labels=labels, ignore_index=None), TypeError, "ignore_index"),
+        (lambda: hf.causal_lm_loss(hidden, weight[:, :4], labels=labels), ValueError, "weight"),
+        (lambda: hf.causal_lm_loss(hidden, weight[0], labels=labels), ValueError, "weight"),
+        (lambda: hf.unpatch("Qwen/Qwen3-8B"), TypeError, "model"),
+        (lambda: hf.is_patched(None), TypeError, "model"),
+    ]:
+        with pytest.raises(error, match=argument):
+            call()
