@@ -133,10 +133,7 @@ def is_patched(model) -> bool:
 
 def _call_arguments(signature: inspect.Signature, args, kwargs) -> Dict[str, Any]:
     """The call's arguments by name (positional ones named by the forward's signature, **kwargs flattened)."""
-    try:
-        bound = signature.bind(*args, **kwargs)
-    except TypeError as exc:
-        raise TypeError(f"patched forward: {exc}") from None
+    bound = signature.bind(*args, **kwargs)
     named: Dict[str, Any] = {}
     for name, value in bound.arguments.items():
         kind = signature.parameters[name].kind
@@ -152,10 +149,13 @@ def _call_arguments(signature: inspect.Signature, args, kwargs) -> Dict[str, Any
 
 def _fused_loss_forward(self, *args, **kwargs):
     state: _PatchState = self.__dict__[_STATE]
-    call = _call_arguments(state.signature, args, kwargs)
+    previous = state.previous_forward or functools.partial(type(self).forward, self)
+    try:
+        call = _call_arguments(state.signature, args, kwargs)
+    except TypeError:
+        return previous(*args, **kwargs)  # the model's own forward reports its own argument error
     labels, shift_labels = call.pop("labels", None), call.pop("shift_labels", None)
     if labels is None and shift_labels is None:
-        previous = state.previous_forward or functools.partial(type(self).forward, self)
         return previous(*args, **kwargs)
     num_items_in_batch = call.pop("num_items_in_batch", None)
     ignore_index = call.pop("ignore_index", -100)
