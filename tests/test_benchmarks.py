@@ -438,3 +438,22 @@ def test_split_reports_an_unsupported_variant_as_skipped_with_the_reason(monkeyp
     with pytest.raises(ProviderUnsupported, match="linear_logprobs_without_memory has no memory= argument"):
         RealKernelsProvider("torch", memory="low")._memory_kwargs(linear_logprobs_without_memory)
     assert providers_module.get_provider("triton-low").unavailable_reason("cpu") == CPU_TRITON_REASON
+
+
+def test_triton_low_passes_memory_low_where_judge_head_takes_it(monkeypatch):
+    """Once judge_head has memory=, the triton-low row runs and asks for the low-memory path (here through the
+    torch backend, the CPU's, so the values can be checked against naive's)."""
+    import real_kernels
+
+    real_judge_head, asked = real_kernels.judge_head, []
+
+    def judge_head_with_memory(*args, memory="auto", backend="auto", **kwargs):
+        asked.append(memory)
+        return real_judge_head(*args, backend="torch", **kwargs)
+
+    monkeypatch.setattr(real_kernels, "judge_head", judge_head_with_memory)
+    assert providers_module.get_provider("triton-low").unavailable_reason("cuda") is None
+    inputs = make_inputs(Shape(n=300, hidden=24, vocab=1000), "cpu", seed=3)
+    low = RealKernelsProvider("torch", memory="low", name="torch-low")
+    _assert_same_loss_and_grads(low.judge(inputs), NaiveProvider().judge(inputs), inputs)
+    assert asked == ["low"]
