@@ -14,10 +14,10 @@ import torch
 
 from . import reference, torch_backend
 from .outputs import JudgeHeadOutput, LinearLogprobsOutput
-from .validation import HeadArgs, resolve_backend, validate_head_args
+from .validation import HeadArgs, check_memory, resolve_backend, validate_head_args
 
 
-def _reference_backend(args: HeadArgs):
+def _reference_backend(args: HeadArgs, memory: str):
     return reference.judge_head(
         args.hidden, args.weight, args.targets, args.score_ids, args.score_values,
         score_targets=args.score_targets, score_mask=args.score_mask, normalize=args.normalize,
@@ -25,7 +25,7 @@ def _reference_backend(args: HeadArgs):
     )
 
 
-def _triton_backend(args: HeadArgs):
+def _triton_backend(args: HeadArgs, memory: str):
     if not args.hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before importing triton "
@@ -35,13 +35,18 @@ def _triton_backend(args: HeadArgs):
         from .ops import fused_head
     except ImportError as exc:  # pragma: no cover - triton is a hard dependency
         raise ImportError(f"backend='triton' needs the triton package: {exc}") from exc
-    return fused_head.judge_head(args)
+    return fused_head.judge_head(args, memory=memory)
 
 
-_BACKENDS = {"reference": _reference_backend, "torch": torch_backend.judge_head, "triton": _triton_backend}
+def _torch_backend(args: HeadArgs, memory: str):
+    return torch_backend.judge_head(args)  # streams tiles of logits whatever ``memory`` says
 
 
-def _run(args: HeadArgs, backend: str):
+_BACKENDS = {"reference": _reference_backend, "torch": _torch_backend, "triton": _triton_backend}
+
+
+def _run(args: HeadArgs, backend: str, memory: str):
+    check_memory(memory)
     name = resolve_backend(backend, args.hidden)
     if args.hidden.shape[0] == 0:
         name = "reference"  # nothing to stream; the reference handles empty batches exactly
@@ -50,8 +55,8 @@ def _run(args: HeadArgs, backend: str):
         # the contract is fp32 outputs computed in fp32: autocast would run the reference's logits
         # and the score epilogue's matmul in bf16 / fp16
         with torch.autocast(device_type, enabled=False):
-            return _BACKENDS[name](args)
-    return _BACKENDS[name](args)
+            return _BACKENDS[name](args, memory)
+    return _BACKENDS[name](args, memory)
 
 
 def linear_logprobs(
@@ -63,19 +68,20 @@ def linear_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
     backend: str = "auto",
+    memory: str = "auto",
 ) -> LinearLogprobsOutput:
     """Per-token ``log softmax(hidden @ weight.T / temperature)[targets]`` without ``[N, V]`` logits.
 
     hidden ``[N, H]``, weight ``[V, H]`` (the LM head), targets ``[N]`` int.
     Returns ``.logprobs`` ``[N]`` fp32 (0 where ``targets == ignore_index``) and
     ``.entropy`` ``[N]`` fp32 when ``return_entropy``.  Differentiable w.r.t.
-    hidden and weight for any upstream gradient.
+    hidden and weight for any upstream gradient.  ``memory`` as for ``judge_head``.
     """
     args = validate_head_args(
         hidden, weight, targets, temperature=temperature, ignore_index=ignore_index,
         return_entropy=return_entropy, need_scores=False,
     )
-    logprobs, _, _, _, entropy = _run(args, backend)
+    logprobs, _, _, _, entropy = _run(args, backend, memory)
     return LinearLogprobsOutput(logprobs=logprobs, entropy=entropy)
 
 
@@ -93,6 +99,7 @@ def judge_head(
     ignore_index: int = -100,
     return_entropy: bool = False,
     backend: str = "auto",
+    memory: str = "auto",
 ) -> JudgeHeadOutput:
     """CoT log-probs, score-token softmax, expected score and its squared error, in one pass.
 
@@ -102,11 +109,17 @@ def judge_head(
     ``normalize``); ``expected_score = sum_j p_j v_j``; ``sq_error`` is
     ``(expected_score - score_targets)^2`` on ``score_mask`` rows (all rows by
     default) and 0 elsewhere or without ``score_targets``.
+
+    ``memory`` (the Triton backend's forward): ``"low"`` streams vocabulary
+    tiles through the fused kernel (O(N) extra memory); ``"high"`` runs loss
+    mode's chunks (cuBLAS logits into one fp32 ``[chunk, V]`` buffer, the size
+    the backward needs anyway; faster); ``"auto"`` takes ``"high"`` on CUDA when
+    that buffer fits in a quarter of the free memory, else ``"low"``.
     """
     args = validate_head_args(
         hidden, weight, targets, score_token_ids, score_values, score_targets=score_targets,
         score_mask=score_mask, normalize=normalize, temperature=temperature, ignore_index=ignore_index,
         return_entropy=return_entropy,
     )
-    logprobs, score_logp, expected, sq_error, entropy = _run(args, backend)
+    logprobs, score_logp, expected, sq_error, entropy = _run(args, backend, memory)
     return JudgeHeadOutput(logprobs, score_logp, expected, sq_error, entropy)

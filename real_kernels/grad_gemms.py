@@ -1,4 +1,11 @@
-"""The two gradient GEMMs of a chunk, shared by loss mode and the GPU head's backward.
+"""The GEMMs of a chunk, shared by loss mode and the GPU head's chunked passes.
+
+``logits_fp32`` writes a chunk's logits ``h_c W^T`` in fp32 whatever the
+inputs' dtype (docs/design.md, "Numerics"): on CUDA one bf16 / fp16 GEMM with
+an fp32 output (``torch.mm(..., out_dtype=float32)``, the same tensor-core
+work as a bf16 output, twice the bytes written); elsewhere the products of the
+upcast inputs, which is the same arithmetic.  A bf16 logit near 8 would be off
+by up to 0.03, and the log-sum-exp of a peaked row inherits that in full.
 
 Given a chunk's ``dlogits`` ``dz [C, V]`` (d loss / d raw logits), the chunk's
 rows of ``dh`` are ``dz W`` (one GEMM, written in place: each row of ``dh``
@@ -12,8 +19,11 @@ reads the fp32 accumulator and writes it back:
   temporary, no rounding per chunk);
 - elsewhere (the CPU, an older torch): ``[DW_TILE_ROWS, H]`` GEMM results in
   the input dtype, each accumulated in fp32 by the BLAS and rounded once
-  before it is added.  Whether the ``out_dtype`` path exists and is right is
-  checked once per device on a small product (``fp32_out_gemm_ok``).
+  before it is added.
+
+Whether the ``out_dtype`` GEMMs exist and are right is checked once per device
+and dtype on a small product (``fp32_out_gemm_ok``); where they are not, the
+logits are rounded to the input dtype as before (an older torch on CUDA).
 """
 from __future__ import annotations
 
@@ -26,7 +36,7 @@ _FP32_OUT_OK: Dict[Tuple[str, torch.dtype], bool] = {}
 
 
 def fp32_out_gemm_ok(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``torch.addmm(c32, a, b, out_dtype=float32, out=c32)`` works for ``dtype`` inputs on ``device``.
+    """Whether ``torch.mm`` / ``torch.addmm`` with ``out_dtype=float32, out=c32`` work for ``dtype`` inputs on ``device``.
 
     Tried once per (device, dtype) against an fp32 product of the same inputs: the overload is CUDA-only
     (torch 2.8+), and before torch 2.10 an fp32 ``self`` / ``out`` next to bf16 operands was mishandled.
@@ -43,11 +53,24 @@ def fp32_out_gemm_ok(device: torch.device, dtype: torch.dtype) -> bool:
             torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
             fresh = torch.full_like(c, float("nan"))  # beta = 0 must ignore what the output held
             torch.addmm(fresh, a, b, beta=0, out_dtype=torch.float32, out=fresh)
-            _FP32_OUT_OK[key] = bool(torch.allclose(c, want, rtol=1e-4, atol=1e-4)
-                                     and torch.allclose(fresh, product, rtol=1e-4, atol=1e-4))
+            plain = torch.full_like(c, float("nan"))
+            torch.mm(a, b, out_dtype=torch.float32, out=plain)
+            _FP32_OUT_OK[key] = all(torch.allclose(x, y, rtol=1e-4, atol=1e-4)
+                                    for x, y in ((c, want), (fresh, product), (plain, product)))
         except (RuntimeError, TypeError, NotImplementedError):
             _FP32_OUT_OK[key] = False
     return _FP32_OUT_OK[key]
+
+
+def logits_fp32(h_c: torch.Tensor, weight_t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = h_c @ weight_t`` in fp32 (``out`` is fp32 ``[C, V]``); see the module docstring."""
+    if h_c.dtype == torch.float32:
+        return torch.mm(h_c, weight_t, out=out)
+    if not h_c.is_cuda:
+        return torch.mm(h_c.float(), weight_t.float(), out=out)
+    if fp32_out_gemm_ok(h_c.device, h_c.dtype):
+        return torch.mm(h_c, weight_t, out_dtype=torch.float32, out=out)
+    return out.copy_(torch.mm(h_c, weight_t))  # an older torch: logits rounded to the input dtype
 
 
 class GradBuffers:

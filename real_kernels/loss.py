@@ -79,7 +79,7 @@ class _Run:
                 z = chunk_pass.logits(h_c, w_t)
             with phase("stats pass"):
                 cols = special_columns(args.targets[rows], args.score_ids, args.ignore_index)
-                stats = chunk_pass.stats(z, cols, inv_temp, args.return_entropy, h_c, grads.w)
+                stats = chunk_pass.stats(z, cols, inv_temp, args.return_entropy)
             with phase("loss_fn"):
                 loss_c, out_c, coefs = chunk_loss(stats, args, rows, self.loss_fn)
             with phase("accumulation"):

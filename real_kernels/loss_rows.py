@@ -11,7 +11,7 @@ tensors, and its derivatives become the coefficients of ``dlogits``:
 
 (``g_lse``, ``g_t``, ``g_j``, ``g_H``: derivatives of the loss w.r.t. lse, the
 target logit, the score logits and the entropy).  Everything here is O(rows m);
-the O(rows V) work is the backends' (``loss_torch.py``, ``ops/loss_pass.py``).
+the O(rows V) work is the backends' (``loss_torch.py``, ``ops/chunk_pass.py``).
 """
 from __future__ import annotations
 

@@ -61,12 +61,8 @@ class TorchChunkPass:
         z = self.buf[: h_c.shape[0] * self.vocab].view(h_c.shape[0], self.vocab)
         return torch.mm(h_c, weight_t, out=z)
 
-    def stats(self, z: torch.Tensor, cols: torch.Tensor, inv_temp: float, entropy: bool,
-              h_c: torch.Tensor, weight: torch.Tensor) -> ChunkStats:
-        """Leaves ``z - max`` in ``z`` and ``exp(z - max)`` in ``z`` (or, with the entropy, in ``ebuf``).
-
-        ``z`` is fp32 here, so the picked logits are read from it (``h_c``, ``weight`` are not needed).
-        """
+    def stats(self, z: torch.Tensor, cols: torch.Tensor, inv_temp: float, entropy: bool) -> ChunkStats:
+        """Leaves ``z - max`` in ``z`` and ``exp(z - max)`` in ``z`` (or, with the entropy, in ``ebuf``)."""
         if inv_temp != 1.0:
             z.mul_(inv_temp)
         special = z.gather(1, cols)

@@ -19,6 +19,7 @@ import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BACKENDS = ("auto", "triton", "torch", "reference")
+MEMORY_MODES = ("auto", "low", "high")  # the Triton head's forward (ops/fused_head.py)
 
 IdsLike = Union[torch.Tensor, Sequence[int]]
 ValuesLike = Union[torch.Tensor, Sequence[float]]
@@ -201,6 +202,11 @@ def first_order_only(backend: str) -> None:
             "graph of its own, so create_graph=True (double backward, Hessian-vector products, gradient "
             "penalties) cannot go through it; use backend='reference' for higher-order gradients"
         )
+
+
+def check_memory(memory) -> None:
+    if not isinstance(memory, str) or memory not in MEMORY_MODES:
+        raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
 
 
 def resolve_backend(backend: str, hidden: torch.Tensor) -> str:

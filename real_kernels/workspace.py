@@ -10,12 +10,13 @@ need not restate tile sizes:
   ``DEFAULT_TILE_ELEMS`` elements); the Triton kernels keep their tiles in
   registers and shared memory, so this is the larger of the two.
 - ``mode="loss"`` (``judge_loss``, gradients formed in the forward,
-  docs/design.md section 6; also the Triton head's backward, which recomputes
-  the logits through the same chunks): ``chunk_size`` rows (default
-  ``loss.default_chunk_size``) of logits over the whole vocabulary, in the
-  input dtype on CUDA and fp32 on the CPU, plus, when the LM head trains
+  docs/design.md section 6; also the Triton head's chunked passes, which
+  compute the logits through the same chunks): ``chunk_size`` rows (default
+  ``ops.chunk_plan.default_chunk_size``) of fp32 logits over the whole
+  vocabulary (on every backend), plus, when the LM head trains
   (``weight_grad``), the fp32 ``dW`` ``[V, H]`` accumulator and, for bf16 /
-  fp16, one ``[DW_TILE_ROWS, H]`` GEMM result on its way into it.
+  fp16, one ``[DW_TILE_ROWS, H]`` GEMM result on its way into it (an upper
+  bound: with torch's fp32-output GEMMs on CUDA there is none).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from typing import Optional, Union
 import torch
 
 from .grad_gemms import DW_TILE_ROWS
-from .loss import default_chunk_size
+from .ops.chunk_plan import LOGIT_BYTES, default_chunk_size
 from .torch_backend import DEFAULT_TILE_ELEMS, _chunks
 
 HEAD_MODES = ("head", "loss")
@@ -55,5 +56,5 @@ def head_workspace_bytes(n_rows: int, vocab: int, hidden: int, dtype: Union[str,
         rows = min(n_rows, chunk_size or default_chunk_size(n_rows, vocab, torch.device(device_type)))
         dw = vocab * hidden * 4 if weight_grad else 0
         dw_tile = min(vocab, DW_TILE_ROWS) * hidden * element if weight_grad and element != 4 else 0
-        return rows * vocab * element + dw + dw_tile
+        return rows * vocab * LOGIT_BYTES + dw + dw_tile
     raise ValueError(f"mode must be one of {HEAD_MODES}, got {mode!r}")

@@ -1,8 +1,8 @@
 """The chunk plan of loss mode (``real_kernels.plan_chunks``): sizes, whole row groups, and judge_loss following it.
 
 The plan is a pure function of the shapes and the free memory (passed in), so
-the GPU's plan is checked here: N = 16,384, V = 151,936 in bf16 must give
-4 x 4,096 rows (whole 128-row waves), not 3,456-row chunks and a tail.
+the GPU's plan is checked here: N = 16,384, V = 151,936 must give 4 x 4,096
+rows (whole 128-row waves), not 3,456-row chunks and a tail.
 """
 import pytest
 import torch
@@ -35,15 +35,18 @@ def test_target_shape_gives_equal_whole_wave_chunks():
 
 
 def test_free_memory_shrinks_the_chunks_and_the_cap_bounds_them():
+    """fp32 logits (4 bytes each) on every backend: at most a quarter of the free memory, at most 4 GiB."""
     v, n = 151_936, 16_384
     roomy = default_chunk_size(n, v, CUDA, torch.bfloat16, free_bytes=1000 * GIB)
     tight = default_chunk_size(n, v, CUDA, torch.bfloat16, free_bytes=2 * GIB)
     assert roomy == 4096  # a quarter of N, whatever the free memory
-    assert tight % 128 == 0 and tight * v * 2 <= 2 * GIB // 4
-    assert default_chunk_size(1 << 20, v, CUDA, torch.bfloat16, free_bytes=1000 * GIB) * v * 2 <= 2 * GIB
-    # fp32 inputs on CUDA: twice the bytes per logit, half the rows under the same cap
-    fp32 = default_chunk_size(1 << 20, v, CUDA, torch.float32, free_bytes=1000 * GIB)
-    assert fp32 * v * 4 <= 2 * GIB and fp32 % 128 == 0
+    assert tight % 128 == 0 and tight * v * 4 <= 2 * GIB // 4
+    huge_n = default_chunk_size(1 << 20, v, CUDA, torch.bfloat16, free_bytes=1000 * GIB)
+    assert huge_n % 128 == 0 and huge_n * v * 4 <= 4 * GIB and (huge_n + 128) * v * 4 > 4 * GIB
+    # the buffer is fp32 whatever the inputs' dtype: the plan does not depend on it
+    assert default_chunk_size(1 << 20, v, CUDA, torch.float32, free_bytes=1000 * GIB) == huge_n
+    # the CPU: at most 512 MiB, no free-memory query
+    assert default_chunk_size(1 << 20, v, "cpu") * v * 4 <= 512 * 2 ** 20
     # almost no memory: still at least one row per chunk
     assert default_chunk_size(n, v, CUDA, torch.bfloat16, free_bytes=0) == 1
     assert default_chunk_size(3, 50, "cpu") == 1 and default_chunk_size(0, 50, "cpu") == 1

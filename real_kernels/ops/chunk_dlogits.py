@@ -5,10 +5,14 @@ already divided by ``tau``), every column of a row gets
 
     d loss / d raw_v = p_v (dense - ent * log p_v),   p_v = exp(raw_v / tau - lse)
 
-in fp32, stored back in the buffer's dtype (bf16 on the GPU, ready for the two
-cuBLAS GEMMs ``dh = dz W`` and ``dW += dz^T h``).  The few columns that also
-carry a delta (the target, the score tokens) are overwritten afterwards in fp32
-by ``loss_rows.special_values``.  One program per row; one read, one write.
+in fp32 from the fp32 logits ``z``, stored in the inputs' dtype at ``dz`` (bf16
+on the GPU, ready for the two cuBLAS GEMMs ``dh = dz W`` and ``dW += dz^T h``).
+``dz`` may be the first half of each fp32 row of ``z`` itself (row stride 2V in
+bf16 elements): a row's bf16 store of columns [v0, v0 + B) overwrites the bytes
+of its fp32 columns [v0 / 2, (v0 + B) / 2), all read by then, and never bytes a
+later step reads.  The few columns that also carry a delta (the target, the score tokens)
+are overwritten afterwards in fp32 by ``loss_rows.special_values``.  One
+program per row; one read, one write.
 """
 import triton
 import triton.language as tl
@@ -16,12 +20,13 @@ import triton.language as tl
 
 @triton.jit
 def chunk_dlogits_kernel(
-    z_ptr, lse_ptr, dense_ptr, ent_ptr,
-    V, stride_z, inv_temp,
+    z_ptr, dz_ptr, lse_ptr, dense_ptr, ent_ptr,
+    V, stride_z, stride_dz, inv_temp,
     BLOCK_V: tl.constexpr, HAS_ENT: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = z_ptr + row * stride_z
+    out = dz_ptr + row * stride_dz
     offs = tl.arange(0, BLOCK_V)
     lse = tl.load(lse_ptr + row)
     dense = tl.load(dense_ptr + row)
@@ -36,4 +41,4 @@ def chunk_dlogits_kernel(
             dz = tl.exp(logp) * (dense - ent * logp)
         else:
             dz = tl.exp(logp) * dense
-        tl.store(base + cols, dz.to(z_ptr.dtype.element_ty), mask=ok)
+        tl.store(out + cols, dz.to(dz_ptr.dtype.element_ty), mask=ok)

@@ -1,7 +1,7 @@
 """Statistics of a materialised chunk of logits: log-sum-exp and entropy per row, one read.
 
 Loss mode (docs/design.md, "Loss mode") has cuBLAS write a chunk's logits
-``raw = h_c W^T`` ``[C, V]`` in the input dtype; this kernel streams each row
+``raw = h_c W^T`` ``[C, V]`` in fp32; this kernel streams each row
 once (one program per row, ``BLOCK_V`` lanes) with an online max / sum per lane
 
 - ``s = sum exp(z - m)``, ``e = sum exp(z - m) (z - m)``  (``z = raw / tau``)

@@ -6,12 +6,13 @@ trade: large chunks keep the three GEMMs efficient and the fp32 ``dW``
 read-modify-writes few; the buffer must still fit.  The plan:
 
 - at most a quarter of N rows (the buffer stays <= N V / 4 elements), and at
-  most ``CPU_CHUNK_BYTES`` / ``GPU_CHUNK_BYTES`` of buffer;
+  most ``CPU_CHUNK_BYTES`` / ``GPU_CHUNK_BYTES`` of fp32 logits;
 - on CUDA also at most a quarter of the free device memory
   (``torch.cuda.mem_get_info``; the rest is for ``dW``, ``dh`` and the caller);
 - then N split into equal chunks whose size is a multiple of 128 rows (what the
   GEMM tiles and the row-per-program kernels fill in whole waves): N = 16,384,
-  V = 151,936 in bf16 gives 4 x 4,096 rows, not 3,456-row chunks plus a tail;
+  V = 151,936 gives 4 x 4,096 rows (2.5 GB of fp32 logits each, with >= 10 GB
+  free), not 3,456-row chunks plus a tail;
 - ``row_groups`` (sizes of consecutive groups of rows, e.g. one sequence's
   score row and CoT rows) are never split: whole groups are packed greedily
   into chunks of up to the planned size, and a group larger than that gets a
@@ -27,17 +28,11 @@ from typing import List, Optional, Sequence
 
 import torch
 
-CPU_CHUNK_BYTES = 1 << 29  # fp32 logits of one chunk on the CPU: 512 MiB at most
-GPU_CHUNK_BYTES = 1 << 31  # logits of one chunk on CUDA: 2 GiB at most (7,067 bf16 rows at V = 151,936)
+LOGIT_BYTES = 4  # the chunk buffer holds fp32 logits on every backend (bf16 dlogits go over its rows' first halves)
+CPU_CHUNK_BYTES = 1 << 29  # one chunk's logits on the CPU: 512 MiB at most
+GPU_CHUNK_BYTES = 1 << 32  # one chunk's logits on CUDA: 4 GiB at most (7,067 rows at V = 151,936)
 FREE_MEMORY_SHARE = 4  # the buffer takes at most 1 / FREE_MEMORY_SHARE of the free device memory
 ROW_MULTIPLE = 128
-
-
-def buffer_element_bytes(device: torch.device, dtype: torch.dtype) -> int:
-    """Bytes per logit in the chunk buffer: fp32 on the CPU (``loss_torch``), the input dtype on CUDA."""
-    if device.type != "cuda":
-        return 4
-    return torch.empty((), dtype=dtype, device="meta").element_size()
 
 
 def free_device_bytes(device: torch.device) -> Optional[int]:
@@ -50,21 +45,35 @@ def free_device_bytes(device: torch.device) -> Optional[int]:
 
 def default_chunk_size(n: int, vocab: int, device: torch.device, dtype: Optional[torch.dtype] = None,
                        free_bytes: Optional[int] = None) -> int:
-    """Rows per chunk (see the module docstring); ``free_bytes=None`` asks the device when it is CUDA."""
+    """Rows per chunk (see the module docstring); ``free_bytes=None`` asks the device when it is CUDA.
+
+    ``dtype`` (the inputs') does not change the plan today: every backend's buffer holds fp32 logits.
+    """
     device = torch.device(device)
-    element = buffer_element_bytes(device, dtype if dtype is not None else torch.bfloat16)
     budget = GPU_CHUNK_BYTES if device.type == "cuda" else CPU_CHUNK_BYTES
     if free_bytes is None:
         free_bytes = free_device_bytes(device)
     if free_bytes is not None:
         budget = min(budget, max(0, int(free_bytes)) // FREE_MEMORY_SHARE)
-    max_rows = min(max(1, n // 4), max(1, budget // (vocab * element)))
+    max_rows = min(max(1, n // 4), max(1, budget // (vocab * LOGIT_BYTES)))
     if max_rows < 2 * ROW_MULTIPLE:
         return max_rows
     max_rows -= max_rows % ROW_MULTIPLE
     chunks = -(-n // max_rows)
     rows = -(-n // chunks)
     return min(max_rows, -(-rows // ROW_MULTIPLE) * ROW_MULTIPLE)
+
+
+def chunk_buffer_fits(n: int, vocab: int, device, free_bytes: Optional[int] = None) -> bool:
+    """Whether a ``[min(n, 128), V]`` fp32 logits buffer fits in the memory share (``judge_head``'s ``memory="auto"``).
+
+    ``free_bytes=None`` asks a CUDA device; without one (the CPU) there is no bound from free memory.
+    """
+    if free_bytes is None:
+        free_bytes = free_device_bytes(torch.device(device))
+    if free_bytes is None:
+        return True
+    return min(n, ROW_MULTIPLE) * vocab * LOGIT_BYTES <= max(0, int(free_bytes)) // FREE_MEMORY_SHARE
 
 
 def plan_chunks(n: int, vocab: int, device, dtype: Optional[torch.dtype] = None, *,

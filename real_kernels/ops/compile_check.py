@@ -1,12 +1,14 @@
 """Lower every kernel exactly as it is launched, for Hopper, without a GPU: ``python -m real_kernels.ops.compile_check``.
 
 The CPU interpreter runs the kernels' arithmetic but never Triton's compiler.
-This builds the real launches (``head_launches.py``, ``chunk_pass.py``) from
+This builds the real launches (``head_launches.py``, ``chunk_pass.py``; the
+chunked forward's combine over one split too) from
 meta tensors at the benchmark shapes (N = 16,384 and 16,400, H = 4,096 and
 5,120, V = 151,936; bf16, and fp32), for every block configuration the
 autotuner may pick and every constexpr branch, derives the argument
 specialisations Triton's JIT would (16-byte aligned pointers and integers
-divisible by 16 are marked so; an integer equal to 1 becomes a constant),
+divisible by 16 are marked so; an integer equal to 1 becomes a constant,
+unless the kernel says ``do_not_specialize``),
 compiles each distinct launch to PTX and a cubin for sm_90 with the ptxas
 bundled in the triton wheel, and fails when a kernel
 
@@ -31,6 +33,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 SMEM_LIMIT = 227 * 1024
 SHAPES = ((16_384, 5_120, 151_936), (16_400, 5_120, 151_936), (16_384, 4_096, 151_936))
+FREE_BYTES = 120 << 30  # the chunk plan as on an H200 with a model loaded (the plan's cap decides there)
 # an explicit fence, or an atomic with ordering semantics (ptxas wraps it in MEMBAR.*.GPU, as for tl.atomic_add's
 # default acq_rel); relaxed atomics carry no fence
 FENCE = re.compile(r"\b(membar\.(gl|sys)|fence\.(sc|acq_rel)\.(gpu|sys)|(atom|red)\.[\w.]*\.(acq_rel|acquire|release|sc)\b)")
@@ -54,9 +57,9 @@ def launches() -> Iterator[Tuple[str, object]]:
     import torch
 
     from .chunk_plan import default_chunk_size
-    from .chunk_pass import block_v_for, dlogits_launch, lse_launch
+    from .chunk_pass import block_v_for, dlogits_launch, dlogits_view, lse_launch
     from .head_config import gpu_configs
-    from .head_launches import forward_launches, score_grad_launch
+    from .head_launches import combine_launch, forward_launches, forward_partials, score_grad_launch
 
     meta = dict(device="meta")
     for (n, d, v), dtype in ((s, dt) for s in SHAPES for dt in (torch.bfloat16, torch.float32)):
@@ -75,16 +78,21 @@ def launches() -> Iterator[Tuple[str, object]]:
                                                          values[:0], y, mask, flags, 0.7, -100, flags, cfg)
                 yield f"forward_partial[{dname}, cfg{i}, scores+entropy={flags}]", partial
             yield f"forward_combine[flags={flags}]", combine
+            # judge_head(memory="high"): the same combine over one split filled by the chunked pass
+            one_split, _ = combine_launch(forward_partials(1, n, score_ids.numel(), flags, "meta"), targets,
+                                          values if flags else values[:0], y, mask, flags, -100, flags)
+            yield f"forward_combine[one split, flags={flags}]", one_split
             g = torch.empty(n, dtype=torch.float32, **meta) if flags else None
             g_s = torch.empty(n, score_ids.numel(), dtype=torch.float32, **meta) if flags else None
             launch, _, _ = score_grad_launch(targets, g, out.slogp, out.yhat, values if flags else values[:0], y,
                                              out.mask_u8, g_s, g, g, flags, -100)
             yield f"score_grad[flags={flags}]", launch
-            chunk = default_chunk_size(n, v, torch.device("cuda"), dtype)
-            z = torch.empty(chunk, v, dtype=dtype, **meta)
+            chunk = default_chunk_size(n, v, torch.device("cuda"), dtype, free_bytes=FREE_BYTES)
+            z = torch.empty(chunk, v, dtype=torch.float32, **meta)  # fp32 logits for every input dtype
             lse_l, lse, ent = lse_launch(z, 1.0 / 0.7, flags, block_v_for(v))
             yield f"chunk_lse[{dname}, entropy={flags}]", lse_l
-            yield f"chunk_dlogits[{dname}, entropy={flags}]", dlogits_launch(z, lse, lse, ent, 1.0 / 0.7, block_v_for(v))
+            yield (f"chunk_dlogits[{dname}, entropy={flags}]",
+                   dlogits_launch(z, dlogits_view(z, dtype), lse, lse, ent, 1.0 / 0.7, block_v_for(v)))
 
 
 def _specialise(launch) -> Tuple[Dict[str, str], Dict[str, object], Dict[Tuple[int, ...], list]]:
@@ -95,6 +103,7 @@ def _specialise(launch) -> Tuple[Dict[str, str], Dict[str, object], Dict[Tuple[i
     signature: Dict[str, str] = {}
     constexprs: Dict[str, object] = dict(launch.constexprs)
     attrs: Dict[Tuple[int, ...], list] = {}
+    unspecialised = {p.name for p in getattr(fn, "params", ()) if getattr(p, "do_not_specialize", False)}
     for name, value in launch.args.items():
         index = fn.arg_names.index(name)
         if isinstance(value, torch.Tensor):
@@ -107,11 +116,11 @@ def _specialise(launch) -> Tuple[Dict[str, str], Dict[str, object], Dict[Tuple[i
             raise TypeError(f"{launch.name}: argument {name} of type {type(value).__name__}")
         elif isinstance(value, float):
             signature[name] = "fp32"
-        elif value == 1:
+        elif value == 1 and name not in unspecialised:
             constexprs[name] = 1
         else:
             signature[name] = "i32" if -(2 ** 31) <= value < 2 ** 31 else "i64"
-            if value % 16 == 0:
+            if value % 16 == 0 and name not in unspecialised:
                 attrs[(index,)] = [["tt.divisibility", 16]]
     for name in launch.constexprs:
         signature[name] = "constexpr"

@@ -106,7 +106,9 @@ def head_forward_partial_kernel(
                  mask=row_ok[:, None] & (jj[None, :] < M))
 
 
-@triton.jit
+# n_splits is not specialised: a single split (judge_head's chunked forward) would otherwise compile a
+# separate, unrolled variant, which spills registers on sm_90 (compile_check)
+@triton.jit(do_not_specialize=["n_splits"])
 def head_forward_combine_kernel(
     part_max_ptr, part_sum_ptr, part_ent_ptr, part_tgt_ptr, part_score_ptr,
     tgt_ptr, sval_ptr, ytgt_ptr, ymask_ptr,

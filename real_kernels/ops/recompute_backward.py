@@ -5,10 +5,12 @@ upstream gradients arrive only now, so the logits must be computed again.
 Rather than a Triton kernel that recomputes a tile and adds its ``dh`` / ``dW``
 shares with atomics (a GPU-wide fence around every add, and a sum whose order
 changes run to run), each chunk of rows goes through loss mode's machinery:
-cuBLAS writes the chunk's logits, ``chunk_lse_kernel`` reads their row
-statistics, ``chunk_dlogits_kernel`` turns them into dlogits in place, and cuBLAS forms ``dh = dz W`` and ``dW += dz^T h``.  Three
-GEMMs in backward, one fused pass in forward: 8NHV, deterministic, extra memory
-one ``[chunk, V]`` buffer in the input dtype plus the fp32 ``dW``.
+cuBLAS writes the chunk's fp32 logits, ``chunk_lse_kernel`` reads their row
+statistics, ``chunk_dlogits_kernel`` turns them into dlogits in the input
+dtype over the same rows, and cuBLAS forms ``dh = dz W`` and ``dW += dz^T h``.
+Three GEMMs in backward, one pass over the logits in forward (fused, or
+chunked: ``chunked_forward.py``): 8NHV, deterministic, extra memory one fp32
+``[chunk, V]`` buffer plus the fp32 ``dW``.
 
 With ``coef = g_t + sum_j g_raw_j`` from ``score_grad.py``, the gradient on the
 logits is (docs/design.md, "The head's backward")
@@ -54,7 +56,7 @@ def recompute_backward(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
         )
         # lse again, from the logits as recomputed here (not the forward's): at |z| ~ 1e4 a different
         # summation order moves z by ~1e-3, and p = exp(z - lse) must sum to 1 over *these* logits
-        stats = chunk_pass.stats(z, cols, inv_temp, False, h_c, grads.w)
+        stats = chunk_pass.stats(z, cols, inv_temp, entropy=False)
         dz = chunk_pass.dlogits_(z, stats, coefs, cols, inv_temp)
         grads.add_chunk(dz, rows, first=r0 == 0)
     return grads.finish(hidden.dtype, weight.dtype)
