@@ -14,9 +14,10 @@ right after the marker whatever the policy wrote.  Padding is on the right.
 Over-long prompts keep their end (the rubric and the ``###Feedback:`` cue) and
 over-long CoTs keep their start; both warn.
 
-A step's batch is trained in micro-batches: ``micro_batch_ranges`` cuts its
-rows into contiguous ranges under a token budget (whole prompt groups where the
-loss needs them), ``slice_batch`` cuts one range out.
+A step's batch is trained in mini-batches (one optimizer update each,
+``mini_batch_plan``) of micro-batches: ``micro_batch_ranges`` cuts rows into
+contiguous ranges under a token budget (whole prompt groups where the loss needs
+them), ``slice_batch`` cuts one range out.
 """
 from __future__ import annotations
 
@@ -242,6 +243,24 @@ def micro_batch_ranges(lengths: Sequence[int], group_size: int, token_budget: in
         end = e
     ranges.append((start, end))
     return ranges
+
+
+def mini_batch_plan(lengths: Sequence[int], group_size: int, token_budget: int, split_groups: bool,
+                    rows_per_update: int = 0) -> List[List[Tuple[int, int]]]:
+    """The micro-batch ranges of each optimizer update's mini-batch: consecutive runs of
+    ``rows_per_update`` rows (0: all rows, one mini-batch), each cut by ``micro_batch_ranges``."""
+    if isinstance(rows_per_update, bool) or not isinstance(rows_per_update, int) or rows_per_update < 0:
+        raise ValueError(f"rows_per_update must be an int >= 0, got {rows_per_update!r}")
+    n = len(lengths)
+    size = rows_per_update or n
+    if size % group_size:
+        raise ValueError(f"rows_per_update={rows_per_update} is not a whole number of groups of {group_size}")
+    plan = []
+    for start in range(0, n, size):
+        end = min(n, start + size)
+        ranges = micro_batch_ranges(lengths[start:end], group_size, token_budget, split_groups)
+        plan.append([(start + s, start + e) for s, e in ranges])
+    return plan
 
 
 def slice_batch(batch: TeacherForcedBatch, start: int, end: int) -> TeacherForcedBatch:

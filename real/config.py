@@ -73,6 +73,10 @@ class TrainConfig:
     group_size: int = _opt(8, "sampled CoTs per prompt (G) for real/grpo", group="batch")
     epochs_per_batch: int = _opt(1, "optimizer updates over each rollout batch (>1 uses PPO ratio clipping)",
                                  group="batch")
+    mini_batch_size: int = _opt(0, "sequences (rollouts) per optimizer update, over all ranks: every epoch over a "
+                                "step's batch takes one update per mini-batch, PPO-clipped after the first (the "
+                                "released REAL: real_mini_batch_size_per_gpu=128 responses x its GPUs); 0 = the "
+                                "whole batch, one update per epoch", group="batch")
     micro_batch_tokens: int = _opt(16384, "token budget of one micro-batch (rows x padded length); larger "
                                    "batches are split and their gradients accumulated", group="batch")
     max_prompt_tokens: int = _opt(2048, "prompts longer than this are truncated (with a warning)", group="batch")
@@ -129,6 +133,10 @@ class TrainConfig:
                              "real_data_type='partial': rollouts also write their score, and only groups whose "
                              "written scores are neither all right nor all wrong against round(y*) are kept)",
                              ("all", "partial"), "objective")
+    max_fill_rounds: int = _opt(10, "with --group-filter partial, rollout rounds of --prompts-per-step prompts at "
+                                "most to fill the step's batch with --prompts-per-step partial groups (the released "
+                                "code keeps generating until it holds them); a step that reaches the cap trains on "
+                                "the groups it has (metrics fill_rounds, prompts_trained)", group="objective")
     clip_ratio: float = _opt(0.2, "PPO ratio clip epsilon when a rollout batch is reused", group="objective")
     kl_coef: float = _opt(0.0, "weight of the k3 KL penalty to the initial policy (0 = off, no reference "
                           "model kept)", group="objective")
@@ -196,12 +204,13 @@ class TrainConfig:
             if choices and value not in choices:
                 raise ValueError(f"{f.name} must be one of {', '.join(choices)}; got {value!r}")
         positive = ("steps", "prompts_per_step", "group_size", "epochs_per_batch", "micro_batch_tokens",
-                    "max_prompt_tokens", "max_cot_tokens", "max_new_tokens", "rollout_batch_size",
+                    "max_fill_rounds", "max_prompt_tokens", "max_cot_tokens", "max_new_tokens", "rollout_batch_size",
                     "eval_batch_size", "synthetic_train_size", "synthetic_items")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0; got {getattr(self, name)!r}")
         non_negative = ("threads", "eval_every", "save_every", "keep_checkpoints", "warmup_steps", "lora_rank",
+                        "mini_batch_size",
                         "eval_size", "eval_max_new_tokens", "lr", "weight_decay", "kl_coef", "lora_dropout")
         for name in non_negative:
             if getattr(self, name) < 0:
@@ -233,7 +242,22 @@ class TrainConfig:
             raise ValueError(f"vllm_tensor_parallel_size must be >= 1; got {self.vllm_tensor_parallel_size}")
         if self.tiny_config and self.model != "tiny":
             raise ValueError("tiny_config only applies to --model tiny")
+        if self.mini_batch_size % self.rows_per_prompt:
+            raise ValueError(f"mini_batch_size must be a multiple of group_size {self.rows_per_prompt} (whole prompt "
+                             f"groups per update); got {self.mini_batch_size}")
         return self
+
+    @property
+    def rows_per_prompt(self) -> int:
+        """Sequences per prompt in a step's batch: G rollouts for real / grpo, one for raft / tract."""
+        return self.group_size if self.method in ("real", "grpo") else 1
+
+    @property
+    def updates_per_step(self) -> int:
+        """Optimizer updates per step: epochs x mini-batches of a full step's batch."""
+        rows = self.prompts_per_step * self.rows_per_prompt
+        per_epoch = -(-rows // self.mini_batch_size) if self.mini_batch_size else 1
+        return self.epochs_per_batch * per_epoch
 
     @property
     def advantage_clip(self) -> Optional[float]:
@@ -247,7 +271,7 @@ class TrainConfig:
             return (update + 1) / self.warmup_steps
         if self.schedule == "constant":
             return 1.0
-        total = max(self.steps * self.epochs_per_batch - self.warmup_steps, 1)
+        total = max(self.steps * self.updates_per_step - self.warmup_steps, 1)
         progress = min(max(update - self.warmup_steps, 0) / total, 1.0)
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -256,6 +280,10 @@ class TrainConfig:
         if self.prompts_per_step % world:
             raise ValueError(f"--prompts-per-step {self.prompts_per_step} cannot be split evenly over {world} "
                              f"ranks; make it a multiple of {world} (each rank takes whole prompt groups)")
+        if self.mini_batch_size % (world * self.rows_per_prompt):
+            raise ValueError(f"--mini-batch-size {self.mini_batch_size} cannot be split evenly over {world} ranks "
+                             f"in whole groups of {self.rows_per_prompt}; make it a multiple of "
+                             f"{world * self.rows_per_prompt}")
         if self.rollout in ("vllm", "vllm-colocate") and world % self.vllm_tensor_parallel_size:
             raise ValueError(f"--vllm-tensor-parallel-size {self.vllm_tensor_parallel_size} must divide the {world} "
                              "ranks (each group of that many ranks shares one engine)")

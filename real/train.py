@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from real import checkpoint as ckpt
 from real import distributed as dist_utils
 from real import parallel
-from real.batching import TeacherForcedBatch, micro_batch_ranges, slice_batch
+from real.batching import TeacherForcedBatch, mini_batch_plan, slice_batch
 from real.config import TrainConfig
 from real.data import JudgeExample, PromptStream, run_examples
 from real.head import judge_forward, micro_batch_loss
@@ -64,6 +64,9 @@ def _generate_with(model, engine, *args, **kwargs):
     """``engine.generate`` on ``model``: called as ``wrapped(_generate_with, engine, ...)`` so that under
     FSDP the sampling runs inside the root module's forward, with its parameters gathered."""
     return engine.generate(model, *args, **kwargs)
+
+
+FILL_ROUND_SEED_STRIDE = 1_000_000_007  # the sampling seed of a step's later rollout rounds (partial filter)
 
 
 def _read_terms(sums: Dict[str, torch.Tensor]) -> Dict[str, float]:
@@ -198,13 +201,19 @@ class Trainer:
     def step_seed(self, step: int) -> int:
         return self.config.seed * 1_000_003 + step
 
-    def sample_rollouts(self, prompts: List[str], step: int, *, with_score: bool):
-        """``--group-size`` sampled CoTs per prompt, seeded by (seed, step, rank), through the wrapper."""
+    def next_examples(self) -> List[JudgeExample]:
+        """The next ``--prompts-per-step`` training examples of the data stream (its position is checkpointed)."""
+        return [self.train_examples[i] for i in self.stream.take(self.config.prompts_per_step)]
+
+    def sample_rollouts(self, prompts: List[str], step: int, *, with_score: bool, fill_round: int = 0):
+        """``--group-size`` sampled CoTs per prompt, seeded by (seed, step, rank, fill round), through the
+        wrapper (a collective under FSDP: every rank calls it as often)."""
         cfg = self.config
+        seed = dist_utils.rank_seed(self.step_seed(step), self.env) + FILL_ROUND_SEED_STRIDE * fill_round
         gathered = parallel.unsharded_for_generation(self.wrapped) if cfg.unsharded_rollouts else nullcontext()
         with gathered, torch.no_grad():  # (no grad: DDP would otherwise prepare a gradient all-reduce)
-            return self.wrapped(_generate_with, self.engine, prompts, cfg.group_size,
-                                seed=dist_utils.rank_seed(self.step_seed(step), self.env), with_score=with_score)
+            return self.wrapped(_generate_with, self.engine, prompts, cfg.group_size, seed=seed,
+                                with_score=with_score)
 
     def _judge_forward(self, model, mb: TeacherForcedBatch, entropy: bool = True, adapter: bool = True):
         if not adapter:  # the LoRA model's reference policy: its base model
@@ -252,52 +261,68 @@ class Trainer:
         t_start = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        examples = [self.train_examples[i] for i in self.stream.take(cfg.prompts_per_step)]
-        step_batch = method.collect(self, step, examples)  # this rank's share
+        step_batch = method.collect(self, step, self.next_examples())  # this rank's share
         batch, n_rows = step_batch.batch, len(step_batch.batch)
         t_rollout = time.perf_counter() - t_start
 
-        ranges = micro_batch_ranges(batch.attention_mask.sum(1).tolist(), method.group_size,
-                                    cfg.micro_batch_tokens, split_groups=method.split_groups)
-        n_slots = dist_utils.max_over_ranks(len(ranges), self.env)  # every rank runs as many micro-batches
+        # one optimizer update per mini-batch (--mini-batch-size, over all ranks) of micro-batches
+        plan = mini_batch_plan(batch.attention_mask.sum(1).tolist(), method.group_size, cfg.micro_batch_tokens,
+                               split_groups=method.split_groups,
+                               rows_per_update=cfg.mini_batch_size // self.env.world_size)
+        n_updates = dist_utils.max_over_ranks(len(plan), self.env)  # every rank takes as many updates
+        plan += [[] for _ in range(n_updates - len(plan))]
+        slots = [dist_utils.max_over_ranks(len(ranges), self.env) for ranges in plan]  # and micro-batches in each
         self.model.train()
-        micro_batches = method.prepare(self, step_batch, ranges, n_slots)  # loss inputs (pre-pass, no grad)
+        mini_batches = method.prepare(self, step_batch, plan, slots)  # loss inputs (pre-pass, no grad)
 
         record: Dict[str, Any] = {}
         grad_norms, last_loss, skipped, forwards = [], None, None, []
-        weight = 1.0 if step_batch.trainable else 0.0  # 0: nothing to learn from on this rank
         for epoch in range(cfg.epochs_per_batch):
-            sums: Dict[str, torch.Tensor] = {}  # the terms, summed on the device; read once per update
-            for k in range(n_slots):
-                # Gradient accumulation: ranks exchange gradients only after the last micro-batch.
-                with parallel.gradient_sync(self.wrapped, enabled=k == n_slots - 1):
-                    if k >= len(micro_batches):
-                        self.dummy_forward(batch, grad=True)
-                        continue
-                    mb = micro_batches[k]
-                    share = (mb.end - mb.start) / n_rows
-                    loss, terms, fwd = self._loss(slice_batch(batch, mb.start, mb.end),
-                                                  lambda fwd, seqs, mb=mb: method.loss(fwd, mb.inputs(seqs), mb.norms),
-                                                  sequence_group=method.sequence_group(mb))
-                    (loss * (share * weight)).backward()
-                if epoch == 0:
-                    forwards.append(fwd)
-                for name, value in terms.items():
-                    sums[name] = sums.get(name, 0.0) + value.double() * share
-            sums = _read_terms(sums)
-            grad_norms.append(parallel.clip_grad_norm(self.wrapped, cfg.grad_clip))  # <= 0: measured, not clipped
-            if finite_on_all_ranks(sums.get("loss", 0.0), grad_norms[-1], self.env):
-                self.optimizer.step()
-            else:  # no update from a NaN / inf: the step is logged as skipped (see run())
-                skipped = f"non-finite loss ({sums.get('loss')}) or gradient norm ({grad_norms[-1]})"
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            if epoch == 0:
-                record = dict(sums)
-            last_loss = sums.get("loss")
+            for micro_batches, n_slots in zip(mini_batches, slots):
+                sums, fwds = self._accumulate(step_batch, micro_batches, n_slots)
+                grad_norms.append(parallel.clip_grad_norm(self.wrapped, cfg.grad_clip))  # <= 0: measured only
+                if finite_on_all_ranks(sums.get("loss", 0.0), grad_norms[-1], self.env):
+                    self.optimizer.step()
+                else:  # no update from a NaN / inf: the step is logged as skipped (see run())
+                    skipped = f"non-finite loss ({sums.get('loss')}) or gradient norm ({grad_norms[-1]})"
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if epoch == 0:  # the first epoch's terms: the mean over the step's rows
+                    rows = sum(mb.end - mb.start for mb in micro_batches)
+                    for name, value in sums.items():
+                        record[name] = record.get(name, 0.0) + value * (rows / n_rows)
+                    forwards += fwds
+                last_loss = sums.get("loss")
 
-        return self._step_record(step, step_batch, record, last_loss, grad_norms, len(ranges), n_slots, skipped,
-                                 t_start, t_rollout, self.method.step_metrics(step_batch, micro_batches, forwards))
+        flat = [mb for micro_batches in mini_batches for mb in micro_batches]
+        return self._step_record(step, step_batch, record, last_loss, grad_norms, len(flat), sum(slots), skipped,
+                                 t_start, t_rollout, self.method.step_metrics(step_batch, flat, forwards))
+
+    def _accumulate(self, step_batch, micro_batches, n_slots: int):
+        """Forward and backward of one update's micro-batches (``n_slots`` on every rank, dummies where this
+        rank has fewer), gradients accumulated: ``(terms, forwards)``, the terms as the mean over the
+        mini-batch's rows, read from the device once."""
+        method, batch = self.method, step_batch.batch
+        rows = sum(mb.end - mb.start for mb in micro_batches)
+        weight = 1.0 if step_batch.trainable else 0.0  # 0: nothing to learn from on this rank
+        sums: Dict[str, torch.Tensor] = {}  # the terms, summed on the device
+        forwards = []
+        for k in range(n_slots):
+            # Gradient accumulation: ranks exchange gradients only after the last micro-batch.
+            with parallel.gradient_sync(self.wrapped, enabled=k == n_slots - 1):
+                if k >= len(micro_batches):
+                    self.dummy_forward(batch, grad=True)
+                    continue
+                mb = micro_batches[k]
+                share = (mb.end - mb.start) / rows
+                loss, terms, fwd = self._loss(slice_batch(batch, mb.start, mb.end),
+                                              lambda fwd, seqs, mb=mb: method.loss(fwd, mb.inputs(seqs), mb.norms),
+                                              sequence_group=method.sequence_group(mb))
+                (loss * (share * weight)).backward()
+            forwards.append(fwd)
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + value.double() * share
+        return _read_terms(sums), forwards
 
     def _step_record(self, step, step_batch, record, last_loss, grad_norms, n_ranges, n_slots, skipped,
                      t_start, t_rollout, method_metrics) -> Dict[str, Any]:
@@ -306,14 +331,16 @@ class Trainer:
         cfg, batch = self.config, step_batch.batch
         elapsed = time.perf_counter() - t_start
         train_tokens = int(batch.attention_mask.sum()) * (cfg.epochs_per_batch + int(step_batch.prepass))
+        updates = len(grad_norms)
         peak, peak_kind = peak_memory_mb(self.device)
         out: Dict[str, Any] = {"type": "train", "step": step, "method": cfg.method, **record}
-        if cfg.epochs_per_batch > 1:
-            out["loss_last_epoch"] = last_loss
+        if updates > 1:
+            out["loss_last_epoch"] = last_loss  # the last update's (mini-batch's) loss
         out.update(method_metrics)
         out.update(mse=record.get("sq_error"), entropy=record.get("entropy"),
                    grad_norm=grad_norms[0] if len(grad_norms) == 1 else float(np.mean(grad_norms)),
-                   lr=self.scheduler.get_last_lr()[0], micro_batches=n_ranges, sequences=len(batch),
+                   lr=self.scheduler.get_last_lr()[0], updates=updates, micro_batches=n_ranges,
+                   sequences=len(batch),
                    train_tokens=train_tokens, generated_tokens=step_batch.generated_tokens, rollout_s=t_rollout,
                    step_s=elapsed, tokens_per_s=(train_tokens + step_batch.generated_tokens) / max(elapsed, 1e-9),
                    peak_mem_mb=peak, peak_mem_kind=peak_kind, data_position=self.stream.position)
@@ -329,7 +356,7 @@ class Trainer:
         try:
             return self.train_step(step)
         except NonFiniteStep as exc:  # nothing to train on: the step is skipped like a NaN loss
-            for _ in range(self.config.epochs_per_batch):
+            for _ in range(self.config.updates_per_step):
                 self.scheduler.step()
             return skipped_record(step, self.config.method, str(exc), self.stream.position)
 

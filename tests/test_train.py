@@ -89,8 +89,15 @@ def test_training_step_never_calls_the_lm_head(tmp_path, method):
     handle.remove()
 
 
-def test_stop_and_resume_gives_the_same_losses(tmp_path):
-    common = dict(method="real", steps=4, eval_every=0, save_every=2)
+@pytest.mark.parametrize("updates", [
+    {},
+    # two mini-batches per epoch, two epochs (PPO-clipped after the first update), a warm-up over 6 updates
+    # (across steps 1-2): the optimizer and schedule state after 4 updates per step must resume exactly (a
+    # cosine schedule would differ by design: the first half runs with --steps 2)
+    dict(mini_batch_size=4, epochs_per_batch=2, warmup_steps=6),
+])
+def test_stop_and_resume_gives_the_same_losses(tmp_path, updates):
+    common = dict(method="real", steps=4, eval_every=0, save_every=2, **updates)
     whole = Trainer(_cfg(tmp_path / "whole", **common), log=lambda m: None).run()
     first = Trainer(_cfg(tmp_path / "split", **dict(common, steps=2)), log=lambda m: None).run()
     assert first.last_step == 2 and first.checkpoint.endswith("checkpoint-2")
@@ -100,7 +107,7 @@ def test_stop_and_resume_gives_the_same_losses(tmp_path):
     def train_values(path, key):
         return [(r["step"], r[key]) for r in _lines(path) if r["type"] == "train"]
 
-    for key in ("loss", "reward_mean", "grad_norm", "mse"):
+    for key in ("loss", "reward_mean", "grad_norm", "mse", "lr", "updates"):
         assert train_values(tmp_path / "split" / "metrics.jsonl", key) == \
             train_values(tmp_path / "whole" / "metrics.jsonl", key), key
     a = ckpt.latest_checkpoint(str(tmp_path / "whole"))

@@ -6,7 +6,8 @@ order every step and never asks which method it is:
 1. ``collect(loop, step, examples)``: this rank's teacher-forced batch of the
    step (sampled rollouts, reference CoTs, or none) and the per-row inputs the
    loss needs besides it (:class:`StepBatch`);
-2. ``prepare(loop, step_batch, ranges, n_slots)``: the per-micro-batch inputs
+2. ``prepare(loop, step_batch, plan, slots)``: per optimizer update (mini-batch,
+   ``--mini-batch-size``) the per-micro-batch inputs
    (:class:`MicroBatch`: per-row tensors and the micro-batch's denominators,
    ``real.objectives.LossNorms``), after a pre-pass where the method needs one:
    old and reference log-probs, group advantages over the whole batch;
@@ -27,7 +28,8 @@ split over micro-batches: its advantages are computed beforehand),
 
 ``loop`` is the trainer; a method uses ``loop.config``, ``loop.env``,
 ``loop.device``, ``loop.tokenizer``, ``loop.scale``, ``loop.step_seed(step)``,
-``loop.sample_rollouts(prompts, step, with_score=)``, ``loop.forward(mb,
+``loop.next_examples()`` (more prompts of the data stream, e.g. to fill a
+filtered batch), ``loop.sample_rollouts(prompts, step, with_score=, fill_round=)``, ``loop.forward(mb,
 entropy=)``, ``loop.reference_forward(mb)`` and ``loop.dummy_forward(batch,
 grad=)`` (a forward that changes nothing, for ranks with fewer micro-batches).
 """
@@ -108,19 +110,24 @@ class Method:
     def collect(self, loop, step: int, examples: list) -> StepBatch:
         raise NotImplementedError
 
-    def prepare(self, loop, step_batch: StepBatch, ranges: Sequence[Tuple[int, int]],
-                n_slots: int) -> List[MicroBatch]:
-        per_row = self.tokens_per_row(loop, step_batch, len(ranges))
-        micro_batches = []
-        for s, e in ranges:
-            rows = {name: values[s:e] for name, values in step_batch.rows.items()}
-            norms = self.loss_norms(slice_batch(step_batch.batch, s, e), rows, per_row)
-            micro_batches.append(MicroBatch(s, e, rows, norms))
-        return micro_batches
+    def prepare(self, loop, step_batch: StepBatch, plan: Sequence[Sequence[Tuple[int, int]]],
+                slots: Sequence[int]) -> List[List[MicroBatch]]:
+        """The micro-batches of each update's mini-batch (``plan``: their row ranges on this rank; ``slots``:
+        how many micro-batches every rank runs in each, the most any rank has)."""
+        mini_batches = []
+        for ranges in plan:
+            per_row = self.tokens_per_row(loop, step_batch, ranges)
+            micro_batches = []
+            for s, e in ranges:
+                rows = {name: values[s:e] for name, values in step_batch.rows.items()}
+                norms = self.loss_norms(slice_batch(step_batch.batch, s, e), rows, per_row)
+                micro_batches.append(MicroBatch(s, e, rows, norms))
+            mini_batches.append(micro_batches)
+        return mini_batches
 
-    def tokens_per_row(self, loop, step_batch: StepBatch, n_micro_batches: int) -> Optional[float]:
-        """The step's action tokens per row when a token-mean spans more than one micro-batch (or rank),
-        else None (see ``real.objectives.loss_norms``); a collective under torchrun."""
+    def tokens_per_row(self, loop, step_batch: StepBatch, ranges: Sequence[Tuple[int, int]]) -> Optional[float]:
+        """The mini-batch's (rows ``ranges``) action tokens per row when its token-mean spans more than one
+        micro-batch (or rank), else None (see ``real.objectives.loss_norms``); a collective under torchrun."""
         return None
 
     def loss_norms(self, part: TeacherForcedBatch, rows: Dict[str, torch.Tensor],
@@ -192,27 +199,31 @@ class PolicyGradientMethod(Method):
                              f"got {config.group_size}")
 
     def collect(self, loop, step: int, examples: list) -> StepBatch:
+        rollouts, targets = self.sample(loop, step, examples)
+        return self.step_batch(loop, rollouts, targets)
+
+    def sample(self, loop, step: int, examples: list, fill_round: int = 0):
+        """``(rollouts, targets)``: G rollouts of each of this rank's share of ``examples``, and their targets."""
         examples = dist_utils.shard_for_rank(examples, loop.env)
-        rollouts = loop.sample_rollouts([e.prompt for e in examples], step, with_score=self.with_score)
-        targets = [e.target for e in examples for _ in range(self.config.group_size)]
-        rollouts, targets, metrics, trainable = self.select_groups(rollouts, targets)
+        rollouts = loop.sample_rollouts([e.prompt for e in examples], step, with_score=self.with_score,
+                                        fill_round=fill_round)
+        return rollouts, [e.target for e in examples for _ in range(self.config.group_size)]
+
+    def step_batch(self, loop, rollouts, targets: List[float], metrics: Optional[Dict[str, Any]] = None,
+                   trainable: bool = True) -> StepBatch:
+        """The step's batch of ``rollouts`` (``trainable`` False: the rows only keep the collectives going)."""
         batch = teacher_forced(loop, rollouts.prompts, rollouts.cots, targets, quiet=True)
-        step_batch = StepBatch(batch, generated_tokens=int(batch.cot_lengths.sum()), metrics=metrics,
+        step_batch = StepBatch(batch, generated_tokens=int(batch.cot_lengths.sum()), metrics=metrics or {},
                                trainable=trainable)
         self.read_rollouts(loop, rollouts, targets, step_batch)
         return step_batch
 
-    def select_groups(self, rollouts, targets: List[float]):
-        """``(rollouts, targets, metrics, trainable)`` of the prompt groups this method trains on (all, by
-        default); ``trainable`` False: none is left, the rows returned only keep the collectives going."""
-        return rollouts, targets, {}, True
-
     def read_rollouts(self, loop, rollouts, targets: List[float], step_batch: StepBatch) -> None:
         """Per-row loss inputs and metrics read off the rollouts (GRPO: rewards of the written scores)."""
 
-    def action_tokens(self, step_batch: StepBatch) -> float:
-        """Tokens the policy-gradient term sums over in the step's batch (on this rank)."""
-        return float(step_batch.batch.cot_mask.sum())
+    def action_tokens(self, step_batch: StepBatch, start: int, end: int) -> float:
+        """Tokens the policy-gradient term sums over in rows ``[start, end)`` of the step's batch (this rank)."""
+        return float(step_batch.batch.cot_mask[start:end].sum())
 
     def action_logprobs(self, fwd: JudgeForward, mb: MicroBatch) -> torch.Tensor:
         """[B, T] log-probs of the tokens the policy chose (the PPO ratio and the KL are over these)."""
@@ -224,34 +235,37 @@ class PolicyGradientMethod(Method):
     def finish_prepass(self, micro_batches: List[MicroBatch]) -> None:
         """Called once the pre-pass has seen every micro-batch."""
 
-    def tokens_per_row(self, loop, step_batch: StepBatch, n_micro_batches: int) -> Optional[float]:
-        if self.config.loss_agg == "token-mean" and (n_micro_batches > 1 or loop.env.is_distributed):
-            return step_tokens_per_row(loop, self.action_tokens(step_batch), len(step_batch.batch))
+    def tokens_per_row(self, loop, step_batch: StepBatch, ranges) -> Optional[float]:
+        if self.config.loss_agg == "token-mean" and (len(ranges) > 1 or loop.env.is_distributed):
+            start, end = (ranges[0][0], ranges[-1][1]) if ranges else (0, 0)
+            return step_tokens_per_row(loop, self.action_tokens(step_batch, start, end), end - start)
         return None
 
-    def prepare(self, loop, step_batch: StepBatch, ranges, n_slots: int) -> List[MicroBatch]:
+    def prepare(self, loop, step_batch: StepBatch, plan, slots) -> List[List[MicroBatch]]:
         cfg, batch = self.config, step_batch.batch
-        micro_batches = super().prepare(loop, step_batch, ranges, n_slots)
-        split = any((e - s) % self.group_size for s, e in ranges)
+        mini_batches = super().prepare(loop, step_batch, plan, slots)
+        split = any((e - s) % self.group_size for ranges in plan for s, e in ranges)
+        # more than one update per rollout batch: the PPO ratio against the pre-pass's log-probs from the 2nd on
+        reused = cfg.epochs_per_batch > 1 or len(slots) > 1
         # Every rank must agree whether the pre-pass (more forwards) runs.
-        step_batch.prepass = (cfg.epochs_per_batch > 1 or cfg.kl_coef > 0
-                              or dist_utils.max_over_ranks(int(split), loop.env) > 0)
+        step_batch.prepass = (reused or cfg.kl_coef > 0 or dist_utils.max_over_ranks(int(split), loop.env) > 0)
         if not step_batch.prepass:
-            return micro_batches
-        for k in range(n_slots):
-            if k >= len(micro_batches):  # this rank has fewer micro-batches: the same collectives as a real one
-                loop.dummy_forward(batch, grad=False)
+            return mini_batches
+        for micro_batches, n_slots in zip(mini_batches, slots):
+            for k in range(n_slots):
+                if k >= len(micro_batches):  # this rank has fewer micro-batches: the same collectives as a real one
+                    loop.dummy_forward(batch, grad=False)
+                    if cfg.kl_coef > 0:
+                        loop.reference_forward(slice_batch(batch, 0, 1))
+                    continue
+                mb = micro_batches[k]
+                part = slice_batch(batch, mb.start, mb.end)
+                with torch.no_grad():
+                    fwd = loop.forward(part, entropy=False)
+                    self.observe_prepass(fwd, mb)
+                    if reused:
+                        mb.rows["old_logprobs"] = self.action_logprobs(fwd, mb).detach()
                 if cfg.kl_coef > 0:
-                    loop.reference_forward(slice_batch(batch, 0, 1))
-                continue
-            mb = micro_batches[k]
-            part = slice_batch(batch, mb.start, mb.end)
-            with torch.no_grad():
-                fwd = loop.forward(part, entropy=False)
-                self.observe_prepass(fwd, mb)
-                if cfg.epochs_per_batch > 1:
-                    mb.rows["old_logprobs"] = self.action_logprobs(fwd, mb).detach()
-            if cfg.kl_coef > 0:
-                mb.rows["ref_logprobs"] = self.action_logprobs(loop.reference_forward(part), mb)
-        self.finish_prepass(micro_batches)
-        return micro_batches
+                    mb.rows["ref_logprobs"] = self.action_logprobs(loop.reference_forward(part), mb)
+        self.finish_prepass([mb for micro_batches in mini_batches for mb in micro_batches])
+        return mini_batches

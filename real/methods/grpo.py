@@ -40,8 +40,9 @@ class GRPO(PolicyGradientMethod):
                          ppo_clip=cfg.clip_ratio, ref_logprobs=inputs.get("ref_logprobs"), kl_coef=cfg.kl_coef,
                          norms=norms)
 
-    def action_tokens(self, step_batch: StepBatch) -> float:  # the written score token is an action too
-        return super().action_tokens(step_batch) + float((step_batch.rows["sampled_index"] >= 0).sum())
+    def action_tokens(self, step_batch: StepBatch, start: int, end: int) -> float:  # the written score too
+        written = float((step_batch.rows["sampled_index"][start:end] >= 0).sum())
+        return super().action_tokens(step_batch, start, end) + written
 
     def step_metrics(self, step_batch: StepBatch, micro_batches, forwards):
         rewards = step_batch.rows["rewards"].float()

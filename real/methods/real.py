@@ -5,7 +5,9 @@ with ``r = -(yhat - y*)^2 + lam * log pi(k*) + mu * pi(k*)`` (``real.objectives.
 docs/design.md section 1); ``A`` optionally carries the released code's probability bonus
 (``--prob-bonus``).  A prompt group may be split over micro-batches: its advantages then come from
 the pre-pass over the whole batch.  ``--group-filter partial`` keeps only the prompt groups whose
-written scores are neither all right nor all wrong (the released ``real_data_type="partial"``).
+written scores are neither all right nor all wrong (the released ``real_data_type="partial"``), and
+fills the step's batch with ``--prompts-per-step`` of them over as many rollout rounds as it takes
+(at most ``--max-fill-rounds``), as the released code fills its buffer.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import List
 
 import torch
 
+from real import distributed as dist_utils
 from real.methods.base import MicroBatch, PolicyGradientMethod, StepBatch, reward_metrics
 from real.objectives import binary_rewards, combined_advantages, real_advantages, real_loss, regression_reward
 
@@ -34,31 +37,49 @@ class Real(PolicyGradientMethod):
     def with_score(self) -> bool:  # the partial filter reads the score each rollout writes
         return self.config.group_filter == "partial"
 
-    def select_groups(self, rollouts, targets):
+    def collect(self, loop, step: int, examples: list) -> StepBatch:
         if self.config.group_filter != "partial":
-            return rollouts, targets, {}, True
-        g = self.config.group_size
-        n_groups = len(targets) // g
-        kept = partial_groups(rollouts.decoded_scores, targets, g)
-        metrics = {"groups_kept": len(kept) / n_groups}
+            return super().collect(loop, step, examples)
+        return self._fill_with_partial_groups(loop, step, examples)
+
+    def _fill_with_partial_groups(self, loop, step: int, examples: list) -> StepBatch:
+        """As the released code fills its REAL buffer: rollout rounds of ``--prompts-per-step`` prompts until
+        this rank holds its share of ``--prompts-per-step`` partial groups (the first ones found; every rank
+        runs as many rounds, until all are full or ``--max-fill-rounds``), then exactly those groups."""
+        cfg, g, env = self.config, self.config.group_size, loop.env
+        need = len(dist_utils.shard_for_rank(examples, env))
+        kept: list = []  # (rollouts, targets, group index) of each partial group, in the order found
+        sampled = partial = rounds = 0
+        while True:
+            rollouts, targets = self.sample(loop, step, examples, fill_round=rounds)
+            rounds += 1
+            found = partial_groups(rollouts.decoded_scores, targets, g)
+            sampled, partial = sampled + len(targets) // g, partial + len(found)
+            kept += [(rollouts, targets, i) for i in found][:need - len(kept)]
+            short = int(len(kept) < need)
+            if rounds >= cfg.max_fill_rounds or not dist_utils.max_over_ranks(short, env):
+                break
+            examples = loop.next_examples()
+        # groups_kept: the share of sampled groups that were partial; prompts_trained: over all ranks
+        metrics = {"fill_rounds": rounds, "groups_kept": partial / sampled,
+                   "prompts_trained": int(dist_utils.sum_over_ranks(len(kept), env))}
         trainable = bool(kept)
         if not kept:  # nothing to learn from on this rank: one group goes through with its loss weighted 0
-            kept = [0]
-        rows = [i * g + j for i in kept for j in range(g)]
-        pick = lambda values: [values[r] for r in rows]  # noqa: E731
-        rollouts = replace(rollouts, prompts=pick(rollouts.prompts), cots=pick(rollouts.cots),
-                           decoded_scores=pick(rollouts.decoded_scores))
-        return rollouts, pick(targets), metrics, trainable
+            kept = [(rollouts, targets, 0)]
+        rows = [(r, t, i * g + j) for r, t, i in kept for j in range(g)]
+        picked = replace(rollouts, prompts=[r.prompts[k] for r, _, k in rows], cots=[r.cots[k] for r, _, k in rows],
+                         decoded_scores=[r.decoded_scores[k] for r, _, k in rows])
+        return self.step_batch(loop, picked, [t[k] for _, t, k in rows], metrics, trainable)
 
     def _reward(self, fwd) -> torch.Tensor:
         return regression_reward(fwd.expected_score, fwd.targets, fwd.log_pi_star, lam=self.config.lam,
                                  mu=self.config.mu)
 
-    def prepare(self, loop, step_batch: StepBatch, ranges, n_slots: int) -> List[MicroBatch]:
+    def prepare(self, loop, step_batch: StepBatch, plan, slots) -> List[List[MicroBatch]]:
         rows = len(step_batch.batch)
         self._prepass_rewards = torch.zeros(rows, device=loop.device)
         self._prepass_pi_star = torch.zeros(rows, device=loop.device)
-        return super().prepare(loop, step_batch, ranges, n_slots)
+        return super().prepare(loop, step_batch, plan, slots)
 
     def observe_prepass(self, fwd, mb: MicroBatch) -> None:
         self._prepass_rewards[mb.start:mb.end] = self._reward(fwd)

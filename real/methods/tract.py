@@ -66,11 +66,13 @@ class TRACT(Method):
         examples = dist_utils.shard_for_rank(examples, loop.env)
         return StepBatch(teacher_forced(loop, [e.prompt for e in examples], cots, [e.target for e in examples]))
 
-    def tokens_per_row(self, loop, step_batch: StepBatch, n_micro_batches: int):
-        if n_micro_batches > 1 or loop.env.is_distributed:
-            # TRACT's CE is a mean over all CoT tokens of the step: normalise every micro-batch (and rank) by it
-            batch = step_batch.batch
-            return step_tokens_per_row(loop, float(batch.cot_mask.sum()), len(batch))
+    def tokens_per_row(self, loop, step_batch: StepBatch, ranges):
+        if len(ranges) > 1 or loop.env.is_distributed:
+            # TRACT's CE is a mean over all CoT tokens of the update's mini-batch: normalise every micro-batch
+            # (and rank) by it
+            start, end = (ranges[0][0], ranges[-1][1]) if ranges else (0, 0)
+            tokens = float(step_batch.batch.cot_mask[start:end].sum())
+            return step_tokens_per_row(loop, tokens, end - start)
         return None
 
     def loss(self, fwd, inputs, norms):
