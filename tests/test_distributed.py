@@ -116,7 +116,7 @@ def _train(wrapped, optimizer, batch, score_ids, steps, env=None, loss_outside=F
                 else:
                     loss, terms = wrapped(_step_fn, mb, score_ids)
                 (loss / micro_batches).backward()
-            step_loss += terms["loss"] / micro_batches
+            step_loss += float(terms["loss"]) / micro_batches  # terms are detached 0-dim tensors
         clip_grad_norm(wrapped, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
