@@ -36,11 +36,16 @@ ROW_MULTIPLE = 128
 
 
 def free_device_bytes(device: torch.device) -> Optional[int]:
-    """Free memory of a CUDA device that is present, else None (no bound from free memory)."""
+    """Free memory of a CUDA device that is present, else None (no bound from free memory).
+
+    The driver's free memory plus what PyTorch's caching allocator holds reserved but unused: after a
+    training step most of the device is reserved by the allocator and free to it, not to the driver.
+    """
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
     free, _ = torch.cuda.mem_get_info(device)
-    return int(free)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(free) + max(0, int(cached))
 
 
 def default_chunk_size(n: int, vocab: int, device: torch.device, dtype: Optional[torch.dtype] = None,
