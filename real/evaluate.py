@@ -117,9 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--top-p", type=float, default=0.9, metavar="P",
                        help="nucleus sampling of rail-sampled and decode-released (the released validation's)")
     model.add_argument("--seed", type=int, default=0, help="seed of the sampled CoTs")
-    model.add_argument("--score-phrase", default="prometheus",
+    model.add_argument("--score-phrase", default=None,
                        help="the phrase the score follows: prometheus ('[RESULT] N'), released ('So the overall "
-                            "score is N') or the phrase itself")
+                            "score is N', with the released prompt layout) or the phrase itself; default: the one "
+                            "the checkpoint was trained with (its train_config.json), else prometheus")
     model.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True,
                        help="lay each prompt out as a user turn of the tokenizer's chat template, when it has one")
     model.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
@@ -352,6 +353,19 @@ def model_caution(name: str) -> Optional[str]:
     return None
 
 
+def trained_score_phrase(model: str) -> Optional[str]:
+    """The --score-phrase a `real train` checkpoint folder was trained with (its train_config.json), else None."""
+    import os
+
+    from real.checkpoint import read_saved_config
+
+    if not os.path.isdir(model):
+        return None
+    saved = read_saved_config(model) or {}
+    phrase = saved.get("score_phrase") if isinstance(saved, dict) else None
+    return phrase if isinstance(phrase, str) else None
+
+
 def run_model(benchmarks: Dict[str, List[JudgeExample]], args) -> Dict[str, Dict[Tuple[str, int], Optional[float]]]:
     """method -> (source, idx) -> prediction, by running the judge (PREDICTION_METHODS)."""
     # Imported here: torch/transformers and the inference code are only needed for --model.
@@ -366,6 +380,11 @@ def run_model(benchmarks: Dict[str, List[JudgeExample]], args) -> Dict[str, Dict
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     model, tokenizer = load_model_and_tokenizer(args.model, device=device, dtype=dtype)
     model.eval()
+    if args.score_phrase is None:
+        trained = trained_score_phrase(args.model)
+        args.score_phrase = trained or "prometheus"
+        if trained:
+            print(f"real eval: --score-phrase {trained} (the checkpoint's train_config.json)", file=sys.stderr)
     scale = ScoreScale.from_tokenizer(tokenizer, marker=score_phrase(args.score_phrase))
     keys = [(name, e.meta["row"]) for name, examples in benchmarks.items() for e in examples]
     examples = with_score_phrase([e for examples in benchmarks.values() for e in examples], args.score_phrase)

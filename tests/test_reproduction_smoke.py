@@ -3,7 +3,8 @@
 1. ``real data download paper DIR`` from a local mirror laid out as the Hub and GitHub lay the files out;
 2. the TRACT warm-up from ``configs/paper/qwen3-8b-tract.yaml``;
 3. REAL from ``configs/paper/qwen3-8b-real.yaml``, started from the warm-up's last checkpoint;
-4. ``real eval`` of the REAL checkpoint on the four benchmarks (``--data DIR``), the paper's table.
+4. ``real eval`` of the REAL checkpoint on the four benchmarks (``--data DIR``), the paper's table, in the
+   checkpoint's score phrase.
 
 Only what a tiny CPU run needs is overridden (model, paths, step counts, batch sizes, lengths); everything else
 is the presets' released settings, the released score phrase among them.
@@ -87,10 +88,12 @@ def test_the_readme_reproduction_commands_run_in_order(tmp_path, capsys):
 
     # 4. the paper's table from the REAL checkpoint, on the four benchmarks
     table = tmp_path / "results.json"
-    assert cli.main(["eval", "--model", str(real_run / "checkpoint-1"), "--data", str(data), "--score-phrase",
-                     "released", "--max-new-tokens", "8", "--limit", "4", "--batch-size", "4", "--device", "cpu",
-                     "--methods", "rail-sampled", "rail-greedy", "--output", str(table)]) == 0
-    printed = capsys.readouterr().out
+    assert cli.main(["eval", "--model", str(real_run / "checkpoint-1"), "--data", str(data), "--max-new-tokens",
+                     "8", "--limit", "4", "--batch-size", "4", "--device", "cpu", "--methods", "rail-sampled",
+                     "rail-greedy", "--output", str(table)]) == 0
+    printed, said = capsys.readouterr()
+    # the score phrase the checkpoint was trained with (the preset's), without being told
+    assert "--score-phrase released (the checkpoint's train_config.json)" in said
     results = json.loads(table.read_text())["results"]
     assert set(results) == {"rail-sampled", "rail-greedy"}
     assert set(results["rail-sampled"]) == {"feedback_bench", "flask_eval", "vicuna_eval", "mt_bench_eval", "Average"}
