@@ -62,6 +62,7 @@ class _Run:
     def __init__(self, args: HeadArgs, loss_fn: LossFn, plan: List[slice], backend: str):
         self.args, self.loss_fn, self.plan, self.backend = args, loss_fn, plan, backend
         self.outputs: Optional[JudgeHeadOutput] = None
+        self.grad_enabled = torch.is_grad_enabled()  # the caller's mode (autograd turns it off inside forward)
 
     def execute(self, need_dh: bool, need_dw: bool, phase: Optional[PhaseTimer] = None):
         """(loss, dh, dW); ``phase(name)``, when given, is entered around each of ``PHASES`` per chunk."""
@@ -113,7 +114,8 @@ class _JudgeLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, run: _Run):
-        total, dh, dw = run.execute(ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        grad_on = run.grad_enabled
+        total, dh, dw = run.execute(grad_on and ctx.needs_input_grad[0], grad_on and ctx.needs_input_grad[1])
         ctx.dh, ctx.dw = dh, dw
         return total
 

@@ -252,3 +252,29 @@ def test_cpu_pass_reuses_its_logits_buffer_between_calls():
     assert watch.largest < 32 * v  # no new [chunk, V] buffer: the first call's is reused
     assert torch.equal(g1[0], g2[0]) and torch.equal(g1[1], g2[1])
     release_workspaces()
+
+
+def test_no_grad_forms_no_gradients():
+    """Under torch.no_grad() judge_loss must not spend an fp32 dW and a dh on inputs that require grad."""
+    torch.manual_seed(0)
+    h = torch.randn(10, 8, requires_grad=True)
+    w = torch.randn(37, 8, requires_grad=True)
+    t = torch.randint(0, 37, (10,))
+    seen = {}
+    from real_kernels import loss as loss_mod
+
+    original = loss_mod._Run.execute
+
+    def spy(self, need_dh, need_dw, phase=None):
+        seen["need"] = (need_dh, need_dw)
+        return original(self, need_dh, need_dw, phase)
+
+    loss_mod._Run.execute = spy
+    try:
+        with torch.no_grad():
+            value, _ = judge_loss(h, w, t, lambda o, rows: -o.logprobs.sum(), backend="torch")
+        assert seen["need"] == (False, False) and not value.requires_grad
+        value, _ = judge_loss(h, w, t, lambda o, rows: -o.logprobs.sum(), backend="torch")
+        assert seen["need"] == (True, True) and value.requires_grad
+    finally:
+        loss_mod._Run.execute = original

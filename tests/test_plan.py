@@ -227,10 +227,10 @@ def test_qwen3_32b_fused_vs_naive(capsys):
     fused_head = fused["components"]["loss_head"]["bytes"]
     naive_head = naive["components"]["loss_head"]["bytes"]
     assert naive_head == n * v * (2 + 4 + 4 + 4)  # bf16 logits + fp32 log-softmax + two fp32 gradients
-    # loss mode (what real train runs): O(rows) + one chunk of bf16 logits, a quarter of the 8,192 head rows
+    # loss mode (what real train runs): O(rows) + one chunk of fp32 logits, a quarter of the 8,192 head rows
     head_rows = 8 * 1024  # 1,023 CoT tokens + the score row per sequence
-    assert fused_head == head_rows * 71_808 + (head_rows // 4) * v * 2
-    assert fused_head < 0.025 * naive_head
+    assert fused_head == head_rows * 71_808 + (head_rows // 4) * v * 4
+    assert fused_head < 0.04 * naive_head  # 3.5%: the fp32 chunk buffer is most of it
     assert naive_head - fused_head == n * v * 14 - fused_head
     assert naive["peak_bytes"] > fused["peak_bytes"]
     for key in ("weights", "gradients", "optimizer", "rollout_kv_cache"):
