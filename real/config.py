@@ -169,6 +169,12 @@ class TrainConfig:
     attn_implementation: str = _opt("auto", "attention kernel; auto = flash_attention_2 when flash-attn is "
                                     "installed and the model is on CUDA, else sdpa", ATTN_IMPLEMENTATIONS, "model")
     dtype: str = _opt("auto", "parameter dtype; auto = bfloat16 on CUDA, float32 on CPU", DTYPES, "model")
+    compute_dtype: str = _opt("auto", "mixed precision: the dtype forward and backward compute in, while the "
+                              "parameters, their gradients and the AdamW states stay in --dtype (e.g. --dtype "
+                              "float32 --compute-dtype bfloat16, as the released code trains: fp32 weights, FSDP "
+                              "MixedPrecision param_dtype=bf16, reduce_dtype=fp32). Under --parallel fsdp through "
+                              "FSDP's MixedPrecisionPolicy, else through torch.autocast; rollouts with --rollout hf "
+                              "and evaluation too. auto = --dtype (no mixed precision)", DTYPES, "model")
     device: str = _opt("auto", "cpu, cuda, cuda:N or auto (cuda when available)", group="model")
     parallel: str = _opt("fsdp", "how the processes of a torchrun launch share the work: fsdp (FSDP2 "
                          "fully_shard: weights, gradients and AdamW states sharded over the ranks), ddp (a full "
@@ -240,6 +246,9 @@ class TrainConfig:
             raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1]; got {self.vllm_gpu_memory_utilization}")
         if self.vllm_tensor_parallel_size < 1:
             raise ValueError(f"vllm_tensor_parallel_size must be >= 1; got {self.vllm_tensor_parallel_size}")
+        if self.compute_dtype == "float32" and self.dtype in ("bfloat16", "float16"):
+            raise ValueError(f"compute_dtype float32 is wider than dtype {self.dtype}: mixed precision computes in "
+                             "a lower precision than the parameters (e.g. --dtype float32 --compute-dtype bfloat16)")
         if self.tiny_config and self.model != "tiny":
             raise ValueError("tiny_config only applies to --model tiny")
         if self.mini_batch_size % self.rows_per_prompt:

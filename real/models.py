@@ -196,6 +196,21 @@ def prepare_for_training(model, cfg, device: torch.device, *, adapter_from: Opti
     return model, attn_implementation
 
 
+def compute_dtype_for(name: str, model, device: torch.device, *, log=lambda msg: None) -> Optional[torch.dtype]:
+    """``--compute-dtype``: None for ``auto`` or when it is the parameters' dtype already (nothing to mix),
+    else the torch.dtype forward and backward compute in while the parameters stay as they are."""
+    if name == "auto":
+        return None
+    dtype = resolve_dtype(name, device)
+    params = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if params == {dtype}:
+        return None
+    log(f"mixed precision: parameters, gradients and optimizer states in "
+        f"{', '.join(sorted(str(d).replace('torch.', '') for d in params))}, compute in "
+        f"{str(dtype).replace('torch.', '')}")
+    return dtype
+
+
 def frozen_copy(model):
     """A copy of ``model`` in eval mode with no trainable parameter (the KL term's reference policy)."""
     import copy

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -67,12 +67,18 @@ class DistributedJudge(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        # Mixed precision outside FSDP (see wrap_model): (device type, compute dtype) of torch.autocast, or None.
+        self.autocast: Optional[Tuple[str, torch.dtype]] = None
 
     def forward(self, fn: Callable[..., Any], *args, **kwargs):
         if not callable(fn):
             raise TypeError(f"DistributedJudge is called as wrapped(fn, *args); got a {type(fn).__name__} "
                             "as fn (pass a function taking the model first)")
-        return fn(self.model, *args, **kwargs)
+        if self.autocast is None:
+            return fn(self.model, *args, **kwargs)
+        device_type, dtype = self.autocast
+        with torch.autocast(device_type, dtype=dtype):
+            return fn(self.model, *args, **kwargs)
 
 
 def decoder_layers(model: nn.Module) -> List[nn.Module]:
@@ -91,12 +97,17 @@ def decoder_layers(model: nn.Module) -> List[nn.Module]:
     return layers
 
 
-def _mixed_precision(model: nn.Module):
-    """FSDP needs one dtype per unit: peft keeps fp32 adapters on a bf16 model, so gather everything in the
-    lowest floating dtype present (compute dtype), keep fp32 shards, reduce gradients in fp32."""
+def _mixed_precision(model: nn.Module, compute_dtype: Optional[torch.dtype] = None):
+    """FSDP's MixedPrecisionPolicy.  ``compute_dtype`` (e.g. bf16 on fp32 parameters, the released code's
+    ``MixedPrecision(param_dtype=bf16, reduce_dtype=fp32)``): every unit is all-gathered in it, forward and
+    backward run in it, gradients are reduce-scattered in fp32 onto the parameters' shards.  None: FSDP needs
+    one dtype per unit, and peft keeps fp32 adapters on a bf16 model, so gather everything in the lowest
+    floating dtype present, keep fp32 shards, reduce gradients in fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if compute_dtype is not None and dtypes != {compute_dtype}:
+        return MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     if len(dtypes) <= 1:
         return MixedPrecisionPolicy(cast_forward_inputs=False)
     low = min(dtypes, key=lambda d: torch.finfo(d).bits)
@@ -104,17 +115,41 @@ def _mixed_precision(model: nn.Module):
 
 
 def wrap_model(model: nn.Module, parallel: str = "fsdp", env: Optional[DistEnv] = None, *,
-               reshard_after_forward: bool = True) -> nn.Module:
+               reshard_after_forward: bool = True, compute_dtype: Optional[torch.dtype] = None) -> nn.Module:
     """Wrap ``model`` (already on ``env.device``) for ``parallel`` in fsdp | ddp | none.
 
     Returns a module to call as ``wrapped(fn, *args)``; build the optimizer
     from ``wrapped.parameters()`` afterwards.  In a one-process environment
     every mode is ``none`` (nothing to shard or synchronise).
+
+    ``compute_dtype`` (None: the parameters' dtype): mixed precision, the
+    parameters, their gradients and the optimizer states stay in their dtype
+    (e.g. fp32), forward and backward compute in ``compute_dtype`` (e.g. bf16).
+    Under FSDP through its MixedPrecisionPolicy (units gathered in the compute
+    dtype, gradients reduce-scattered in fp32); under DDP and in one process
+    through ``torch.autocast(compute_dtype)`` around every ``wrapped(fn, ...)``
+    call (it composes with DDP's reducer, gradient checkpointing's recompute,
+    which restores the autocast state, peft and ``generate``; FSDP on a one-rank
+    mesh would need a process group and DTensor checkpoints in every plain
+    run).  The two differ a little: autocast runs the matmuls and attention in
+    the compute dtype but keeps the residual stream, norms and softmaxes in the
+    parameters' fp32, where FSDP runs the whole layer in bf16.  The fused head
+    follows the autocast dtype (``real_kernels.hf`` casts its hidden rows and
+    LM-head weight to it).
     """
     if parallel not in PARALLEL_MODES:
         raise ValueError(f"parallel must be one of {', '.join(PARALLEL_MODES)}, got {parallel!r}")
+    if compute_dtype is not None and not (isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point):
+        raise ValueError(f"compute_dtype must be a floating torch.dtype or None, got {compute_dtype!r}")
     env = env or current_env()
     root = DistributedJudge(model)
+    fsdp = env.is_distributed and parallel == "fsdp"
+    param_dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if compute_dtype is not None and not fsdp and param_dtypes != {compute_dtype}:
+        if torch.finfo(compute_dtype).bits > min(torch.finfo(d).bits for d in param_dtypes):
+            raise ValueError(f"compute_dtype {compute_dtype} is wider than the parameters' "
+                             f"{sorted(map(str, param_dtypes))}: autocast only lowers precision")
+        root.autocast = (env.device.type, compute_dtype)
     if not env.is_distributed or parallel == "none":
         return root
     if parallel == "ddp":
@@ -126,7 +161,7 @@ def wrap_model(model: nn.Module, parallel: str = "fsdp", env: Optional[DistEnv] 
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(env.device.type, (env.world_size,))
-    mp_policy = _mixed_precision(model)
+    mp_policy = _mixed_precision(model, compute_dtype)
     # transformers' generate then runs with synced_gpus: a rank whose sequences are all finished keeps
     # stepping (and joining the all-gathers) until every rank is done, instead of leaving the others hanging.
     for module in {id(m): m for m in (model, _unwrap_peft(model))}.values():

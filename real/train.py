@@ -48,8 +48,8 @@ from real.rollout import rollout_engine_for
 from real.methods import method_class
 from real.metrics import prediction_report
 from real.nonfinite import NonFiniteStep, SkippedSteps, TrainingFailed, finite_on_all_ranks, skipped_record
-from real.models import (frozen_copy, init_weights_from, load_model_and_tokenizer, prepare_for_training,
-                         resolve_device)
+from real.models import (compute_dtype_for, frozen_copy, init_weights_from, load_model_and_tokenizer,
+                         prepare_for_training, resolve_device)
 from real.prompts import ScoreScale, score_phrase
 from real.resume import apply_optimizer_settings, check_resumed_config
 from real.run_dir import RunDir, StopOnSignal
@@ -140,13 +140,14 @@ class Trainer:
             ckpt.load_model_weights(self.model, self.resume_from)
         # Everything the loop does with the model runs as self.wrapped(fn, ...) (real.parallel): under
         # FSDP that gathers the LM-head weight the fused head reads and reduce-scatters its gradient.
-        self.wrapped = parallel.wrap_model(self.model, config.parallel, self.env)
+        self.compute_dtype = compute_dtype_for(config.compute_dtype, self.model, self.device, log=self.log)
+        self.wrapped = parallel.wrap_model(self.model, config.parallel, self.env, compute_dtype=self.compute_dtype)
         # FSDP warns that the root returns views (the head's outputs); the loop never writes into them in place.
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
         self.ref_wrapped = None
         if self.ref_model is not None:
             self.ref_wrapped = parallel.wrap_model(self.ref_model, "fsdp" if config.parallel == "fsdp" else "none",
-                                                     self.env)
+                                                     self.env, compute_dtype=self.compute_dtype)
         self.trainable = [p for p in self.wrapped.parameters() if p.requires_grad]
         if not self.trainable:
             raise ValueError("the model has no trainable parameters")

@@ -83,6 +83,18 @@ def lm_head_weight(model) -> torch.Tensor:
     return head.weight
 
 
+def head_inputs(hidden: torch.Tensor, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The hidden rows and LM-head weight as the head should take them: under ``torch.autocast`` (mixed
+    precision: e.g. fp32 parameters, bf16 compute) both cast to the autocast dtype, since the fused head
+    disables autocast and runs its GEMMs in its inputs' dtype (its dW comes back in that dtype, accumulated
+    in fp32, and the cast's backward hands it to the fp32 weight); else as they are."""
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return hidden, weight
+    dtype = torch.get_autocast_dtype(device_type)
+    return hidden.to(dtype), weight.to(dtype)
+
+
 def decoder_hidden_states(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Final hidden states ``[B, T, H]`` (after the last norm) from the decoder body alone.
 
@@ -129,9 +141,10 @@ def token_logprobs(
         raise ValueError(f"token_mask must have shape {(b, t - 1)}, got {tuple(token_mask.shape)}")
     hidden = decoder_hidden_states(model, input_ids, attention_mask)[:, :-1]
     rows = token_mask.reshape(-1).nonzero().squeeze(1)
+    head_hidden, weight = head_inputs(hidden.reshape(b * (t - 1), -1).index_select(0, rows), lm_head_weight(model))
     out = linear_logprobs(
-        hidden.reshape(b * (t - 1), -1).index_select(0, rows),
-        lm_head_weight(model),
+        head_hidden,
+        weight,
         input_ids[:, 1:].reshape(-1).index_select(0, rows),
         temperature=_effective_temperature(model, temperature),
         return_entropy=return_entropy,
@@ -181,8 +194,9 @@ def judge_outputs(
     token is a CoT token (None: no CoT rows, e.g. RAIL or RAFT).
     """
     rows = _judge_rows(model, input_ids, attention_mask, targets, score_pos, cot_mask, score_first=False)
+    hidden, weight = head_inputs(rows.hidden, lm_head_weight(model))
     out = judge_head(
-        rows.hidden, lm_head_weight(model), rows.targets, score_token_ids, score_values,
+        hidden, weight, rows.targets, score_token_ids, score_values,
         score_targets=rows.score_targets, score_mask=rows.score_mask, normalize=normalize,
         temperature=_effective_temperature(model, temperature), return_entropy=return_entropy, backend=backend,
     )
@@ -320,6 +334,9 @@ def judge_loss_outputs(
     cot_counts = [0] * b if cot_mask is None else [int(c) for c in cot_mask.sum(1).tolist()]
     group_rows = [sum(cot_counts[g:g + sequence_group]) + sequence_group for g in range(0, b, sequence_group)]
     weight = lm_head_weight(model)
+    mixed = torch.is_autocast_enabled(input_ids.device.type)  # mixed precision: the head in the compute dtype
+    if mixed:
+        weight = weight.to(torch.get_autocast_dtype(input_ids.device.type))
     device, vocab, n = input_ids.device, weight.shape[0], sum(group_rows)
     size = chunk_size or default_chunk_size(n, vocab, device, weight.dtype)
     plan = plan_chunks(n, vocab, device, weight.dtype, row_groups=group_rows, chunk_size=size)
@@ -357,7 +374,7 @@ def judge_loss_outputs(
         return loss_fn(view, slice(s0, s1))
 
     loss, _ = judge_loss(
-        head_rows.hidden, weight, head_rows.targets, chunk_loss, score_token_ids=score_token_ids,
+        head_rows.hidden.to(weight.dtype) if mixed else head_rows.hidden, weight, head_rows.targets, chunk_loss, score_token_ids=score_token_ids,
         score_values=score_values, score_targets=head_rows.score_targets, score_mask=head_rows.score_mask,
         normalize=normalize, temperature=_effective_temperature(model, temperature), return_entropy=return_entropy,
         chunk_size=size, row_groups=[rows.stop - rows.start for rows in plan], backend=backend,

@@ -78,11 +78,14 @@ def test_flags_override_the_preset_in_the_printed_config(capsys):
 
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in PRESETS.glob("*.yaml")))
-def test_full_fine_tuning_presets_keep_fp32_weights(capsys, preset):
-    """The released actor holds fp32 weights and AdamW states (verl builds it in fp32, bf16 compute under FSDP);
-    bf16 weights would drop most updates at the presets' learning rates (below).  LoRA adapters are fp32 anyway."""
+def test_full_fine_tuning_presets_keep_fp32_weights_and_compute_in_bf16(capsys, preset):
+    """The released actor holds fp32 weights and AdamW states (verl builds it in fp32) and computes in bf16
+    (fsdp_workers.py: MixedPrecision(param_dtype=bf16, reduce_dtype=fp32)); bf16 weights would drop most
+    updates at the presets' learning rates (below).  LoRA presets keep bf16 weights (their adapters are fp32)
+    and compute in them (compute_dtype auto)."""
     config = _printed(capsys, "--config", str(PRESETS / preset), "--print-config")
     assert config["dtype"] == ("auto" if config["lora_rank"] else "float32")
+    assert config["compute_dtype"] == ("auto" if config["lora_rank"] else "bfloat16")
 
 
 def test_bf16_weights_drop_updates_at_the_released_learning_rates():
