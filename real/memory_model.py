@@ -97,7 +97,9 @@ class TrainSetup:
     gpus: int = 1
     gpu_memory_gib: float = 80.0
     parallel: str = "fsdp"
-    dtype: str = "bf16"
+    dtype: str = "bf16"  # parameters, gradients, optimizer states
+    compute_dtype: Optional[str] = None  # mixed precision (real train --compute-dtype): activations, gathered
+    # units, head and KV cache in it; None: dtype
     lora_rank: int = 0
     lora_targets: str = "all-linear"
     optimizer: str = "adamw"
@@ -137,6 +139,8 @@ class TrainSetup:
             raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
         if self.vllm_tensor_parallel_size < 1:
             raise ValueError(f"vllm_tensor_parallel_size must be >= 1, got {self.vllm_tensor_parallel_size}")
+        if self.compute_dtype is not None and self.compute_dtype not in DTYPE_BYTES:
+            raise ValueError(f"compute_dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.compute_dtype!r}")
         choices = {"parallel": PLAN_PARALLEL_MODES, "dtype": tuple(DTYPE_BYTES), "optimizer": OPTIMIZERS,
                    "head": HEADS, "attention": ATTENTION_KERNELS, "lora_targets": tuple(LORA_TARGET_SETS)}
         for name, allowed in choices.items():
@@ -147,6 +151,15 @@ class TrainSetup:
                 f"micro_batch_tokens={self.micro_batch_tokens} is smaller than one sequence "
                 f"({self.prompt_tokens} prompt + {self.cot_tokens} CoT tokens)"
             )
+
+    @property
+    def compute(self) -> str:
+        """The dtype forward and backward compute in."""
+        return self.compute_dtype or self.dtype
+
+    @property
+    def mixed(self) -> bool:
+        return self.compute != self.dtype
 
     @property
     def sequence_tokens(self) -> int:
@@ -196,7 +209,7 @@ def adapter_bytes_per_element(setup: TrainSetup) -> int:
 def adapter_compute_bytes(setup: TrainSetup) -> int:
     """The dtype LoRA computes in: fp32 adapters cast their input to fp32, except under FSDP, which
     gathers every parameter of a unit in the compute dtype (``real.distributed``'s MixedPrecisionPolicy)."""
-    return DTYPE_BYTES[setup.dtype] if setup.sharded else adapter_bytes_per_element(setup)
+    return DTYPE_BYTES[setup.compute] if setup.sharded else adapter_bytes_per_element(setup)
 
 
 @dataclass(frozen=True)
@@ -252,7 +265,7 @@ def layer_saved_bytes_per_token(shape: ModelShape, setup: TrainSetup) -> int:
     SwiGLU keeps gate, silu(gate) and up (3cI).
     """
     h, i, q, k = shape.hidden_size, shape.intermediate_size, shape.q_dim, shape.kv_dim
-    c = DTYPE_BYTES[setup.dtype]
+    c = DTYPE_BYTES[setup.compute]
     full = setup.lora_rank == 0
     targets = set(lora_targets(setup))
     a = adapter_compute_bytes(setup)
@@ -284,13 +297,13 @@ def layer_saved_bytes_per_token(shape: ModelShape, setup: TrainSetup) -> int:
 
 def final_saved_bytes_per_token(shape: ModelShape, setup: TrainSetup) -> int:
     """The final RMSNorm: fp32 input, rsqrt, and the normalised activation when its weight trains."""
-    c = DTYPE_BYTES[setup.dtype]
+    c = DTYPE_BYTES[setup.compute]
     return 4 * shape.hidden_size + 4 + (c * shape.hidden_size if setup.lora_rank == 0 else 0)
 
 
 def backward_working_bytes_per_token(shape: ModelShape, setup: TrainSetup) -> int:
     """Gradient buffers alive while one layer is differentiated (fitted to measured CPU peaks, conservative)."""
-    c = DTYPE_BYTES[setup.dtype]
+    c = DTYPE_BYTES[setup.compute]
     g = 4 if (setup.lora_rank or c == 4) else c
     return (2 * shape.hidden_size + 2 * shape.intermediate_size) * g
 
@@ -300,7 +313,7 @@ def attention_mask_bytes_per_layer(setup: TrainSetup) -> int:
     if setup.attention != "sdpa" or not setup.padded:
         return 0
     t = setup.sequence_tokens
-    return setup.sequences_per_micro_batch * t * t * DTYPE_BYTES[setup.dtype]
+    return setup.sequences_per_micro_batch * t * t * DTYPE_BYTES[setup.compute]
 
 
 @dataclass(frozen=True)
@@ -312,7 +325,7 @@ class ActivationBytes:
 
 
 def activation_bytes(shape: ModelShape, setup: TrainSetup) -> ActivationBytes:
-    c = DTYPE_BYTES[setup.dtype]
+    c = DTYPE_BYTES[setup.compute]
     n = setup.tokens_per_micro_batch
     per_layer = layer_saved_bytes_per_token(shape, setup) * n + attention_mask_bytes_per_layer(setup)
     working = backward_working_bytes_per_token(shape, setup) * n
@@ -360,14 +373,14 @@ def head_held_bytes(shape: ModelShape, setup: TrainSetup) -> int:
     """Head tensors still alive while the decoder is differentiated: the naive trainer's logits (held by
     the model output it keeps); the fused head keeps nothing of size N x V."""
     if setup.head == "naive":
-        return setup.tokens_per_micro_batch * shape.vocab_size * DTYPE_BYTES[setup.dtype]
+        return setup.tokens_per_micro_batch * shape.vocab_size * DTYPE_BYTES[setup.compute]
     return 0
 
 
 def loss_head_bytes(shape: ModelShape, setup: TrainSetup) -> int:
     if setup.head == "naive":
-        return naive_head_bytes(setup.tokens_per_micro_batch, shape.vocab_size, setup.dtype)
-    return fused_head_bytes(setup.head_rows_fused, shape.hidden_size, shape.vocab_size, setup.dtype,
+        return naive_head_bytes(setup.tokens_per_micro_batch, shape.vocab_size, setup.compute)
+    return fused_head_bytes(setup.head_rows_fused, shape.hidden_size, shape.vocab_size, setup.compute,
                             setup.score_values, head_trainable=setup.lora_rank == 0,
                             tile_bytes=fused_workspace_bytes(shape, setup))
 
@@ -379,7 +392,7 @@ def fused_workspace_bytes(shape: ModelShape, setup: TrainSetup) -> int:
     ``dW`` it also holds is counted by ``fused_head_bytes`` when the head trains."""
     if setup.fused_tile_bytes is not None:
         return setup.fused_tile_bytes
-    return head_workspace_bytes(setup.head_rows_fused, shape.vocab_size, shape.hidden_size, setup.dtype,
+    return head_workspace_bytes(setup.head_rows_fused, shape.vocab_size, shape.hidden_size, setup.compute,
                                 mode="loss", device_type="cuda", weight_grad=False)
 
 
@@ -388,10 +401,12 @@ def fused_workspace_bytes(shape: ModelShape, setup: TrainSetup) -> int:
 
 
 def fsdp_buffer_bytes(shape: ModelShape, setup: TrainSetup) -> int:
-    """Unsharded root unit for the whole step + two unsharded layers + one layer's unsharded gradients."""
+    """Unsharded root unit for the whole step + two unsharded layers + one layer's unsharded gradients, in
+    the compute dtype (mixed precision: the gradients also in fp32 for the reduce-scatter).  Not sharded
+    but mixed (autocast): the compute-dtype copy of every weight, which autocast caches for the step."""
     if not setup.sharded:
-        return 0
-    c = DTYPE_BYTES[setup.dtype]
+        return shape.num_params() * DTYPE_BYTES[setup.compute] if setup.mixed else 0
+    c = DTYPE_BYTES[setup.compute]
     root = sum(math.prod(s) for s in shape.root_param_shapes()) * c
     layer = sum(math.prod(s) for s in shape.layer_param_shapes()) * c
     if setup.lora_rank:
@@ -400,7 +415,7 @@ def fsdp_buffer_bytes(shape: ModelShape, setup: TrainSetup) -> int:
         layer += adapters_per_layer * c  # all-gathered in the compute dtype (MixedPrecisionPolicy)
         layer_grads = adapters_per_layer * 4
     else:
-        layer_grads = layer
+        layer_grads = layer + (layer // c * 4 if setup.mixed else 0)
     return root + 2 * layer + layer_grads
 
 
@@ -415,7 +430,7 @@ def rollout_bytes(shape: ModelShape, setup: TrainSetup) -> RolloutBytes:
     ``generate`` on the trained model; a vLLM engine's memory is ``vllm_engine_bytes``)."""
     if not setup.rollout_on_gpu or setup.rollout_engine != "hf":
         return RolloutBytes(0, 0)
-    c = DTYPE_BYTES[setup.dtype]
+    c = DTYPE_BYTES[setup.compute]
     seqs = setup.generation_batch or setup.rollouts
     kv = seqs * setup.sequence_tokens * 2 * shape.num_layers * shape.kv_dim * c
     prompt_tokens = seqs * setup.prompt_tokens

@@ -78,7 +78,7 @@ class MemoryPlan:
 def memory_plan(shape: ModelShape, setup: TrainSetup) -> MemoryPlan:
     """Per-GPU bytes of every component, the training and rollout peaks, and whether it fits."""
     setup.validate()
-    c = DTYPE_BYTES[setup.dtype]
+    c, cc = DTYPE_BYTES[setup.dtype], DTYPE_BYTES[setup.compute]
     params = param_bytes(shape, setup)
     acts = activation_bytes(shape, setup)
     head = loss_head_bytes(shape, setup)
@@ -93,14 +93,14 @@ def memory_plan(shape: ModelShape, setup: TrainSetup) -> MemoryPlan:
 
     lora = f"LoRA r={setup.lora_rank} ({setup.lora_targets}), fp32 adapters" if setup.lora_rank else "full fine-tuning"
     if setup.head == "naive":
-        head_note = (f"N={n:,} rows x V={shape.vocab_size:,} x {c + 12} B (logits {c} B + fp32 log-softmax 4 B "
+        head_note = (f"N={n:,} rows x V={shape.vocab_size:,} x {cc + 12} B (logits {cc} B + fp32 log-softmax 4 B "
                      f"+ gather grad 4 B + logits grad 4 B)")
     else:
         head_note = (f"{setup.head_rows_fused:,} CoT+score rows x "
-                     f"{fused_head_bytes_per_row(shape.hidden_size, setup.dtype, setup.score_values):,} B"
+                     f"{fused_head_bytes_per_row(shape.hidden_size, setup.compute, setup.score_values):,} B"
                      f" + one {tile / 2**20:g} MiB tile" + (" + fp32 dW [V, H]" if setup.lora_rank == 0 else ""))
     if setup.gradient_checkpointing:
-        stash_label, stash_note = "activations: checkpointed layer inputs", f"{shape.num_layers} layers x N x H x {c} B"
+        stash_label, stash_note = "activations: checkpointed layer inputs", f"{shape.num_layers} layers x N x H x {DTYPE_BYTES[setup.compute]} B"
         layer_label = "activations: one layer recomputed + backward"
     else:
         stash_label, stash_note = "activations: saved by all layers", f"{shape.num_layers} layers x N x {layer_saved_bytes_per_token(shape, setup):,} B"
@@ -111,8 +111,9 @@ def memory_plan(shape: ModelShape, setup: TrainSetup) -> MemoryPlan:
         Row("gradients", "gradients", params.gradients, f"{params.trainable_params / 1e6:,.1f}M trainable" + share),
         Row("optimizer", f"optimizer states ({setup.optimizer})", params.optimizer,
             f"{OPTIMIZER_STATES[setup.optimizer]} state(s) per trainable element" + share),
-        Row("fsdp_buffers", "FSDP all-gather buffers", fsdp,
-            "root unit + 2 layers unsharded + 1 layer of unsharded grads" if fsdp else "not sharded"),
+        Row("fsdp_buffers", "FSDP all-gather buffers" if setup.sharded else "compute-dtype weight copies", fsdp,
+            (f"root unit + 2 layers unsharded + 1 layer of unsharded grads, {setup.compute}" if setup.sharded
+             else f"autocast's {setup.compute} copy of every weight" if fsdp else "not sharded")),
         Row("activations_stash", stash_label, acts.stash, stash_note),
         Row("activations_final", "activations: final norm + head input", acts.final, ""),
         Row("activations_layer", layer_label, acts.layer_backward,
@@ -217,7 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory of one GPU in GiB (suffix GB for 10^9 bytes, e.g. 141GB)")
     p.add_argument("--parallel", choices=PLAN_PARALLEL_MODES, default="fsdp",
                    help="fsdp shards weights, gradients and optimizer states over the GPUs; ddp replicates them")
-    p.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="bf16", help="parameter and compute dtype")
+    p.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="bf16",
+                   help="parameter, gradient and optimizer-state dtype (and the compute dtype unless --compute-dtype)")
+    p.add_argument("--compute-dtype", choices=tuple(DTYPE_BYTES), default=None,
+                   help="mixed precision (real train --compute-dtype): activations, the head, the KV cache and "
+                        "the FSDP-gathered units in this dtype, e.g. --dtype fp32 --compute-dtype bf16 as the "
+                        "paper presets; default: --dtype")
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank through peft (0 = full fine-tuning)")
     p.add_argument("--lora-targets", choices=tuple(LORA_TARGET_SETS), default="all-linear",
                    help="which linears get adapters")
@@ -260,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
 def setup_from_args(args: argparse.Namespace) -> TrainSetup:
     return TrainSetup(
         gpus=args.gpus, gpu_memory_gib=args.gpu_memory, parallel=args.parallel, dtype=args.dtype,
+        compute_dtype=args.compute_dtype,
         lora_rank=args.lora_rank, lora_targets=args.lora_targets, optimizer=args.optimizer,
         prompt_tokens=args.prompt_tokens, cot_tokens=args.cot_tokens, rollouts=args.rollouts,
         micro_batch_tokens=args.micro_batch_tokens, gradient_checkpointing=args.gradient_checkpointing,

@@ -312,3 +312,24 @@ def test_the_vllm_engine_is_counted(capsys):
     assert "on the server's GPUs" in server["components"]["vllm_engine"]["note"]
     assert plan_cli.main(["--rollout-engine", "vllm-colocate", "--vllm-gpu-memory-utilization", "1.5"]) == 2
     assert "vllm_gpu_memory_utilization must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_mixed_precision_keeps_fp32_states_and_counts_bf16_compute():
+    """--dtype fp32 --compute-dtype bf16 (the paper presets): weights, gradients and AdamW states as fp32's;
+    activations, the head and the FSDP-gathered units as bf16's (+ fp32 gradients for the reduce-scatter);
+    without FSDP, autocast's bf16 copy of every weight."""
+    from real.memory_model import activation_bytes, fsdp_buffer_bytes
+
+    shape = load_shape("qwen3-8b")
+    fp32, bf16 = TrainSetup(gpus=8, dtype="fp32"), TrainSetup(gpus=8, dtype="bf16")
+    mixed = TrainSetup(gpus=8, dtype="fp32", compute_dtype="bf16")
+    assert param_bytes(shape, mixed) == param_bytes(shape, fp32)
+    assert activation_bytes(shape, mixed) == activation_bytes(shape, bf16)
+    assert activation_bytes(shape, mixed).stash * 2 == activation_bytes(shape, fp32).stash  # checkpointed inputs
+    layer = sum(math.prod(s) for s in shape.layer_param_shapes())
+    assert fsdp_buffer_bytes(shape, mixed) == fsdp_buffer_bytes(shape, bf16) + layer * 4
+    one = TrainSetup(gpus=1, dtype="fp32", compute_dtype="bf16")
+    assert fsdp_buffer_bytes(shape, one) == shape.num_params() * 2
+    assert fsdp_buffer_bytes(shape, TrainSetup(gpus=1, dtype="fp32")) == 0
+    with pytest.raises(ValueError, match="compute_dtype"):
+        TrainSetup(compute_dtype="fp8").validate()
