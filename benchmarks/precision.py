@@ -22,7 +22,13 @@ implementation that returns bf16 gradients can beat it.
 The Triton kernels run on the CPU interpreter: ``TRITON_INTERPRET=1`` is set
 here before anything imports triton (set it to 0 yourself to run on CUDA,
 which this script does not do).  An implementation that is not installed or
-cannot run here gives a row that says why.
+cannot run here gives a row that says why.  Cut Cross-Entropy's Triton
+``impl='cce'`` is one (25.1.1: its lse kernel's ``libdevice.log1p`` has no
+interpreter implementation); from its source, its lse comes from fp32
+``tl.dot`` accumulators, but its target logit (``indexed_dot``) sums
+bf16-rounded elementwise products ``e * c`` in fp32, so its log-probs are not
+fp32-accurate either.  ``impl='torch_compile'`` is ``e @ c.T`` in bf16, as
+naive.
 """
 from __future__ import annotations
 
@@ -234,7 +240,9 @@ def run_problem(p: Problem, impls: Sequence[str], log: Callable[[str], None] = l
             if impl.ours:
                 raise
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-            row = Row(vocab, name, impl.what, "unavailable", reason=f"cannot run here: {type(exc).__name__}: {first}")
+            where = ("its Triton kernels fail under the CPU interpreter (TRITON_INTERPRET=1)"
+                     if type(exc).__name__ == "InterpreterError" else "cannot run here")
+            row = Row(vocab, name, impl.what, "unavailable", reason=f"{where}: {type(exc).__name__}: {first}")
             log("".join(traceback.format_exception_only(type(exc), exc)).strip()[:500])
         row.seconds = round(time.perf_counter() - start, 2)
         log(f"[V={vocab}] {name}: {row.status} in {row.seconds:.1f} s"
@@ -257,7 +265,7 @@ def markdown(rows: Sequence[Row], n: int, hidden: int) -> str:
         for r in rows:
             if r.vocab != vocab:
                 continue
-            note = r.reason if r.status != "ok" else r.what
+            note = (r.reason if r.status != "ok" else r.what).replace("|", "\\|")
             lines.append(f"| {r.impl} | {_fmt(r.logprob_max_abs)} | {_fmt(r.logprob_mean_abs)} | {_fmt(r.dh_rel)} | "
                          f"{_fmt(r.dw_rel)} | {note} |")
         lines.append("")
