@@ -245,8 +245,6 @@ def causal_lm_loss(
     kept = hidden.reshape(-1, hidden.shape[-1]).to(weight.device).index_select(0, rows)
     if kept.dtype != weight.dtype:  # e.g. fp32 hidden states under autocast with a bf16 head
         kept = kept.to(weight.dtype)
-    if not torch.is_grad_enabled():  # evaluation: judge_loss would still form dh and an fp32 dW for inputs
-        kept, weight = kept.detach(), weight.detach()  # that require grad
     if denominator is None:
         denominator = max(rows.numel(), 1)
     elif isinstance(denominator, torch.Tensor):

@@ -212,9 +212,6 @@ class JudgeLoss(torch.nn.Module):
             if not isinstance(targets, torch.Tensor):
                 raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
             loss_fn = token_mean_cross_entropy(targets, self.ignore_index)
-        if not torch.is_grad_enabled() and isinstance(hidden, torch.Tensor) and isinstance(weight, torch.Tensor):
-            # evaluation: judge_loss would still form dh and an fp32 dW for inputs that require grad
-            hidden, weight = hidden.detach(), weight.detach()
         return judge_loss(
             hidden, weight, targets, loss_fn, score_token_ids=self.score_token_ids, score_values=self.score_values,
             score_targets=score_targets, score_mask=score_mask, normalize=self.normalize,
