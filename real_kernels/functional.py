@@ -12,9 +12,10 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from . import reference, torch_backend
-from .outputs import JudgeHeadOutput, LinearLogprobsOutput
-from .validation import HeadArgs, check_memory, resolve_backend, validate_head_args
+from .core import reference
+from . import torch_backend
+from .core.outputs import JudgeHeadOutput, LinearLogprobsOutput
+from .core.validation import HeadArgs, check_memory, resolve_backend, validate_head_args
 
 
 def _reference_backend(args: HeadArgs, memory: str):

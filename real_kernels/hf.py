@@ -21,7 +21,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from .functional import judge_head, linear_logprobs
-from .outputs import LinearLogprobsOutput
+from .core.outputs import LinearLogprobsOutput
 
 IGNORE_INDEX = -100
 _PATCH_API = ("patch", "unpatch", "is_patched", "causal_lm_loss", "SUPPORTED_MODEL_TYPES")
@@ -36,14 +36,14 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _unwrap_peft(model):
+def unwrap_peft(model):
     """The transformers model inside a peft wrapper (LoRA layers stay injected in it), else the model."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
 
 
-def _decoder(model):
-    base = _unwrap_peft(model)
+def decoder_of(model):
+    base = unwrap_peft(model)
     get_decoder = getattr(base, "get_decoder", None)
     decoder = get_decoder() if callable(get_decoder) else None
     if decoder is None or decoder is base:
@@ -56,12 +56,12 @@ def _decoder(model):
     return decoder
 
 
-def _effective_temperature(model, temperature: float) -> float:
+def effective_temperature(model, temperature: float) -> float:
     """Fold a model's logit scaling into the temperature; refuse what cannot be folded."""
-    config = getattr(_unwrap_peft(model), "config", None)
+    config = getattr(unwrap_peft(model), "config", None)
     if getattr(config, "final_logit_softcapping", None) is not None:
         raise ValueError(
-            f"{type(_unwrap_peft(model)).__name__} applies final_logit_softcapping to its logits, which the fused "
+            f"{type(unwrap_peft(model)).__name__} applies final_logit_softcapping to its logits, which the fused "
             "head does not implement; the log-probs would be wrong"
         )
     scale = getattr(config, "logit_scale", None)
@@ -72,9 +72,9 @@ def _effective_temperature(model, temperature: float) -> float:
 
 def lm_head_weight(model) -> torch.Tensor:
     """The LM-head weight ``[V, H]`` (the input embedding when the two are tied)."""
-    head = _unwrap_peft(model).get_output_embeddings()
+    head = unwrap_peft(model).get_output_embeddings()
     if head is None:
-        raise ValueError(f"{type(_unwrap_peft(model)).__name__} has no output embeddings (LM head)")
+        raise ValueError(f"{type(unwrap_peft(model)).__name__} has no output embeddings (LM head)")
     if hasattr(head, "base_layer") or hasattr(head, "lora_A"):
         raise ValueError(
             "the LM head is wrapped by an adapter (e.g. LoRA on lm_head); its delta would be ignored by the fused "
@@ -99,7 +99,7 @@ def decoder_hidden_states(model, input_ids: torch.Tensor, attention_mask: Option
             )
         kwargs["attention_mask"] = attention_mask
         kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = _decoder(model)(input_ids=input_ids, use_cache=False, **kwargs)
+    out = decoder_of(model)(input_ids=input_ids, use_cache=False, **kwargs)
     return out[0] if isinstance(out, tuple) else out.last_hidden_state
 
 
@@ -133,7 +133,7 @@ def token_logprobs(
         hidden.reshape(b * (t - 1), -1).index_select(0, rows),
         lm_head_weight(model),
         input_ids[:, 1:].reshape(-1).index_select(0, rows),
-        temperature=_effective_temperature(model, temperature),
+        temperature=effective_temperature(model, temperature),
         return_entropy=return_entropy,
         backend=backend,
     )
@@ -184,7 +184,7 @@ def judge_outputs(
     out = judge_head(
         rows.hidden, lm_head_weight(model), rows.targets, score_token_ids, score_values,
         score_targets=rows.score_targets, score_mask=rows.score_mask, normalize=normalize,
-        temperature=_effective_temperature(model, temperature), return_entropy=return_entropy, backend=backend,
+        temperature=effective_temperature(model, temperature), return_entropy=return_entropy, backend=backend,
     )
     return rows.per_sequence(out, return_entropy)
 
@@ -359,7 +359,7 @@ def judge_loss_outputs(
     loss, _ = judge_loss(
         head_rows.hidden, weight, head_rows.targets, chunk_loss, score_token_ids=score_token_ids,
         score_values=score_values, score_targets=head_rows.score_targets, score_mask=head_rows.score_mask,
-        normalize=normalize, temperature=_effective_temperature(model, temperature), return_entropy=return_entropy,
+        normalize=normalize, temperature=effective_temperature(model, temperature), return_entropy=return_entropy,
         chunk_size=size, row_groups=[rows.stop - rows.start for rows in plan], backend=backend,
     )
     names = ("cot_logprobs", "score_logprobs", "expected_score", "sq_error", "cot_entropy")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from benchmarks import fit_32b
-from real.objectives import judge_forward, real_loss
+from real.methods.objectives import judge_forward, real_loss
 
 pytest.importorskip("peft")
 

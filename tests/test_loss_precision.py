@@ -11,8 +11,9 @@ over the logits' own rows, the dW accumulation without fp32-output GEMMs).
 import pytest
 import torch
 
-from real_kernels import judge_loss, reference
-from real_kernels.grad_gemms import GradBuffers, fp32_out_gemm_ok, logits_fp32
+from real_kernels import judge_loss
+from real_kernels.core import reference
+from real_kernels.core.grad_gemms import GradBuffers, fp32_out_gemm_ok, logits_fp32
 from real_kernels.ops.chunk_pass import block_v_for, dlogits_launch, dlogits_view
 
 IDS = [3, 100, 500, 1000, 1000 + 1]

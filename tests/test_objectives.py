@@ -1,4 +1,4 @@
-"""real.objectives: rewards, RLOO, the REAL loss (incl. the unbiasedness of its gradient), RAFT, TRACT, GRPO."""
+"""real.methods.objectives: rewards, RLOO, the REAL loss (incl. the unbiasedness of its gradient), RAFT, TRACT, GRPO."""
 import itertools
 import math
 
@@ -7,7 +7,7 @@ import torch
 from scipy import stats
 
 from real_kernels import judge_head
-from real.objectives import (
+from real.methods.objectives import (
     JudgeForward,
     binary_rewards,
     group_normalized_advantages,
@@ -319,10 +319,10 @@ def test_grpo_loss_includes_the_sampled_score_token():
 # --- on a tiny transformers judge -------------------------------------------------------------------------
 
 def test_judge_forward_on_a_tiny_model_matches_its_logits():
-    from real.batching import build_teacher_forced_batch
-    from real.objectives import judge_forward
-    from real.prompts import resolve_score_token_ids
-    from real.tiny import build_tiny_model, build_tiny_tokenizer
+    from real.judge.batching import build_teacher_forced_batch
+    from real.methods.objectives import judge_forward
+    from real.judge.prompts import resolve_score_token_ids
+    from real.model.tiny import build_tiny_model, build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
     model = build_tiny_model(tok, seed=1)

@@ -11,12 +11,12 @@ import math
 import pytest
 import torch
 
-import real.train as train
-from real.batching import slice_batch
-from real.config import make_config, parse_train_args
-from real.head import judge_forward
-from real.objectives import raft_loss
-from real.rollout import Rollouts
+import real.loop.train as train
+from real.judge.batching import slice_batch
+from real.loop.config import make_config, parse_train_args
+from real.model.head import judge_forward
+from real.methods.objectives import raft_loss
+from real.loop.rollout import Rollouts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -152,7 +152,7 @@ def test_a_full_batch_mini_batch_is_the_old_single_update(tmp_path):
 def test_the_settings_come_from_yaml_and_flags_and_print_config_shows_them(tmp_path, capsys):
     path = tmp_path / "run.yaml"
     path.write_text("method: real\ngroup_size: 4\nmini_batch_size: 16\nmax_fill_rounds: 5\n")
-    from real.train_cli import main as cli_main
+    from real.loop.train_cli import main as cli_main
 
     assert cli_main(["--config", str(path), "--print-config"]) == 0
     shown = json.loads(capsys.readouterr().out)
@@ -193,7 +193,7 @@ def test_the_presets_take_the_released_updates_per_rollout_batch(capsys, preset,
                                                                  updates):
     from pathlib import Path
 
-    from real.train_cli import main as cli_main
+    from real.loop.train_cli import main as cli_main
 
     path = Path(__file__).resolve().parents[1] / "configs" / "paper" / f"{preset}.yaml"
     assert cli_main(["--config", str(path), "--print-config"]) == 0

@@ -8,9 +8,9 @@ reward weight described as the released bonus, and no group filter existed.
 import pytest
 import torch
 
-from real.config import make_config
+from real.loop.config import make_config
 from real.methods.real import partial_groups
-from real.objectives import real_advantages, real_loss, rloo_advantages
+from real.methods.objectives import real_advantages, real_loss, rloo_advantages
 from tests.test_objectives import _fake_forward
 
 
@@ -83,7 +83,7 @@ def test_partial_filter_keeps_groups_neither_all_right_nor_all_wrong():
 
 @pytest.mark.usefixtures("one_thread")
 def test_a_real_step_with_the_released_settings(tmp_path):
-    from real.train import Trainer
+    from real.loop.train import Trainer
 
     cfg = make_config(model="tiny", data=["synthetic"], synthetic_train_size=16, synthetic_eval_size=4, eval_size=4,
                       prompts_per_step=2, group_size=4, max_new_tokens=12, eval_max_new_tokens=12, progress=False,

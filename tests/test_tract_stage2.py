@@ -2,8 +2,8 @@
 itself (one per prompt per step) instead of the data's reference CoTs."""
 import pytest
 
-import real.train as train
-from real.config import make_config
+import real.loop.train as train
+from real.loop.config import make_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

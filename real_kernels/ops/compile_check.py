@@ -56,7 +56,7 @@ def launches() -> Iterator[Tuple[str, object]]:
     """(label, Launch) for every launch the library makes at the benchmark shapes."""
     import torch
 
-    from .chunk_plan import default_chunk_size
+    from ..core.sizing import default_chunk_size
     from .chunk_pass import block_v_for, dlogits_launch, dlogits_view, lse_launch
     from .head_config import gpu_configs
     from .head_launches import combine_launch, forward_launches, forward_partials, score_grad_launch
