@@ -37,9 +37,12 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from real.judge.batching import TeacherForcedBatch
-from real.planner.memory_model import FUSED_TILE_BYTES, GIB, PRESETS, TrainSetup, plan, shape_from_config
+from real.planner.memory_model import FUSED_TILE_BYTES, GIB, TrainSetup
+from real.planner.model_shapes import PRESETS, shape_from_config
+from real.planner.plan import memory_plan
 from real.methods.objectives import JudgeForward, judge_forward, real_loss
-from real_kernels.hf import decoder_hidden_states, lm_head_weight
+from real_kernels.hf import decoder_hidden_states
+from real_kernels.hf_model import lm_head_weight
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SCORE_VALUES = [1.0, 2.0, 3.0, 4.0, 5.0]
@@ -311,7 +314,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                            cot_tokens=run["cot_tokens"], rollouts=run["rollouts"], gradient_checkpointing=True,
                            head=head, attention="flash" if attention == "flash_attention_2" else "sdpa",
                            padded=False, rollout_on_gpu=False, reserve_gib=0, fused_tile_bytes=_tile_bytes(device, batch, config))
-        predicted = plan(shape, setup)
+        predicted = memory_plan(shape, setup)
         print(f"[fit_32b] {head} head: {args.steps} REAL step(s) ...", flush=True)
         before = _fingerprint(trainable)
         measured = None

@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, Optional, Union
 
 import torch
 
-from .hf import decoder_of, effective_temperature, unwrap_peft, lm_head_weight
+from .hf_model import decoder_of, effective_temperature, unwrap_peft, lm_head_weight
 from .loss import judge_loss
 from .core.validation import BACKENDS
 

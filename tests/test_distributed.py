@@ -162,7 +162,7 @@ def _worker(rank: int, world: int, port: int, workdir: str) -> None:
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     from real.multi_gpu.distributed import cleanup_distributed, setup_distributed
-    from real_kernels.hf import lm_head_weight
+    from real_kernels.hf_model import lm_head_weight
 
     env = setup_distributed(device="cpu", timeout_s=60)  # a hang fails within a minute
     results = {}

@@ -25,7 +25,8 @@ from real.planner.memory_model import GIB, LORA_TARGET_SETS, TrainSetup, fused_h
 from real.planner.model_shapes import PRESETS, load_shape, shape_from_config
 from real.planner.plan import memory_plan as plan
 from real_kernels import judge_head
-from real_kernels.hf import decoder_hidden_states, judge_outputs, lm_head_weight
+from real_kernels.hf import decoder_hidden_states, judge_outputs
+from real_kernels.hf_model import lm_head_weight
 
 peft = pytest.importorskip("peft")
 

@@ -16,7 +16,7 @@ from real.judge.batching import slice_batch
 from real.loop.config import make_config, parse_train_args
 from real.model.head import judge_forward
 from real.methods.objectives import raft_loss
-from real.loop.rollout import Rollouts
+from real.loop.rollout_groups import Rollouts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

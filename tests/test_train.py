@@ -301,7 +301,7 @@ def test_tokenizer_without_single_token_scores_is_refused(tmp_path):
 
 
 def test_grpo_reads_the_score_token_after_the_first_marker():
-    from real.loop.rollout import decoded_score
+    from real.loop.rollout_groups import decoded_score
 
     values = [1, 2, 3, 4, 5]
     assert decoded_score("Feedback: yes 2 [RESULT] 3", values) == 3.0

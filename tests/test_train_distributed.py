@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 
 from real.loop.config import make_config
 from real.judge.prompts import SCORE_MARKER
-from real.loop.rollout import Rollouts
+from real.loop.rollout_groups import Rollouts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

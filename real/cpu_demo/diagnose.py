@@ -31,6 +31,12 @@ import numpy as np
 import torch
 
 from real.judge.synthetic import NO, YES, expected_target, is_near_miss, running_scores
+from real.judge.inference import generate_cots
+from real.loop.config import make_config
+from real.loop.train import Trainer
+from real.methods.base import teacher_forced
+from real.methods.objectives import (binary_rewards, group_normalized_advantages, real_loss, regression_reward,
+                                     rloo_advantages)
 
 _WORD = re.compile(rf"\b({YES}|{NO}|[1-5])\b")
 
@@ -69,9 +75,6 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
 
 def checkpoint_report(trainer, examples) -> Dict[str, float]:
     """Greedy CoTs of ``examples`` from the trainer's model: the CoT and head figures of the module docstring."""
-    from real.judge.inference import generate_cots
-    from real.methods.base import teacher_forced
-
     trainer.model.eval()
     prompts = [e.prompt for e in examples]
     with torch.no_grad():
@@ -91,10 +94,6 @@ def checkpoint_report(trainer, examples) -> Dict[str, float]:
 
 def signal_report(trainer, examples, group_size: int) -> Dict[str, float]:
     """How well REAL's and GRPO's advantages rank sampled CoTs by quality, and REAL's two gradient norms."""
-    from real.methods.base import teacher_forced
-    from real.methods.objectives import (binary_rewards, group_normalized_advantages, real_loss, regression_reward,
-                                 rloo_advantages)
-
     cfg = trainer.config
     p, g = len(examples), group_size
     trainer.model.train()
@@ -147,9 +146,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from real.loop.config import make_config
-    from real.loop.train import Trainer
-
     warnings.simplefilter("ignore")
     for path in args.checkpoints:
         with tempfile.TemporaryDirectory() as out:

@@ -49,6 +49,12 @@ import torch
 
 from real.methods import METHODS
 from real.judge.metrics import json_safe
+from real.cpu_demo.report import write_report
+from real.cpu_demo.stages import (COT_EXTEND_STEPS, cot_learned, COT_LEARNED_CE, estimate_seconds, format_minutes,
+                                  make_pool, run_stages, stage_seconds, tail_ce)
+from real.loop.config import make_config
+from real.loop.run_dir import METRICS_FILE, read_metrics
+from real.loop.train import Trainer
 
 DEFAULTS = dict(
     cot_steps=600, max_cot_steps=1200, score_steps=30, warmup_batch=128, warmup_lr=3e-3, score_lr=1e-3, cot_beta=0.02,
@@ -132,8 +138,6 @@ def _settings(args) -> Dict[str, Any]:
 
 def phase_configs(s: Dict[str, Any], out: str, seed: int, control: bool = True, raft: bool = True):
     """The demo's runs in order: ``(name, TrainConfig, step offset on the curves)``."""
-    from real.loop.config import make_config
-
     common = dict(model="tiny", data=["synthetic"], seed=seed, synthetic_train_size=s["train_size"],
                   synthetic_eval_size=s["eval_size"], eval_size=s["eval_size"], max_new_tokens=s["max_new_tokens"],
                   eval_every=s["eval_every"], progress=False, overwrite=True)
@@ -190,9 +194,6 @@ def format_table(table: Dict[str, Dict[str, Any]]) -> str:
 def run_phase(config: Dict[str, Any], threads: int, evaluate_first: bool = False):
     """One ``real train`` run from a config dict, in a worker process: ``(records, final eval, seconds, the
     evaluation before the first step or None)``."""
-    from real.loop.config import make_config
-    from real.loop.train import Trainer
-
     from transformers.utils import logging as hf_logging
 
     if threads:
@@ -213,10 +214,6 @@ WHAT = {"warmup_cot": "warm-up stage 1 (TRACT, learn the CoT)", "warmup": "warm-
 
 def run_demo(args) -> Dict[str, Any]:
     from tqdm.auto import tqdm
-
-    from real.cpu_demo.stages import (COT_EXTEND_STEPS, COT_LEARNED_CE, cot_learned, estimate_seconds, format_minutes,
-                                  make_pool, run_stages, stage_seconds, tail_ce)
-    from real.loop.run_dir import METRICS_FILE, read_metrics
 
     settings = _settings(args)
     out = args.output_dir
@@ -329,8 +326,6 @@ def run_seeds(args, argv: List[str]) -> None:
         seed_runs.append(histories)
         untrained.append(first)
     if args.report:
-        from real.cpu_demo.report import write_report
-
         path = write_report(args.report, summaries, ROWS, "real demo " + " ".join(argv), seed_runs, branch,
                             untrained, plot=not args.no_plot)
         print(f"report: {path}")

@@ -34,11 +34,14 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-from real.judge.prompts import FEEDBACK_PREFIX, SCORE_MARKER, parse_score, render_prompt
+from real.judge.example import JudgeExample
+from real.judge.prompts import (FEEDBACK_PREFIX, SCORE_MARKER, parse_score, prompt_for_score_phrase, render_prompt,
+                                with_chat_template)
+from real.judge.synthetic import SyntheticTask, make_splits
 
 PathLike = Union[str, Path]
 
@@ -50,24 +53,6 @@ _EVAL_FIELDS = {"instruction", "gpt4_score", "gpt4_feedback"}
 _ORIG_PARTS = ("orig_instruction", "orig_response", "orig_criteria") + tuple(
     f"orig_score{s}_description" for s in range(1, 6))
 _TRAIN_FIELDS = {"instruction", "output", "orig_feedback", "orig_score"}
-
-
-@dataclass
-class JudgeExample:
-    """One grading task: the prompt a judge reads and the score it should give.
-
-    ``target`` is the real-valued ground truth (mean of ``grades``);
-    ``feedback[i]`` is the reference CoT for ``grades[i]`` (may be empty);
-    ``meta`` holds ``source`` (file stem), ``path``, ``row`` (0-based position
-    in the file), ``format`` and every field of the row not used above (e.g.
-    the Prometheus files' own ``idx``, which numbers prompts and repeats).
-    """
-
-    prompt: str
-    target: float
-    grades: List[float]
-    feedback: List[str] = field(default_factory=list)
-    meta: Dict[str, Any] = field(default_factory=dict)
 
 
 class MalformedRow(ValueError):
@@ -294,10 +279,6 @@ def with_chat_templates(examples: Sequence[JudgeExample], tokenizer, enabled: bo
     tokenizer without one leaves them as they are)."""
     if not enabled or not getattr(tokenizer, "chat_template", None):
         return list(examples)
-    from dataclasses import replace
-
-    from real.judge.prompts import with_chat_template
-
     return [replace(e, prompt=with_chat_template(tokenizer, e.prompt), meta=dict(e.meta, chat_template=True))
             for e in examples]
 
@@ -307,10 +288,6 @@ def with_score_phrase(examples: Sequence[JudgeExample], phrase: str = "prometheu
     (``real.judge.prompts.prompt_for_score_phrase``: the released phrase appends the released data scripts'
     instruction to each Prometheus prompt); applied before the chat template, as the release builds its
     user turns."""
-    from dataclasses import replace
-
-    from real.judge.prompts import prompt_for_score_phrase
-
     out = []
     for example in examples:
         prompt = prompt_for_score_phrase(example.prompt, phrase)
@@ -356,8 +333,6 @@ def load_train_and_eval(cfg) -> Tuple[List[JudgeExample], List[JudgeExample]]:
     """The training and held-out examples of a ``real train`` config (``--data``, ``--eval-data``,
     ``--eval-fraction``, the synthetic task's sizes)."""
     if cfg.data == ["synthetic"]:
-        from real.judge.synthetic import SyntheticTask, make_splits
-
         train, held_out = make_splits(cfg.synthetic_train_size, cfg.synthetic_eval_size, seed=cfg.seed,
                                       task=SyntheticTask(n_items=cfg.synthetic_items))
         if cfg.eval_data:

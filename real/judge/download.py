@@ -46,6 +46,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
+from real.judge.data import load_prometheus
 
 MIRROR_ENV = "REAL_DATA_MIRROR"
 _HUB = "https://huggingface.co/datasets/prometheus-eval/{repo}/resolve/{rev}/{path}"
@@ -217,8 +218,6 @@ def download(name: str, folder: str, *, mirror: Optional[str] = None, force: boo
     """Fetch ``name``'s files into ``folder``; returns their paths.  Raises DownloadError naming each URL tried.
 
     ``mirror`` defaults to the environment variable ``REAL_DATA_MIRROR``."""
-    from real.judge.data import load_prometheus
-
     mirror = mirror or os.environ.get(MIRROR_ENV) or None
     datasets = resolve(name)
     os.makedirs(folder, exist_ok=True)

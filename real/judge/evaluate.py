@@ -43,8 +43,10 @@ import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from real.judge.data import JudgeExample, group_by_source, load_prometheus
+from real.judge.data import group_by_source, JudgeExample, load_prometheus, with_chat_templates, with_score_phrase
 from real.judge.metrics import average_correlations, correlations, format_table, json_safe, with_average
+from real.judge.prompts import score_phrase, ScoreScale
+from real.loop.checkpoint import read_saved_config
 
 BASELINES = ("gpt4-loo",)
 # How a judge model predicts (not the training methods): RAIL on sampled CoTs (n averaged), RAIL on a greedy
@@ -357,8 +359,6 @@ def trained_score_phrase(model: str) -> Optional[str]:
     """The --score-phrase a `real train` checkpoint folder was trained with (its train_config.json), else None."""
     import os
 
-    from real.loop.checkpoint import read_saved_config
-
     if not os.path.isdir(model):
         return None
     saved = read_saved_config(model) or {}
@@ -371,11 +371,8 @@ def run_model(benchmarks: Dict[str, List[JudgeExample]], args) -> Dict[str, Dict
     # Imported here: torch/transformers and the inference code are only needed for --model.
     import torch
 
-    from real.judge.data import with_chat_templates, with_score_phrase
     from real.judge.inference import predict_decode, predict_rail
     from real.model.loading import load_model_and_tokenizer, resolve_device
-    from real.judge.prompts import ScoreScale, score_phrase
-
     device = resolve_device(args.device)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     model, tokenizer = load_model_and_tokenizer(args.model, device=device, dtype=dtype)

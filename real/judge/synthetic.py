@@ -58,7 +58,7 @@ import random
 from dataclasses import dataclass
 from typing import List, Sequence, Tuple
 
-from real.judge.data import JudgeExample
+from real.judge.example import JudgeExample
 
 PROMPT_SUFFIX = "###Feedback: "  # the Prometheus template's ending; the CoT is format_cot(feedback, grade)
 YES, NO = "yes", "no"

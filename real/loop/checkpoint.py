@@ -33,6 +33,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+from real.loop import full_state
+from real.multi_gpu import distributed as dist_utils
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
@@ -399,9 +401,6 @@ def save_training_checkpoint(output_dir: str, step: int, *, env, wrapped, model,
     Full states do not depend on the number of ranks: a run saved on K ranks resumes on any number.
     ``wrapped`` is the ``real.multi_gpu.parallel.wrap_model`` wrapper of ``model``.
     """
-    from real.multi_gpu import distributed as dist_utils
-    from real.loop import full_state
-
     model_state = full_state.full_model_state_dict(wrapped) if env.is_distributed else None
     optimizer_state = full_state.full_optimizer_state_dict(wrapped, optimizer)
     path = checkpoint_path(output_dir, step)
@@ -416,9 +415,6 @@ def save_training_checkpoint(output_dir: str, step: int, *, env, wrapped, model,
 
 def load_training_state(folder: str, *, env, wrapped, optimizer, scheduler) -> Dict[str, Any]:
     """Optimizer, schedule and RNG of a checkpoint (the weights are already in); returns its trainer state."""
-    from real.multi_gpu import distributed as dist_utils
-    from real.loop import full_state
-
     optimizer_state = read_optimizer_state(folder) if env.is_main else None
     legacy = dist_utils.broadcast_object(env.is_main and is_legacy_optimizer_state(optimizer_state), env)
     if legacy:  # checkpoints written before optimizer states were keyed by parameter name

@@ -15,6 +15,7 @@ import json
 from typing import Any, Callable, Dict, List, Optional
 
 from real.loop import checkpoint as ckpt
+from real.loop.config import TrainConfig
 
 
 def latest_intact_checkpoint(output_dir: str, log: Callable[[str], None] = print) -> Optional[str]:
@@ -72,8 +73,6 @@ def _comparable(value):
 
 def check_resumed_config(folder: str, config, *, allow: bool, log: Callable[[str], None]) -> None:
     """Refuse to continue ``folder`` with a ``config`` (a ``TrainConfig``) that makes it another run."""
-    from real.loop.config import TrainConfig
-
     saved = ckpt.read_saved_config(folder)
     if saved is None:
         log(f"--resume: {folder} records no configuration (an older checkpoint); its settings are not checked")

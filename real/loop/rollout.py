@@ -23,7 +23,6 @@ score).  GRPO rewards the score the policy itself wrote, so with
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import torch
@@ -31,50 +30,11 @@ import torch
 from real.judge.inference import generate_cots
 from real.loop.nonfinite import NonFiniteStep
 from real.judge.prompts import SCORE_MARKER
+from real.loop import vllm_rollout
+from real.loop.rollout_groups import Rollouts, group_rollouts
 
 logger = logging.getLogger(__name__)
 
-
-
-@dataclass
-class Rollouts:
-    """``len(prompts) * group_size`` samples, grouped by prompt."""
-
-    prompts: List[str]  # each prompt repeated group_size times, contiguously
-    cots: List[str]  # the generated text of each sample
-    decoded_scores: List[Optional[float]]  # the score written after the first marker (with_score), else None
-    group_size: int
-
-
-def value_text(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
-
-
-def decoded_score(text: str, score_values: Sequence[float], marker: str = SCORE_MARKER) -> Optional[float]:
-    """The score value written right after the first score marker, else None.
-
-    Score values are single tokens, so the score is the value whose text starts
-    what follows the marker (the longest one, should "1" and "10" both be
-    values): ``"[RESULT] 35"`` reads 3, since the token after the marker is "3"
-    and GRPO reinforces that token.  The first marker is where the
-    teacher-forced batch puts the score position.
-    """
-    cut = text.find(marker)
-    if cut < 0:
-        return None
-    rest = text[cut + len(marker):].lstrip()
-    for value in sorted(score_values, key=lambda v: -len(value_text(v))):
-        if rest.startswith(value_text(value)):
-            return float(value)
-    return None
-
-
-def group_rollouts(prompts: Sequence[str], per_prompt: Sequence[Sequence[str]], group_size: int, with_score: bool,
-           score_values: Sequence[float], marker: str = SCORE_MARKER) -> Rollouts:
-    flat_prompts = [p for p in prompts for _ in range(group_size)]
-    flat = [c for cots in per_prompt for c in cots]
-    scores = [decoded_score(c, score_values, marker) if with_score else None for c in flat]
-    return Rollouts(prompts=flat_prompts, cots=flat, decoded_scores=scores, group_size=group_size)
 
 
 def _sample_cots(*args, **kwargs) -> List[List[str]]:
@@ -140,8 +100,6 @@ def make_rollout_engine(name: str, model, tokenizer, *, temperature: float, top_
                          max_prompt_tokens=max_prompt_tokens)
     sampling = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, score_values=score_values,
                     marker=marker, max_prompt_tokens=max_prompt_tokens)
-    from real.loop import vllm_rollout
-
     settings = dict(vllm or {})
     if name in ("vllm", "vllm-colocate"):
         return vllm_rollout.VLLMColocateRollout(model, tokenizer, env=env, **_only(settings, COLOCATE_SETTINGS),

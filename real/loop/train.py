@@ -457,13 +457,3 @@ class Trainer:
                      f"kendall {record['kendall']:.3f}  mse {record['mse']:.3f}  (n={record['n']})")
         return record
 
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """``real train`` / ``python -m real.loop.train_cli`` / ``torchrun -m real.loop.train_cli`` (``real.loop.train_cli``)."""
-    from real.loop.train_cli import main as cli_main
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    dist_utils.exit_process(main())

@@ -38,7 +38,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from real.judge.batching import truncate_prompt_ids
+from real.judge.batching import cut_at_marker, truncate_prompt_ids
+from real.loop.rollout_groups import group_rollouts, value_text
 
 logger = logging.getLogger(__name__)
 
@@ -140,9 +141,6 @@ def prompt_token_ids(tokenizer, prompts: Sequence[str], max_prompt_tokens: Optio
 def finish_text(text: str, marker: str, with_score: bool, score_values: Sequence[float]) -> str:
     """What the HF engine returns for the same generation: cut after the first marker (REAL: the marker
     appended when the CoT never wrote it), or (GRPO) after the score that follows it."""
-    from real.judge.batching import cut_at_marker
-    from real.loop.rollout import value_text
-
     if not with_score:
         body = cut_at_marker(text, marker)
         return f"{body} {marker}" if body else marker
@@ -241,8 +239,6 @@ class VLLMColocateRollout(_SamplingSettings):
 
     def generate(self, model, prompts: Sequence[str], group_size: int, *, seed: int,
                  with_score: bool = False):
-        from real.loop.rollout import group_rollouts
-
         if self.sleep:
             self.llm.wake_up(tags=["weights"])  # weights first: the KV cache is allocated after the copy
         self.push_weights(model)
@@ -323,8 +319,6 @@ class VLLMServerRollout(_SamplingSettings):
 
     def generate(self, model, prompts: Sequence[str], group_size: int, *, seed: int,
                  with_score: bool = False):
-        from real.loop.rollout import group_rollouts
-
         self.push_weights(model)
         if not self._warned_seed:
             logger.warning("--rollout vllm-server: TRL's server takes no per-request seed, so a resumed run does "

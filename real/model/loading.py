@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from real.model.tiny import TINY_NAME, build_tiny_model, build_tiny_tokenizer
+from real.loop import checkpoint as ckpt
 
 logger = logging.getLogger(__name__)
 
@@ -144,8 +145,6 @@ def _hf_cache() -> str:
 def init_weights_from(model, folder: str, *, lora_rank: int, log=lambda msg: None) -> Optional[str]:
     """``--init-from``: load a checkpoint's weights into ``model`` now, or return the folder when it holds a
     LoRA adapter (``prepare_for_training(adapter_from=...)`` loads it once the LoRA wrapper exists)."""
-    from real.loop import checkpoint as ckpt
-
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--init-from {folder!r} does not exist")
     if os.path.isfile(os.path.join(folder, "adapter_model.safetensors")):
@@ -161,8 +160,6 @@ def prepare_for_training(model, cfg, device: torch.device, *, adapter_from: Opti
                          log=lambda msg: None):
     """Gradient checkpointing and LoRA (``cfg``: a ``TrainConfig``) on ``model``; ``adapter_from``: a
     checkpoint folder whose LoRA adapter to load.  Returns ``(model, attention implementation)``."""
-    from real.loop import checkpoint as ckpt
-
     if cfg.gradient_checkpointing:
         kwargs = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name

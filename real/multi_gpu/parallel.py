@@ -50,7 +50,7 @@ import torch.distributed as dist
 from torch import nn
 
 from real.multi_gpu.distributed import DistEnv, current_env, max_over_ranks
-from real_kernels.hf import unwrap_peft
+from real_kernels.hf_model import unwrap_peft
 
 PARALLEL_MODES = ("fsdp", "ddp", "none")
 

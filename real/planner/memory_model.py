@@ -72,7 +72,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-from real.planner.model_shapes import PRESETS, ModelShape, load_shape, shape_from_config  # noqa: F401 (re-exported)
+from real.planner.model_shapes import ModelShape
 from real_kernels.workspace import MAX_TILE_BYTES, head_workspace_bytes
 
 GIB = 1024 ** 3
@@ -459,9 +459,3 @@ def vllm_engine_bytes(shape: ModelShape, setup: TrainSetup) -> VLLMEngineBytes:
                            weights=weights, kv_per_sequence=kv_per_sequence, kv_wanted=seqs * tp * kv_per_sequence,
                            kv_room=budget - weights)
 
-
-def plan(shape: ModelShape, setup: TrainSetup):
-    """``real.planner.plan.memory_plan`` under its old name (``benchmarks/fit_32b.py`` imports it from here)."""
-    from real.planner.plan import memory_plan
-
-    return memory_plan(shape, setup)
