@@ -3,8 +3,7 @@
 Each subcommand lives in its own module exposing ``main(argv) -> int``; this
 file only routes to it, so a subcommand's imports (transformers, matplotlib...)
 are paid only when it runs.  Commands from other packages come in through the
-``real.commands`` entry-point group (``real bench``: the ``benchmarks``
-package's, declared in pyproject.toml), so ``real`` never imports them by name.
+``real.commands`` entry-point group (name = "module:main"), so ``real`` never imports them by name.
 """
 from __future__ import annotations
 
