@@ -40,7 +40,8 @@ from real.judge.batching import TeacherForcedBatch
 from real.planner.memory_model import FUSED_TILE_BYTES, GIB, TrainSetup
 from real.planner.model_shapes import PRESETS, shape_from_config
 from real.planner.plan import memory_plan
-from real.methods.objectives import JudgeForward, judge_forward, real_loss
+from real.model.head import JudgeForward, judge_forward
+from real.methods.objectives import real_loss
 from real_kernels.hf import decoder_hidden_states
 from real_kernels.hf_model import lm_head_weight
 

@@ -32,7 +32,7 @@ def test_reference_cots_of_the_task_read_back_as_written():
 
 
 def test_command_on_a_trained_checkpoint(tmp_path, capsys):
-    from real.loop.train import main as train_main
+    from real.loop.train_cli import main as train_main
 
     out = tmp_path / "run"
     assert train_main(["--method", "tract", "--model", "tiny", "--data", "synthetic", "--steps", "1",

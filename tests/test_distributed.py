@@ -39,7 +39,8 @@ from real.loop.full_state import full_model_state_dict, full_optimizer_state_dic
 from real.multi_gpu.parallel import clip_grad_norm, gradient_sync, unsharded_for_generation, unwrap_model, wrap_model
 from real.planner.memory_model import TrainSetup, param_bytes
 from real.planner.model_shapes import shape_from_config
-from real.methods.objectives import judge_forward, real_loss
+from real.model.head import judge_forward
+from real.methods.objectives import real_loss
 from real.judge.prompts import resolve_score_token_ids
 from real.judge.synthetic import make_examples
 from real.model.tiny import build_tiny_model, build_tiny_tokenizer

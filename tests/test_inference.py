@@ -7,7 +7,8 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import real.judge.inference as inference
 from real.judge.batching import build_teacher_forced_batch
-from real.methods.objectives import judge_forward, real_loss
+from real.model.head import judge_forward
+from real.methods.objectives import real_loss
 from real.judge.prompts import SCORE_MARKER, resolve_score_token_ids
 from real.model.tiny import build_tiny_model, build_tiny_tokenizer
 

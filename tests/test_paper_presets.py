@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from real.loop.config import FIELD_NAMES
-from real.loop.train import main
+from real.loop.train_cli import main
 
 PRESETS = Path(__file__).resolve().parents[1] / "configs" / "paper"
 # The released REAL optimizer keeps AdamW's framework defaults (betas (0.9, 0.999), weight decay 0.01): the

@@ -10,7 +10,8 @@ from real.loop import checkpoint as ckpt
 from real.loop.config import make_config
 from real.judge.batching import micro_batch_ranges as plan_micro_batches
 from real.judge.data import PromptStream
-from real.loop.train import Trainer, main
+from real.loop.train import Trainer
+from real.loop.train_cli import main
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

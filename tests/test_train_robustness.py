@@ -17,7 +17,8 @@ from real.loop import checkpoint as ckpt
 from real.loop.config import make_config
 from real.judge.synthetic import make_splits
 import real.loop.train as train_module
-from real.loop.train import Trainer, main
+from real.loop.train import Trainer
+from real.loop.train_cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -266,13 +266,6 @@ def load_checkpoint(folder: str, *, model, optimizer=None, scheduler=None, resto
     return state
 
 
-def is_legacy_optimizer_state(state: Dict[str, Any]) -> bool:
-    """``optimizer.state_dict()`` (integer parameter ids) rather than the parameter-name keyed full state that
-    ``real.loop.full_state.full_optimizer_state_dict`` gives (what the training loop writes)."""
-    groups = state.get("param_groups") or [{}]
-    return any(isinstance(p, int) for p in groups[0].get("params", []))
-
-
 def read_trainer_state(folder: str) -> Dict[str, Any]:
     state_path = os.path.join(folder, STATE_FILE)
     if not os.path.isfile(state_path):
@@ -416,14 +409,7 @@ def save_training_checkpoint(output_dir: str, step: int, *, env, wrapped, model,
 def load_training_state(folder: str, *, env, wrapped, optimizer, scheduler) -> Dict[str, Any]:
     """Optimizer, schedule and RNG of a checkpoint (the weights are already in); returns its trainer state."""
     optimizer_state = read_optimizer_state(folder) if env.is_main else None
-    legacy = dist_utils.broadcast_object(env.is_main and is_legacy_optimizer_state(optimizer_state), env)
-    if legacy:  # checkpoints written before optimizer states were keyed by parameter name
-        if env.is_distributed:
-            raise ValueError(f"{folder!r} holds an optimizer state in the old one-process format; resume it "
-                             "in one process (it is rewritten in the new format at the next checkpoint)")
-        optimizer.load_state_dict(optimizer_state)
-    else:
-        full_state.load_full_optimizer_state(wrapped, optimizer, optimizer_state)
+    full_state.load_full_optimizer_state(wrapped, optimizer, optimizer_state)
     scheduler.load_state_dict(read_scheduler_state(folder))
     restore_rng_state(read_rng_state(folder))
     return read_trainer_state(folder)

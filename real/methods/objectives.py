@@ -33,7 +33,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
-from real.model.head import JudgeForward, judge_forward
+from real.model.head import JudgeForward
 
 Terms = Dict[str, torch.Tensor]
 
@@ -42,7 +42,6 @@ Terms = Dict[str, torch.Tensor]
 # seq-mean-token-sum: the sum over a sequence's tokens, then the mean over sequences;
 # seq-mean-token-mean: the mean over a sequence's tokens, then the mean over sequences.
 AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
-RENAMED_AGGREGATIONS = {"sequence-sum": "seq-mean-token-sum", "batch-token-mean": "token-mean"}
 # How leave-one-out advantages are scaled within a group: by the std of the group's rewards, by the std of
 # the advantages themselves (the released REAL code: A / (std(A) + eps), which is G/(G-1) times smaller), or not.
 ADVANTAGE_NORMS = ("reward-std", "advantage-std", "none")
@@ -110,10 +109,7 @@ def entropy_mean(fwd: JudgeForward, norms: LossNorms) -> torch.Tensor:
 
 
 def check_aggregation(agg: str) -> str:
-    """``agg`` if it is one of AGGREGATIONS; an old name is an error that names its new one."""
-    if agg in RENAMED_AGGREGATIONS:
-        raise ValueError(f"loss aggregation {agg!r} was renamed {RENAMED_AGGREGATIONS[agg]!r} (verl's names: "
-                         f"{', '.join(AGGREGATIONS)}; 'token-mean' now means every token of the batch weighs the same)")
+    """``agg`` if it is one of AGGREGATIONS (verl's names), else an error that lists them."""
     if agg not in AGGREGATIONS:
         raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
     return agg
@@ -459,7 +455,7 @@ def grpo_loss(
 
 
 __all__ = [
-    "LossNorms", "loss_norms", "entropy_mean", "grpo_action_mask", "AGGREGATIONS", "ADVANTAGE_NORMS", "RENAMED_AGGREGATIONS", "check_aggregation", "JudgeForward", "judge_forward", "regression_reward", "rloo_advantages", "real_advantages", "combined_advantages",
+    "LossNorms", "loss_norms", "entropy_mean", "grpo_action_mask", "AGGREGATIONS", "ADVANTAGE_NORMS", "check_aggregation", "regression_reward", "rloo_advantages", "real_advantages", "combined_advantages",
     "real_loss", "raft_loss", "tract_loss", "binary_rewards", "group_normalized_advantages",
     "grpo_token_logprobs", "sampled_score_indices", "grpo_loss",
 ]
