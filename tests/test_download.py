@@ -1,5 +1,5 @@
 """`real data download` (offline, against local mirrors laid out as the Hub and GitHub lay the files out)
-and the published layouts of Feedback Bench and FLASK (issue 11, item 7; issue 19, item 6)."""
+and the published layouts of Feedback Bench and FLASK."""
 import functools
 import http.server
 import json
@@ -115,7 +115,7 @@ def test_unknown_names_and_the_list(capsys):
         assert name in listed
 
 
-# --- what the repositories hold (issue 19, item 6) ---------------------------------------------------------
+# --- what the repositories hold ---------------------------------------------------------
 
 HUB_BENCH = "huggingface.co/datasets/prometheus-eval/Feedback-Bench/resolve"
 GITHUB_DATA = "raw.githubusercontent.com/prometheus-eval/prometheus-eval/main/eval/benchmark/data"

@@ -274,7 +274,7 @@ def test_bad_chunking_arguments_are_named():
         raft_loss(judge_forward(model, batch, ids, values), norms=3)
 
 
-def test_loss_mode_backward_twice_the_loss_doubles_the_gradient():
+def test_loss_mode_backward_of_twice_the_loss_gives_twice_the_gradient():
     model, batch, ids, values = _setup()
     loss_fn, _ = _losses(batch)["tract"]
     loss, _, _ = micro_batch_loss(model, batch, ids, values, loss_fn, chunk_size=25)

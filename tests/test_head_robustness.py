@@ -1,4 +1,4 @@
-"""No silent wrong answers from the head (issue 13, items 1-4), on every backend.
+"""No silent wrong answers from the head, on every backend.
 
 1. Strided, offset and int32 arguments give the same outputs and gradients as
    their contiguous copies; a weight that is a view of a larger tensor (tied

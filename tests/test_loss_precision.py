@@ -1,6 +1,6 @@
 """Loss mode's numerics with bf16 inputs: fp32 logits, bf16 dlogits over them, dW summed in fp32.
 
-Issue 18: the Triton chunk pass used to read every output from the chunk's
+Guards against a past bug: the Triton chunk pass used to read every output from the chunk's
 logits rounded to bf16; at logits of std 2 (gpu_check's problem) that put
 log-probs off by 0.02-0.04 at T = 0.7.  The logits are now written in fp32
 (``grad_gemms.logits_fp32``) and the outputs are fp32-accurate; these tests

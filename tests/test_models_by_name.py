@@ -1,4 +1,4 @@
-"""--model by Hugging Face Hub name (issue 11, item 8): the local cache first, then the Hub, and a clear
+"""--model by Hugging Face Hub name: the local cache first, then the Hub, and a clear
 error when neither works (this machine has no network)."""
 import os
 import subprocess

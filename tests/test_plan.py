@@ -280,7 +280,7 @@ def test_a_run_that_does_not_fit_exits_2_and_says_what_would(capsys):
 
 
 def test_the_vllm_engine_is_counted(capsys):
-    """Issue 19, item 7: a colocated vLLM engine takes its gpu_memory_utilization share while it samples (and
+    """A colocated vLLM engine takes its gpu_memory_utilization share while it samples (and
     while training too unless it sleeps); it must hold the weights and one sequence; a server is elsewhere."""
     common = ["--model", "qwen3-8b", "--gpus", "8", "--micro-batch-tokens", "3072", "--rollouts", "16", "--json"]
     hf = json.loads(_run_cli(capsys, *common))

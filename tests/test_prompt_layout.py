@@ -1,4 +1,4 @@
-"""Prompts as real judges see them (issue 11, item 6): the tokenizer's chat template (on by default, off with
+"""Prompts as real judges see them: the tokenizer's chat template (on by default, off with
 --no-chat-template) and a configurable score phrase in training, inference and parsing, with the released
 phrase ('So the overall score is N') and Prometheus' ('[RESULT] N') built in."""
 import pytest

@@ -1,4 +1,4 @@
-"""One RAIL read-out at the right position (issue 11, item 2), with a tokenizer built here that keeps the
+"""One RAIL read-out at the right position, with a tokenizer built here that keeps the
 space apart from a digit as Qwen's does (its pre-tokenizer splits every digit off on its own: " 4" is two
 tokens, "Ġ" and "4").  `real eval --model` (score_cots), the training loop's evaluation (rail_predictions)
 and the training losses (judge_forward on a batch with targets) must read the same position: the one whose

@@ -1,4 +1,4 @@
-"""The training loop as the released REAL code runs it (issue 19, items 3 and 4):
+"""The training loop as the released REAL code runs it:
 
 - ``--group-filter partial`` fills the step's batch: rollout rounds of ``--prompts-per-step`` prompts until it
   holds ``--prompts-per-step`` partial groups (at most ``--max-fill-rounds``), then trains on exactly those;
@@ -28,7 +28,7 @@ def _cfg(tmp_path, **overrides):
     return make_config(**base)
 
 
-# --- item 3: the partial filter fills its batch ------------------------------------------------------------
+# --- the partial filter fills its batch ------------------------------------------------------------
 
 def _scripted_rollouts(trainer, partial_every=2):
     """Replace the sampler: in every round, the groups of every ``partial_every``-th prompt are partial (one
@@ -89,7 +89,7 @@ def test_without_the_filter_one_round_is_taken(tmp_path):
     assert len(calls) == 1 and record["sequences"] == 8 and "fill_rounds" not in record
 
 
-# --- item 4: updates per rollout batch -----------------------------------------------------------------------
+# --- updates per rollout batch -----------------------------------------------------------------------
 
 def _captured_updates(trainer):
     """(weights before, gradient) at every optimizer update."""

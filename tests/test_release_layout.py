@@ -1,4 +1,4 @@
-"""The released prompt/CoT layout and the released decoding rule (issue 19, items 1 and 5).
+"""The released prompt/CoT layout and the released decoding rule.
 
 Feedback-Collection's feedback texts end in "So the overall score is 4." and its outputs in "[RESULT] 4".  A warm-up
 or REAL target that keeps that sentence before the marker has the judge commit to a digit in its CoT, which RAIL
@@ -124,7 +124,7 @@ def test_with_score_phrase_keeps_other_examples_as_they_are(tmp_path):
     assert [e.target for e in released] == [e.target for e in examples]
 
 
-# --- the released decoding rule and real eval's defaults (item 5) ------------------
+# --- the released decoding rule and real eval's defaults ------------------
 
 @pytest.mark.parametrize("text, expected", [
     ("Feedback: fine. So the overall score is 4", 4.0),

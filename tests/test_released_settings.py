@@ -1,4 +1,4 @@
-"""The released REAL code's settings (issue 11, items 3 and 4): verl's loss-aggregation names, the
+"""The released REAL code's settings: verl's loss-aggregation names, the
 released advantage normalisation, the probability bonus and the 'partial' group filter.
 
 Every test here fails on the code before the issue: 'token-mean' meant a mean per sequence, the old

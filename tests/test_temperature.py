@@ -1,4 +1,4 @@
-"""The policy gradient is taken on the distribution the rollouts were sampled from (issue 11, item 1): every
+"""The policy gradient is taken on the distribution the rollouts were sampled from: every
 head pass of a rollout method's training step (policy, old-policy and reference log-probs, the score read-out)
 runs at --temperature; the SFT methods train at temperature 1.  Before, every pass ran at temperature 1."""
 import pytest

@@ -1,4 +1,4 @@
-"""TRACT's second stage (issue 11, item 10): --tract-cots own trains TRACT's loss on CoTs the model samples
+"""TRACT's second stage: --tract-cots own trains TRACT's loss on CoTs the model samples
 itself (one per prompt per step) instead of the data's reference CoTs."""
 import pytest
 

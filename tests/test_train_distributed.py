@@ -187,7 +187,7 @@ def _worker(rank: int, world: int, port: int, workdir: str) -> None:
             results[name] = _real_run(os.path.join(workdir, name), collective_timeout=90, **overrides)
     finally:
         left = cleanup_distributed()
-    # gloo threads alive at interpreter exit could abort the process (issue 13): teardown must end them all
+    # gloo threads alive at interpreter exit could abort the process: teardown must end them all
     assert not left, f"rank {rank}: gloo threads still running after cleanup_distributed: {left}"
     if rank == 0:
         torch.save(results, os.path.join(workdir, "results.pt"))
@@ -228,7 +228,7 @@ def test_launch_settings_that_cannot_work_on_several_ranks_are_clear_errors(tmp_
         check(3)
     with pytest.raises(ValueError, match="unsynchronised"):
         check(2, parallel="none")
-    check(2, rollout="vllm-colocate")  # vLLM works under torchrun (issue 19, item 7)
+    check(2, rollout="vllm-colocate")  # vLLM works under torchrun
     check(2, rollout="vllm-server")
     with pytest.raises(ValueError, match="vllm-tensor-parallel-size 4 must divide the 2 ranks"):
         check(2, rollout="vllm-colocate", vllm_tensor_parallel_size=4)

@@ -1,5 +1,5 @@
 """real.loop.train when things go wrong: long rows, preemption, resumes that would change the run, non-finite
-training, a torn or damaged run directory, and input that must be refused in a sentence (issue 13, items 5-11).
+training, a torn or damaged run directory, and input that must be refused in a sentence.
 
 Each case here failed (silently, by losing work, or with a traceback) before the fixes it names."""
 import dataclasses

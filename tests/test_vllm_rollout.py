@@ -1,4 +1,4 @@
-"""real.loop.vllm_rollout: the vLLM engines, driven by fake engines that check the calls (issue 19, item 7).
+"""real.loop.vllm_rollout: the vLLM engines, driven by fake engines that check the calls.
 
 vLLM needs CUDA, so a fake ``vllm`` module (``LLM``, ``SamplingParams``) and a fake TRL server client stand
 in.  What is checked is what the real ones would receive, through the real ``Trainer``: the engine's
