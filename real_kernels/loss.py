@@ -51,7 +51,7 @@ def _make_pass(backend: str, chunk: int, args: HeadArgs):
             "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before importing triton "
             "to run the kernels on the CPU interpreter; use backend='torch' on the CPU"
         )
-    from .ops.chunk_pass import TritonChunkPass
+    from .ops.chunk_pass import TritonChunkPass  # here, not at the top: triton is optional (CPU torch builds lack it)
 
     return TritonChunkPass(chunk, vocab, device, args.return_entropy, args.hidden.dtype)
 

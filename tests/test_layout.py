@@ -21,7 +21,6 @@ PACKAGES = ("real", "real_kernels")
 LAZY = {
     ("real_kernels.functional", "real_kernels.ops.fused_head"): "triton: CPU torch wheels come without it",
     ("real_kernels.loss", "real_kernels.ops.chunk_pass"): "triton",
-    ("real.loop.rollout", "real.loop.vllm_rollout"): "vLLM, only for --rollout vllm-*",
     ("real.judge.evaluate", "real.model.loading"): "transformers: `real eval --predictions` scores a file without it",
     ("real.judge.evaluate", "real.judge.inference"): "torch and transformers, as above",
     ("real.judge.evaluate", "real.model.tiny"): "transformers, as above",

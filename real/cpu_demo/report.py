@@ -113,7 +113,7 @@ def write_report(report_dir: str, summaries: List[Dict[str, Any]], rows, command
     path = os.path.join(report_dir, "report.md")
     text = markdown(summaries, rows, command)
     if plot:
-        from real.cpu_demo.plots import plot_curves
+        from real.cpu_demo.plots import plot_curves  # here: matplotlib only when plotting
 
         plot_curves(os.path.join(report_dir, "curves.png"), seed_runs, warmup_steps, untrained)
         text += "\n![held-out curves](curves.png)\n"

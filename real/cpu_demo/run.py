@@ -297,7 +297,7 @@ def run_demo(args) -> Dict[str, Any]:
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as fh:
         json.dump(json_safe(summary), fh, indent=2)
     if not args.no_plot:
-        from real.cpu_demo.plots import plot_curves
+        from real.cpu_demo.plots import plot_curves  # here: matplotlib only when plotting (--no-plot)
 
         plot_curves(os.path.join(out, "curves.png"), [histories], offsets.get("real", 0), [untrained or None])
     print()

@@ -341,7 +341,7 @@ def model_caution(name: str) -> Optional[str]:
     """A line saying when ``--model`` is a random or an untrained judge (its numbers are then no result)."""
     import os
 
-    from real.model.tiny import TINY_NAME
+    from real.model.tiny import TINY_NAME  # here: tiny imports transformers, which --predictions does without
 
     if name == TINY_NAME:
         return (f"caution: --model {TINY_NAME} is a random, untrained model built on the spot: its correlations are "

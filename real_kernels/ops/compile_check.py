@@ -54,6 +54,7 @@ class Report:
 
 def launches() -> Iterator[Tuple[str, object]]:
     """(label, Launch) for every launch the library makes at the benchmark shapes."""
+    # here, not at the top: torch and triton (which the launch modules import) load only when the check runs
     import torch
 
     from ..core.sizing import default_chunk_size
