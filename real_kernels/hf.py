@@ -25,7 +25,7 @@ from .core.outputs import LinearLogprobsOutput
 from .core.sizing import default_chunk_size, plan_chunks
 from .hf_model import decoder_of, effective_temperature, lm_head_weight
 from .hf_patch import SUPPORTED_MODEL_TYPES, causal_lm_loss, is_patched, patch, unpatch  # noqa: F401 (hf.patch & co.)
-from .loss import judge_loss
+from . import loss as loss_mode  # called as loss_mode.judge_loss, so a patch of real_kernels.loss reaches it
 
 IGNORE_INDEX = -100
 
@@ -301,7 +301,7 @@ def judge_loss_outputs(
             view.cot_logprobs, view.score_logprobs, view.expected_score, view.sq_error, view.cot_entropy))))
         return loss_fn(view, slice(s0, s1))
 
-    loss, _ = judge_loss(
+    loss, _ = loss_mode.judge_loss(
         head_rows.hidden, weight, head_rows.targets, chunk_loss, score_token_ids=score_token_ids,
         score_values=score_values, score_targets=head_rows.score_targets, score_mask=head_rows.score_mask,
         normalize=normalize, temperature=effective_temperature(model, temperature), return_entropy=return_entropy,
