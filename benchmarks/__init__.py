@@ -1,6 +1,6 @@
 """Microbenchmarks of the fused LM head against naive PyTorch and the peer libraries.
 
-Run ``python -m benchmarks --help`` (or ``real bench --help``).  Layout, one job
+Run ``python -m benchmarks --help`` from the repository (the package is not installed).  Layout, one job
 per module:
 
 - ``shapes``: problem sizes and the named presets;

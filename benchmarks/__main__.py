@@ -1,4 +1,4 @@
-"""``python -m benchmarks`` / ``real bench``: the fused head against naive PyTorch and the peers.
+"""``python -m benchmarks``: the fused head against naive PyTorch and the peers.
 
 Runs every (provider, operation, N) of a preset or of custom shapes, prints a
 markdown table with ratios against ``naive``, and writes CSV, JSON, markdown

@@ -8,7 +8,7 @@ forward, loss through the judge head, backward, AdamW step) on 8 rollouts of
 2,048 prompt + 1,024 CoT tokens given as ready-made token ids (``--steps``, 2
 by default: the time is the last step's, since the first one compiles the
 Triton kernels; the peak the highest of them): first with the
-fused head (``real_kernels`` through ``real.objectives.judge_forward``), then
+fused head (``real_kernels`` through ``real.methods.objectives.judge_forward``), then
 with the naive head (``[N, V]`` logits for every position, fp32
 log-softmax, as a transformers-style trainer does).  A naive step that runs out
 of memory is reported as such: that is the result.  Each head's peak memory and
@@ -36,10 +36,14 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from real.batching import TeacherForcedBatch
-from real.memory_model import FUSED_TILE_BYTES, GIB, PRESETS, TrainSetup, plan, shape_from_config
-from real.objectives import JudgeForward, judge_forward, real_loss
-from real_kernels.hf import decoder_hidden_states, lm_head_weight
+from real.judge.batching import TeacherForcedBatch
+from real.planner.memory_model import FUSED_TILE_BYTES, GIB, TrainSetup
+from real.planner.model_shapes import PRESETS, shape_from_config
+from real.planner.plan import memory_plan
+from real.model.head import JudgeForward, judge_forward
+from real.methods.objectives import real_loss
+from real_kernels.hf import decoder_hidden_states
+from real_kernels.hf_model import lm_head_weight
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SCORE_VALUES = [1.0, 2.0, 3.0, 4.0, 5.0]
@@ -311,7 +315,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                            cot_tokens=run["cot_tokens"], rollouts=run["rollouts"], gradient_checkpointing=True,
                            head=head, attention="flash" if attention == "flash_attention_2" else "sdpa",
                            padded=False, rollout_on_gpu=False, reserve_gib=0, fused_tile_bytes=_tile_bytes(device, batch, config))
-        predicted = plan(shape, setup)
+        predicted = memory_plan(shape, setup)
         print(f"[fit_32b] {head} head: {args.steps} REAL step(s) ...", flush=True)
         before = _fingerprint(trainable)
         measured = None
@@ -352,7 +356,7 @@ def _tile_bytes(device: torch.device, batch: TeacherForcedBatch, config: dict) -
     from real_kernels import torch_backend
 
     rows = int(batch.cot_mask.sum()) + len(batch)
-    token_chunk, vocab_chunk = torch_backend._chunks(rows, config["vocab_size"], torch_backend.DEFAULT_TILE_ELEMS)
+    token_chunk, vocab_chunk = torch_backend.tile_chunks(rows, config["vocab_size"], torch_backend.DEFAULT_TILE_ELEMS)
     return token_chunk * vocab_chunk * 4
 
 

@@ -21,9 +21,9 @@ from typing import Dict, Iterator, List, Tuple
 import torch
 
 from real_kernels.loss import PHASES, _Run
-from real_kernels.ops.chunk_plan import plan_chunks
-from real_kernels.outputs import JudgeHeadOutput
-from real_kernels.validation import resolve_backend, validate_head_args
+from real_kernels.core.sizing import plan_chunks
+from real_kernels.core.outputs import JudgeHeadOutput
+from real_kernels.core.validation import resolve_backend, validate_head_args
 
 SCORE_IDS = (15, 16, 17, 18, 19)  # five score tokens, values 1..5
 

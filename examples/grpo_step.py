@@ -201,8 +201,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name in ("steps", "group_size", "max_new_tokens", "epochs"):
         if getattr(args, name) < 1:
             build_parser().error(f"--{name.replace('_', '-')} must be >= 1")
-    from real.prompts import SCORE_MARKER, render_prompt, resolve_score_token_ids
-    from real.models import load_model_and_tokenizer
+    from real.judge.prompts import SCORE_MARKER, render_prompt, resolve_score_token_ids
+    from real.model.loading import load_model_and_tokenizer
 
     torch.manual_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)

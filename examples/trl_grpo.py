@@ -143,7 +143,7 @@ class RegressionReward:
     __name__ = "regression_reward"  # TRL names the reward's metrics after it
 
     def __init__(self, model, tokenizer, score_values=(1.0, 2.0, 3.0, 4.0, 5.0)):
-        from real.prompts import SCORE_MARKER, resolve_score_token_ids
+        from real.judge.prompts import SCORE_MARKER, resolve_score_token_ids
 
         self.model, self.tokenizer = model, tokenizer
         self.score_ids = resolve_score_token_ids(tokenizer)
@@ -171,7 +171,7 @@ class RegressionReward:
 
 def exact_score_reward(completions, target, **_) -> List[float]:
     """Standard-RL reward of the paper: 1[parsed score == round(target)] (sparse on an untrained model)."""
-    from real.prompts import parse_score
+    from real.judge.prompts import parse_score
 
     rewards = []
     for text, y in zip(completions, target):
@@ -185,8 +185,8 @@ def build_trainer(*, model_name: str = "tiny", output_dir: str, max_steps: int =
                   backend: str = "auto", reward: str = "regression") -> RealKernelsGRPOTrainer:
     from datasets import Dataset
 
-    from real.prompts import render_prompt
-    from real.models import load_model_and_tokenizer
+    from real.judge.prompts import render_prompt
+    from real.model.loading import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(model_name, device="cuda" if torch.cuda.is_available() else "cpu")
     items = [

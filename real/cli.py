@@ -3,8 +3,7 @@
 Each subcommand lives in its own module exposing ``main(argv) -> int``; this
 file only routes to it, so a subcommand's imports (transformers, matplotlib...)
 are paid only when it runs.  Commands from other packages come in through the
-``real.commands`` entry-point group (``real bench``: the ``benchmarks``
-package's, declared in pyproject.toml), so ``real`` never imports them by name.
+``real.commands`` entry-point group (name = "module:main"), so ``real`` never imports them by name.
 """
 from __future__ import annotations
 
@@ -14,11 +13,11 @@ import sys
 from typing import Dict, List, Optional, Tuple
 
 SUBCOMMANDS = {
-    "demo": ("real.demo", "the built-in demo (the README's main command)"),
-    "train": ("real.train", "train a judge with REAL or a baseline (RAFT, TRACT, GRPO)"),
-    "eval": ("real.evaluate", "score predictions or a judge model: Pearson / Spearman / Kendall"),
-    "plan": ("real.plan", "memory planner: will this model and batch fit on these GPUs?"),
-    "data": ("real.download", "download the paper's training set and benchmarks (real data download NAME DIR)"),
+    "demo": ("real.cpu_demo.run", "the built-in demo (the README's main command)"),
+    "train": ("real.loop.train_cli", "train a judge with REAL or a baseline (RAFT, TRACT, GRPO)"),
+    "eval": ("real.judge.evaluate", "score predictions or a judge model: Pearson / Spearman / Kendall"),
+    "plan": ("real.planner.plan", "memory planner: will this model and batch fit on these GPUs?"),
+    "data": ("real.judge.download", "download the paper's training set and benchmarks (real data download NAME DIR)"),
 }
 ENTRY_POINT_GROUP = "real.commands"  # name = "module:main" of a command another package adds
 

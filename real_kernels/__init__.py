@@ -8,8 +8,8 @@ logits.  See docs/design.md section 4 for the contract.
 from .functional import judge_head, linear_logprobs
 from .loss import judge_loss
 from .modules import JudgeHead, JudgeLoss
-from .ops.chunk_plan import plan_chunks
-from .outputs import JudgeHeadOutput, LinearLogprobsOutput
+from .core.sizing import plan_chunks
+from .core.outputs import JudgeHeadOutput, LinearLogprobsOutput
 
 __all__ = ["linear_logprobs", "judge_head", "judge_loss", "plan_chunks", "LinearLogprobsOutput", "JudgeHeadOutput",
            "JudgeHead", "JudgeLoss"]

@@ -12,9 +12,10 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from . import reference, torch_backend
-from .outputs import JudgeHeadOutput, LinearLogprobsOutput
-from .validation import HeadArgs, check_memory, resolve_backend, validate_head_args
+from .core import reference
+from . import torch_backend
+from .core.outputs import JudgeHeadOutput, LinearLogprobsOutput
+from .core.validation import HeadArgs, check_memory, resolve_backend, validate_head_args
 
 
 def _reference_backend(args: HeadArgs, memory: str):
@@ -32,8 +33,8 @@ def _triton_backend(args: HeadArgs, memory: str):
             "to run the kernels on the CPU interpreter; use backend='torch' on the CPU"
         )
     try:
-        from .ops import fused_head
-    except ImportError as exc:  # pragma: no cover - triton is a hard dependency
+        from .ops import fused_head  # here, not at the top: triton is optional (CPU torch builds lack it)
+    except ImportError as exc:  # pragma: no cover - CUDA torch builds bring triton
         raise ImportError(f"backend='triton' needs the triton package: {exc}") from exc
     return fused_head.judge_head(args, memory=memory)
 

@@ -8,7 +8,7 @@ head module is never called, and its weight goes to ``linear_logprobs`` /
 ``token_logprobs`` (or the ones a mask keeps), the CoT rows plus one score row
 per sequence for ``judge_outputs``.  Works with tied embeddings (the output
 embedding *is* the input embedding then) and under ``torch.no_grad()`` for
-reference / old-policy log-probs.  ``hf.patch(model)`` (in ``hf_patch``, re-exported
+reference / old-policy log-probs.  ``hf.patch(model)`` (in ``hf_patch``, imported
 here) makes the model's own ``model(..., labels=labels)`` loss go the same way.
 
 This module must not import ``real`` (the algorithm layer sits on top of it).
@@ -21,66 +21,13 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from .functional import judge_head, linear_logprobs
-from .outputs import LinearLogprobsOutput
+from .core.outputs import LinearLogprobsOutput
+from .core.sizing import default_chunk_size, plan_chunks
+from .hf_model import decoder_of, effective_temperature, lm_head_weight
+from .hf_patch import SUPPORTED_MODEL_TYPES, causal_lm_loss, is_patched, patch, unpatch  # noqa: F401 (hf.patch & co.)
+from . import loss as loss_mode  # called as loss_mode.judge_loss, so a patch of real_kernels.loss reaches it
 
 IGNORE_INDEX = -100
-_PATCH_API = ("patch", "unpatch", "is_patched", "causal_lm_loss", "SUPPORTED_MODEL_TYPES")
-
-
-def __getattr__(name: str):
-    """``hf.patch`` & co. live in ``hf_patch`` (which imports this module); loaded on first use, no import cycle."""
-    if name in _PATCH_API:
-        from . import hf_patch
-
-        return getattr(hf_patch, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _unwrap_peft(model):
-    """The transformers model inside a peft wrapper (LoRA layers stay injected in it), else the model."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
-def _decoder(model):
-    base = _unwrap_peft(model)
-    get_decoder = getattr(base, "get_decoder", None)
-    decoder = get_decoder() if callable(get_decoder) else None
-    if decoder is None or decoder is base:
-        decoder = getattr(base, "base_model", None)
-    if decoder is None or decoder is base:
-        raise ValueError(
-            f"cannot find the decoder body of {type(base).__name__}: expected a transformers causal LM with "
-            "get_decoder() or base_model"
-        )
-    return decoder
-
-
-def _effective_temperature(model, temperature: float) -> float:
-    """Fold a model's logit scaling into the temperature; refuse what cannot be folded."""
-    config = getattr(_unwrap_peft(model), "config", None)
-    if getattr(config, "final_logit_softcapping", None) is not None:
-        raise ValueError(
-            f"{type(_unwrap_peft(model)).__name__} applies final_logit_softcapping to its logits, which the fused "
-            "head does not implement; the log-probs would be wrong"
-        )
-    scale = getattr(config, "logit_scale", None)
-    if scale is not None and scale != 1:
-        return float(temperature) / float(scale)  # logits = scale * W h, so divide by (tau / scale)
-    return float(temperature)
-
-
-def lm_head_weight(model) -> torch.Tensor:
-    """The LM-head weight ``[V, H]`` (the input embedding when the two are tied)."""
-    head = _unwrap_peft(model).get_output_embeddings()
-    if head is None:
-        raise ValueError(f"{type(_unwrap_peft(model)).__name__} has no output embeddings (LM head)")
-    if hasattr(head, "base_layer") or hasattr(head, "lora_A"):
-        raise ValueError(
-            "the LM head is wrapped by an adapter (e.g. LoRA on lm_head); its delta would be ignored by the fused "
-            "head: leave lm_head out of the adapter's target_modules, or merge the adapter first"
-        )
-    return head.weight
 
 
 def head_inputs(hidden: torch.Tensor, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +58,7 @@ def decoder_hidden_states(model, input_ids: torch.Tensor, attention_mask: Option
             )
         kwargs["attention_mask"] = attention_mask
         kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = _decoder(model)(input_ids=input_ids, use_cache=False, **kwargs)
+    out = decoder_of(model)(input_ids=input_ids, use_cache=False, **kwargs)
     return out[0] if isinstance(out, tuple) else out.last_hidden_state
 
 
@@ -146,7 +93,7 @@ def token_logprobs(
         head_hidden,
         weight,
         input_ids[:, 1:].reshape(-1).index_select(0, rows),
-        temperature=_effective_temperature(model, temperature),
+        temperature=effective_temperature(model, temperature),
         return_entropy=return_entropy,
         backend=backend,
     )
@@ -198,7 +145,7 @@ def judge_outputs(
     out = judge_head(
         hidden, weight, rows.targets, score_token_ids, score_values,
         score_targets=rows.score_targets, score_mask=rows.score_mask, normalize=normalize,
-        temperature=_effective_temperature(model, temperature), return_entropy=return_entropy, backend=backend,
+        temperature=effective_temperature(model, temperature), return_entropy=return_entropy, backend=backend,
     )
     return rows.per_sequence(out, return_entropy)
 
@@ -318,8 +265,6 @@ def judge_loss_outputs(
     per-sequence outputs of the whole batch.  Per chunk nothing is read back
     to the host; the plan is made once, before the chunk loop.
     """
-    from .loss import default_chunk_size, judge_loss, plan_chunks
-
     b, t = input_ids.shape
     if b == 0:
         raise ValueError("input_ids holds no sequences: loss mode needs at least one")
@@ -376,7 +321,7 @@ def judge_loss_outputs(
     loss, _ = judge_loss(
         head_rows.hidden.to(weight.dtype) if mixed else head_rows.hidden, weight, head_rows.targets, chunk_loss, score_token_ids=score_token_ids,
         score_values=score_values, score_targets=head_rows.score_targets, score_mask=head_rows.score_mask,
-        normalize=normalize, temperature=_effective_temperature(model, temperature), return_entropy=return_entropy,
+        normalize=normalize, temperature=effective_temperature(model, temperature), return_entropy=return_entropy,
         chunk_size=size, row_groups=[rows.stop - rows.start for rows in plan], backend=backend,
     )
     names = ("cot_logprobs", "score_logprobs", "expected_score", "sq_error", "cot_entropy")

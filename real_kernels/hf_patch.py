@@ -33,9 +33,9 @@ from typing import Any, Callable, Dict, Optional, Union
 
 import torch
 
-from .hf import _decoder, _effective_temperature, _unwrap_peft, lm_head_weight
+from .hf_model import decoder_of, effective_temperature, unwrap_peft, lm_head_weight
 from .loss import judge_loss
-from .validation import BACKENDS
+from .core.validation import BACKENDS
 
 # model types whose ForCausalLM.forward is `logits = lm_head(hidden)` (cohere: times logit_scale, folded into the
 # temperature) then `self.loss_function(logits, labels, ...)`, checked against transformers' own loss in the tests
@@ -58,7 +58,7 @@ def _check_patchable(base) -> None:
             f"patch supports transformers causal LMs of model_type {SUPPORTED_MODEL_TYPES}; got "
             f"{type(base).__name__} (model_type {model_type!r}), whose forward may compute its loss differently"
         )
-    _effective_temperature(base, 1.0)  # refuses final_logit_softcapping
+    effective_temperature(base, 1.0)  # refuses final_logit_softcapping
     for flag in ("output_router_logits",):
         if getattr(base.config, flag, False):
             raise ValueError(f"patch does not add MoE router losses; {type(base).__name__} has config.{flag}=True")
@@ -90,7 +90,7 @@ def patch(model, *, backend: str = "auto", chunk_size: Optional[int] = None):
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     _check_model(model)
-    base = _unwrap_peft(model)
+    base = unwrap_peft(model)
     _check_patchable(base)
     state = base.__dict__.get(_STATE)
     if state is not None:
@@ -115,7 +115,7 @@ def _check_model(model) -> None:
 def unpatch(model):
     """Undo ``patch``: the model's forward is what it was before; returns ``model`` (a no-op if not patched)."""
     _check_model(model)
-    base = _unwrap_peft(model)
+    base = unwrap_peft(model)
     state = base.__dict__.pop(_STATE, None)
     if state is None:
         return model
@@ -128,7 +128,7 @@ def unpatch(model):
 
 def is_patched(model) -> bool:
     _check_model(model)
-    return _STATE in _unwrap_peft(model).__dict__
+    return _STATE in unwrap_peft(model).__dict__
 
 
 def _call_arguments(signature: inspect.Signature, args, kwargs) -> Dict[str, Any]:
@@ -169,12 +169,12 @@ def _fused_loss_forward(self, *args, **kwargs):
     if call.get("output_router_logits"):
         raise ValueError("output_router_logits=True: the patched forward does not add MoE router losses")
 
-    decoder_out = _decoder(self)(**call)
+    decoder_out = decoder_of(self)(**call)
     hidden = decoder_out[0] if isinstance(decoder_out, tuple) else decoder_out.last_hidden_state
     loss = causal_lm_loss(
         hidden, lm_head_weight(self), labels=labels, shift_labels=shift_labels,
         num_items_in_batch=num_items_in_batch, ignore_index=ignore_index,
-        temperature=_effective_temperature(self, 1.0), chunk_size=state.chunk_size, backend=state.backend,
+        temperature=effective_temperature(self, 1.0), chunk_size=state.chunk_size, backend=state.backend,
     )
     return _causal_lm_output(loss, decoder_out, return_dict)
 

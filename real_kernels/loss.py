@@ -22,13 +22,13 @@ from typing import Callable, ContextManager, List, Optional, Sequence, Tuple, Un
 
 import torch
 
-from . import reference
-from .grad_gemms import GradBuffers
-from .loss_rows import LossFn, check_scalar, chunk_loss, special_columns
+from .core import reference
+from .core.grad_gemms import GradBuffers
+from .core.loss_rows import LossFn, check_scalar, chunk_loss, special_columns
 from .loss_torch import TorchChunkPass
-from .ops.chunk_plan import default_chunk_size, plan_chunks
-from .outputs import JudgeHeadOutput
-from .validation import HeadArgs, first_order_only, resolve_backend, validate_head_args
+from .core.sizing import default_chunk_size, plan_chunks
+from .core.outputs import JudgeHeadOutput
+from .core.validation import HeadArgs, first_order_only, resolve_backend, validate_head_args
 
 __all__ = ["judge_loss", "default_chunk_size", "plan_chunks", "PHASES"]
 
@@ -51,7 +51,7 @@ def _make_pass(backend: str, chunk: int, args: HeadArgs):
             "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before importing triton "
             "to run the kernels on the CPU interpreter; use backend='torch' on the CPU"
         )
-    from .ops.chunk_pass import TritonChunkPass
+    from .ops.chunk_pass import TritonChunkPass  # here, not at the top: triton is optional (CPU torch builds lack it)
 
     return TritonChunkPass(chunk, vocab, device, args.return_entropy, args.hidden.dtype)
 

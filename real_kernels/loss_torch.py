@@ -15,7 +15,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .loss_rows import ChunkStats, RowCoefficients, special_values
+from .core.loss_rows import ChunkStats, RowCoefficients, special_values
 
 
 _WORKSPACES: Dict[Tuple[int, str], torch.Tensor] = {}

@@ -22,8 +22,8 @@ import torch
 
 from .functional import judge_head
 from .loss import judge_loss
-from .outputs import JudgeHeadOutput
-from .validation import BACKENDS, IdsLike, ValuesLike
+from .core.outputs import JudgeHeadOutput
+from .core.validation import BACKENDS, IdsLike, ValuesLike
 
 LossFn = Callable[[JudgeHeadOutput, slice], torch.Tensor]
 

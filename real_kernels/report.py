@@ -16,6 +16,8 @@ import os
 import time
 
 import torch
+from real_kernels import judge_head, linear_logprobs
+from real_kernels.core import reference
 
 OUTPUT_NAMES = ("logprobs", "score_logprobs", "expected_score", "sq_error", "entropy")
 
@@ -52,8 +54,6 @@ def _case(n, h, v, dtype, seed=0):
 
 
 def _run(backend, hidden, weight, targets, ids, values, y, grads, compute_dtype=None):
-    from real_kernels import judge_head, reference
-
     h = hidden.detach().clone().requires_grad_(True)
     w = weight.detach().clone().requires_grad_(True)
     kw = dict(score_targets=y, normalize=True, temperature=0.7, return_entropy=True)
@@ -88,8 +88,6 @@ def accuracy_table(n=64, h=96, v=4099, backends=("reference", "torch", "triton")
 
 def memory_and_time(n, h, v, repeats=2):
     """fwd+bwd of per-token log-probs: chunked torch backend vs naive (materialised logits)."""
-    from real_kernels import linear_logprobs
-
     g = torch.Generator().manual_seed(0)
     hidden = (torch.randn(n, h, generator=g) * 0.1).requires_grad_(True)
     weight = (torch.randn(v, h, generator=g) * 0.1).requires_grad_(True)

@@ -13,8 +13,8 @@ from typing import List, Tuple
 
 import torch
 
-from .reference import score_epilogue
-from .validation import HeadArgs, first_order_only
+from .core.reference import score_epilogue
+from .core.validation import HeadArgs, first_order_only
 
 # Elements in one logits tile (fp32): 4M = 16 MiB, large enough for efficient
 # GEMMs, small enough to stay far below N*V/4 at any realistic vocabulary.
@@ -22,7 +22,7 @@ DEFAULT_TILE_ELEMS = 1 << 22
 MAX_TOKEN_CHUNK = 4096
 
 
-def _chunks(n: int, v: int, tile_elems: int) -> Tuple[int, int]:
+def tile_chunks(n: int, v: int, tile_elems: int) -> Tuple[int, int]:
     token_chunk = max(1, min(n, MAX_TOKEN_CHUNK))
     # at most an eighth of the vocabulary per tile, so a tile stays under N*V/4 even for tiny N
     vocab_chunk = max(1, min(-(-v // 8), tile_elems // token_chunk))
@@ -43,7 +43,7 @@ class ChunkedHead(torch.autograd.Function):
         inv_temp = 1.0 / temperature
         ids = [int(k) for k in score_ids.tolist()]
         hs = hidden.float() * inv_temp
-        tn, vc = _chunks(n, v, tile_elems)
+        tn, vc = tile_chunks(n, v, tile_elems)
         buf = torch.empty(tn * vc, dtype=torch.float32, device=dev)
         ebuf = torch.empty(tn * vc, dtype=torch.float32, device=dev) if return_entropy else None
 
@@ -119,7 +119,7 @@ class ChunkedHead(torch.autograd.Function):
         d_hs = torch.zeros(n, hidden.shape[1], dtype=torch.float32, device=dev) if need_dh else None
         # empty, not zeros: the first token chunk writes each dW tile with mm(out=), saving a full pass
         d_w = torch.empty(v, weight.shape[1], dtype=torch.float32, device=dev) if need_dw else None
-        tn, vc = _chunks(n, v, ctx.tile_elems)
+        tn, vc = tile_chunks(n, v, ctx.tile_elems)
         buf = torch.empty(tn * vc, dtype=torch.float32, device=dev)
         pbuf = torch.empty(tn * vc, dtype=torch.float32, device=dev) if use_entropy else None
 

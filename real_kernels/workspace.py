@@ -6,7 +6,7 @@ need not restate tile sizes:
 
 - ``mode="head"`` (``judge_head`` / ``linear_logprobs``, the recomputing
   design): the chunked torch backend streams ``token_chunk x vocab_chunk``
-  fp32 logits through one tile (``torch_backend._chunks``, at most
+  fp32 logits through one tile (``torch_backend.tile_chunks``, at most
   ``DEFAULT_TILE_ELEMS`` elements); the Triton kernels keep their tiles in
   registers and shared memory, so this is the larger of the two.
 - ``mode="loss"`` (``judge_loss``, gradients formed in the forward,
@@ -24,9 +24,9 @@ from typing import Optional, Union
 
 import torch
 
-from .grad_gemms import DW_TILE_ROWS
-from .ops.chunk_plan import LOGIT_BYTES, default_chunk_size
-from .torch_backend import DEFAULT_TILE_ELEMS, _chunks
+from .core.grad_gemms import DW_TILE_ROWS
+from .core.sizing import LOGIT_BYTES, default_chunk_size
+from .torch_backend import DEFAULT_TILE_ELEMS, tile_chunks
 
 HEAD_MODES = ("head", "loss")
 MAX_TILE_BYTES = DEFAULT_TILE_ELEMS * 4  # the torch backend's largest fp32 logits tile
@@ -49,7 +49,7 @@ def head_workspace_bytes(n_rows: int, vocab: int, hidden: int, dtype: Union[str,
     if n_rows < 1 or vocab < 1 or hidden < 1:
         raise ValueError(f"n_rows, vocab and hidden must be >= 1, got {n_rows}, {vocab}, {hidden}")
     if mode == "head":
-        token_chunk, vocab_chunk = _chunks(n_rows, vocab, DEFAULT_TILE_ELEMS)
+        token_chunk, vocab_chunk = tile_chunks(n_rows, vocab, DEFAULT_TILE_ELEMS)
         return token_chunk * vocab_chunk * 4
     if mode == "loss":
         element = _element_size(dtype) if device_type == "cuda" else 4

@@ -9,9 +9,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from real_kernels import judge_head
-from real_kernels import reference
+from real_kernels.core import reference
 from real_kernels.ops.fused_head import BlockConfig
-from real_kernels.validation import validate_head_args
+from real_kernels.core.validation import validate_head_args
 
 OUTPUTS = ("logprobs", "score_logprobs", "expected_score", "sq_error", "entropy")
 # small tiles under the interpreter so that every case crosses several vocabulary tiles and splits

@@ -1,4 +1,4 @@
-"""real.batching: layout, masks and truncation of teacher-forced judge batches."""
+"""real.judge.batching: layout, masks and truncation of teacher-forced judge batches."""
 import math
 
 import pytest
@@ -6,9 +6,9 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from real.batching import build_teacher_forced_batch, cut_at_marker, score_indices
-from real.prompts import SCORE_MARKER, resolve_score_token_ids
-from real.tiny import build_tiny_tokenizer
+from real.judge.batching import build_teacher_forced_batch, cut_at_marker, score_indices
+from real.judge.prompts import SCORE_MARKER, resolve_score_token_ids
+from real.model.tiny import build_tiny_tokenizer
 
 VALUES = [1.0, 2.0, 3.0, 4.0, 5.0]
 

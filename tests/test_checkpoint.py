@@ -1,4 +1,4 @@
-"""real.checkpoint: complete-or-absent checkpoints that restore model, optimizer, scheduler and RNG exactly."""
+"""real.loop.checkpoint: complete-or-absent checkpoints that restore model, optimizer, scheduler and RNG exactly."""
 import os
 import random
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from real import checkpoint as ckpt
-from real.tiny import build_tiny_model, build_tiny_tokenizer
+from real.loop import checkpoint as ckpt
+from real.model.tiny import build_tiny_model, build_tiny_tokenizer
 
 TINY = dict(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
             num_key_value_heads=1, head_dim=16)

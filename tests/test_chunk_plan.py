@@ -9,7 +9,7 @@ import torch
 
 from head_utils import make_case
 from real_kernels import judge_loss, plan_chunks
-from real_kernels.ops.chunk_plan import default_chunk_size
+from real_kernels.core.sizing import default_chunk_size
 
 CUDA = torch.device("cuda")
 GIB = 1 << 30

@@ -1,7 +1,7 @@
-"""real.config: one TrainConfig, read from YAML/TOML and flags, flags win, unknown keys are errors."""
+"""real.loop.config: one TrainConfig, read from YAML/TOML and flags, flags win, unknown keys are errors."""
 import pytest
 
-from real.config import (
+from real.loop.config import (
     TrainConfig,
     build_parser,
     config_from_args,

@@ -1,11 +1,11 @@
-"""real.data: both judge-data formats, JSON and JSON lines, and clear errors on bad rows."""
+"""real.judge.data: both judge-data formats, JSON and JSON lines, and clear errors on bad rows."""
 import json
 from pathlib import Path
 
 import pytest
 
-from real.data import JudgeExample, group_by_source, load_judge_data, load_prometheus
-from real.prompts import format_cot, render_prompt
+from real.judge.data import JudgeExample, group_by_source, load_judge_data, load_prometheus
+from real.judge.prompts import format_cot, render_prompt
 
 from tests.data_paths import SHIPPED, needs_shipped
 

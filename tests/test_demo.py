@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from real.demo import ROWS, build_parser, format_table, main
+from real.cpu_demo.run import ROWS, build_parser, format_table, main
 
 
 @pytest.fixture(autouse=True)
@@ -71,8 +71,8 @@ def test_seeds_report_writes_one_table_over_seeds_and_the_figures(tmp_path, caps
 
 
 def test_stage_estimate_and_progress_count(tmp_path):
-    from real.demo import DEFAULTS, phase_configs
-    from real.demo_stages import estimate_seconds, packed_seconds, stage_seconds, steps_done
+    from real.cpu_demo.run import DEFAULTS, phase_configs
+    from real.cpu_demo.stages import estimate_seconds, packed_seconds, stage_seconds, steps_done
 
     assert packed_seconds([5.0, 3.0, 2.0, 1.0], 2) == 6.0 and packed_seconds([5.0, 3.0], 1) == 8.0
     phases = phase_configs(dict(DEFAULTS), str(tmp_path), 0)

@@ -1,8 +1,8 @@
-"""real.demo_diagnose: the verdict bookkeeping on hand-made CoTs, and the command on a checkpoint it trains."""
+"""real.cpu_demo.diagnose: the verdict bookkeeping on hand-made CoTs, and the command on a checkpoint it trains."""
 import pytest
 
-from real.demo_diagnose import main, read_cot, verdict_stats
-from real.synthetic import make_examples, render_feedback
+from real.cpu_demo.diagnose import main, read_cot, verdict_stats
+from real.judge.synthetic import make_examples, render_feedback
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,7 +32,7 @@ def test_reference_cots_of_the_task_read_back_as_written():
 
 
 def test_command_on_a_trained_checkpoint(tmp_path, capsys):
-    from real.train import main as train_main
+    from real.loop.train_cli import main as train_main
 
     out = tmp_path / "run"
     assert train_main(["--method", "tract", "--model", "tiny", "--data", "synthetic", "--steps", "1",

@@ -33,16 +33,17 @@ import torch
 import torch.multiprocessing as mp
 from rank_utils import assert_same_weights, free_port
 
-from real.batching import build_teacher_forced_batch
-from real.distributed import DistEnv, all_gather_list, all_reduce_metrics, shard_for_rank
-from real.full_state import full_model_state_dict, full_optimizer_state_dict, load_full_state
-from real.parallel import clip_grad_norm, gradient_sync, unsharded_for_generation, unwrap_model, wrap_model
-from real.memory_model import TrainSetup, param_bytes
-from real.model_shapes import shape_from_config
-from real.objectives import judge_forward, real_loss
-from real.prompts import resolve_score_token_ids
-from real.synthetic import make_examples
-from real.tiny import build_tiny_model, build_tiny_tokenizer
+from real.judge.batching import build_teacher_forced_batch
+from real.multi_gpu.distributed import DistEnv, all_gather_list, all_reduce_metrics, shard_for_rank
+from real.loop.full_state import full_model_state_dict, full_optimizer_state_dict, load_full_state
+from real.multi_gpu.parallel import clip_grad_norm, gradient_sync, unsharded_for_generation, unwrap_model, wrap_model
+from real.planner.memory_model import TrainSetup, param_bytes
+from real.planner.model_shapes import shape_from_config
+from real.model.head import judge_forward
+from real.methods.objectives import real_loss
+from real.judge.prompts import resolve_score_token_ids
+from real.judge.synthetic import make_examples
+from real.model.tiny import build_tiny_model, build_tiny_tokenizer
 
 GROUP = 2  # rollouts per prompt
 PROMPTS = 4  # prompt groups in the global batch: 2 per rank
@@ -125,7 +126,7 @@ def _train(wrapped, optimizer, batch, score_ids, steps, env=None, loss_outside=F
 
 
 def _greedy_cots(wrapped, tokenizer, prompts):
-    from real.inference import generate_cots
+    from real.judge.inference import generate_cots
 
     with torch.no_grad():
         return wrapped(generate_cots, tokenizer, prompts, n=1, greedy=True, max_new_tokens=6, batch_size=4,
@@ -161,8 +162,8 @@ def _worker(rank: int, world: int, port: int, workdir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from real.distributed import cleanup_distributed, setup_distributed
-    from real_kernels.hf import lm_head_weight
+    from real.multi_gpu.distributed import cleanup_distributed, setup_distributed
+    from real_kernels.hf_model import lm_head_weight
 
     env = setup_distributed(device="cpu", timeout_s=60)  # a hang fails within a minute
     results = {}

@@ -1,5 +1,5 @@
 """`real data download` (offline, against local mirrors laid out as the Hub and GitHub lay the files out)
-and the published layouts of Feedback Bench and FLASK (issue 11, item 7; issue 19, item 6)."""
+and the published layouts of Feedback Bench and FLASK."""
 import functools
 import http.server
 import json
@@ -9,10 +9,11 @@ import urllib.error
 
 import pytest
 
-from real import cli, download
-from real.data import load_prometheus
-from real.evaluate import main as eval_main
-from real.prompts import render_prompt
+from real import cli
+from real.judge import download
+from real.judge.data import load_prometheus
+from real.judge.evaluate import main as eval_main
+from real.judge.prompts import render_prompt
 
 from data_paths import PROMETHEUS_DATA as SHIPPED_DIR
 
@@ -114,7 +115,7 @@ def test_unknown_names_and_the_list(capsys):
         assert name in listed
 
 
-# --- what the repositories hold (issue 19, item 6) ---------------------------------------------------------
+# --- what the repositories hold ---------------------------------------------------------
 
 HUB_BENCH = "huggingface.co/datasets/prometheus-eval/Feedback-Bench/resolve"
 GITHUB_DATA = "raw.githubusercontent.com/prometheus-eval/prometheus-eval/main/eval/benchmark/data"
@@ -150,7 +151,7 @@ def hub_mirror(root, *, bench_at="main"):
 
 
 def test_feedback_bench_comes_from_the_hubs_parquet(tmp_path, capsys, monkeypatch):
-    """The Hub holds Feedback Bench as parquet only: it is fetched and converted to JSON lines that real.data
+    """The Hub holds Feedback Bench as parquet only: it is fetched and converted to JSON lines that real.judge.data
     reads with the right grades; the mirror comes from REAL_DATA_MIRROR.  (Before: it asked for a JSON file
     the repository does not hold and blamed the network.)"""
     mirror = hub_mirror(tmp_path / "mirror")

@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 
 from real import cli
-from real.evaluate import main
+from real.judge.evaluate import main
 
 from tests.data_paths import MT_BENCH, VICUNA, needs_shipped
 
@@ -154,12 +154,12 @@ def test_help_and_cli_routing(capsys):
     assert "vicuna_eval (n=40)" in capsys.readouterr().out
 
 
-HAVE_INFERENCE = importlib.util.find_spec("real.inference") is not None
+HAVE_INFERENCE = importlib.util.find_spec("real.judge.inference") is not None
 
 
 def short_benchmark(path, n_rows=3):
     """A benchmark file of short prompts (same template), so a CPU model run stays quick."""
-    from real.prompts import format_rubric, render_prompt
+    from real.judge.prompts import format_rubric, render_prompt
     rubric = format_rubric("Is the answer correct?", ["wrong", "mostly wrong", "half right", "mostly right", "right"])
     rows = [{"idx": i, "instruction": render_prompt(f"What is {i} + 1?", str(i + i % 2), rubric, str(i + 1)),
              "gpt4_score": [1 + i % 5, 2 + i % 4, 1 + i % 3], "gpt4_feedback": ["a", "b", "c"]}
@@ -168,7 +168,7 @@ def short_benchmark(path, n_rows=3):
     return str(path)
 
 
-@pytest.mark.skipif(not HAVE_INFERENCE, reason="real.inference (RAIL / decoding) is not in this tree yet")
+@pytest.mark.skipif(not HAVE_INFERENCE, reason="real.judge.inference (RAIL / decoding) is not in this tree yet")
 def test_model_tiny_runs_rail_and_decoding(tmp_path):
     data = [short_benchmark(tmp_path / "short_a.json"), short_benchmark(tmp_path / "short_b.json")]
     out, saved = tmp_path / "t.json", tmp_path / "preds.jsonl"
@@ -179,9 +179,8 @@ def test_model_tiny_runs_rail_and_decoding(tmp_path):
         assert main(argv) == 0
     results = json.loads(out.read_text())["results"]
     assert results["rail-greedy"]["short_a"]["n"] == 3 and results["decode"]["short_a"]["dropped"] == 3
-    # the paper's protocol: RAIL on sampled CoTs and greedy, decoding with both unparsable rules (issue 11, items
-    # 5 and 11)
-    # and the released validation's decoded score (issue 19, item 5): never unparsable, 0 unless a digit ends it
+    # the paper's protocol: RAIL on sampled CoTs and greedy, decoding with both unparsable rules
+    # and the released validation's decoded score: never unparsable, 0 unless a digit ends it
     assert set(results) == {"rail-sampled", "rail-greedy", "decode", "decode [unparsable=0]", "decode-released"}
     assert results["decode [unparsable=0]"]["short_a"]["unparsable"] == 3
     assert results["decode-released"]["short_a"]["unparsable"] == 0
@@ -201,7 +200,7 @@ def test_model_tiny_runs_rail_and_decoding(tmp_path):
 
 
 def test_unparsable_predictions_are_reported_both_ways_and_counted(tmp_path, capsys):
-    """Issue 11, item 5: the released evaluation scores an unparsable output 0; both rules are reported, with
+    """The released evaluation scores an unparsable output 0; both rules are reported, with
     the count of unparsable rows always shown."""
     predictions, targets = noisy_predictions(VICUNA, 3)
     rows = [{"idx": i, "prediction": None if i % 10 == 0 else float(p)} for i, p in enumerate(predictions[:50])]
@@ -228,11 +227,11 @@ def test_unparsable_predictions_are_reported_both_ways_and_counted(tmp_path, cap
     assert "[unparsable=0]" not in printed and "unparsable predictions: predictions 0 of 50" in printed
 
 
-@pytest.mark.skipif(not HAVE_INFERENCE, reason="real.inference (RAIL / decoding) is not in this tree yet")
+@pytest.mark.skipif(not HAVE_INFERENCE, reason="real.judge.inference (RAIL / decoding) is not in this tree yet")
 def test_model_eval_follows_the_paper_protocol(tmp_path, capsys, monkeypatch):
-    """Issue 11, item 11: --data DIR stands for the four benchmarks, RAIL averages n sampled CoTs (temperature
+    """--data DIR stands for the four benchmarks, RAIL averages n sampled CoTs (temperature
     1.0, top-p 0.9), greedy RAIL too, the paper's table, and a caution line for a random model."""
-    import real.inference as inference
+    import real.judge.inference as inference
 
     folder = tmp_path / "data"
     folder.mkdir()

@@ -32,14 +32,14 @@ def grpo():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from real.tiny import build_tiny_model, build_tiny_tokenizer
+    from real.model.tiny import build_tiny_model, build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     return tokenizer, build_tiny_model(tokenizer, seed=1)
 
 
 def _prompts(grpo):
-    from real.prompts import render_prompt
+    from real.judge.prompts import render_prompt
 
     return [render_prompt(q, a, grpo.DEMO_RUBRIC) for q, a, _ in grpo.DEMO_ITEMS]
 
@@ -80,8 +80,8 @@ def test_grpo_policy_loss_and_gradients_match_a_plain_logits_trainer(grpo, tiny)
 
 
 def test_grpo_step_updates_the_model_and_the_script_runs(grpo, tiny, capsys):
-    from real.prompts import SCORE_MARKER, resolve_score_token_ids
-    from real.tiny import build_tiny_model
+    from real.judge.prompts import SCORE_MARKER, resolve_score_token_ids
+    from real.model.tiny import build_tiny_model
 
     tokenizer, _ = tiny
     model = build_tiny_model(tokenizer, seed=2)
@@ -156,7 +156,7 @@ def test_trl_fused_lm_head_contract_served_by_real_kernels_matches_trl_own_head(
 def test_trl_head_output_and_errors(trl_example, tiny):
     from trl.trainer import add_fused_lm_head
 
-    from real.tiny import build_tiny_model
+    from real.model.tiny import build_tiny_model
 
     tokenizer, _ = tiny
     model = build_tiny_model(tokenizer, seed=3)  # its own: the heads are installed on the instance

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from benchmarks import fit_32b
-from real.objectives import judge_forward, real_loss
+from real.model.head import judge_forward
+from real.methods.objectives import real_loss
 
 pytest.importorskip("peft")
 

@@ -18,7 +18,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "gpu_suite.sh"
 USAGE = "usage: bash benchmarks/gpu_suite.sh [--pack] [--steps NAMES] [--plan] OUT_DIR"
-DEVICE_LIMIT_S = 480  # the suite's planned time must stay under 8 minutes (issue 18, item 5)
+DEVICE_LIMIT_S = 480  # the suite's planned time must stay under 8 minutes
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and coreutils' timeout")

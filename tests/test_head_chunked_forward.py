@@ -11,9 +11,9 @@ import torch
 from head_utils import OUTPUTS, _backward, check_against, make_case, run_exact
 from real_kernels import judge_head, linear_logprobs
 from real_kernels.ops import fused_head
-from real_kernels.ops.chunk_plan import chunk_buffer_fits
+from real_kernels.core.sizing import chunk_buffer_fits
 from real_kernels.ops.head_config import BlockConfig
-from real_kernels.validation import validate_head_args
+from real_kernels.core.validation import validate_head_args
 
 FP32_RTOL = 1e-5
 CHUNKS_OF_16 = BlockConfig(block_n=32, block_v=128, block_d=32, chunk_rows=16)

@@ -64,7 +64,7 @@ def test_linear_logprobs_temperature_matches_fp64(backend, temperature):
         logprobs, entropy = out.logprobs, out.entropy
     else:
         from real_kernels.ops import fused_head
-        from real_kernels.validation import validate_head_args
+        from real_kernels.core.validation import validate_head_args
 
         args = validate_head_args(hidden, weight, case.targets, temperature=temperature, return_entropy=True,
                                   need_scores=False)

@@ -1,4 +1,4 @@
-"""The training step's loss mode (``real.head.micro_batch_loss`` -> ``hf.judge_loss_outputs`` -> ``judge_loss``):
+"""The training step's loss mode (``real.model.head.micro_batch_loss`` -> ``hf.judge_loss_outputs`` -> ``judge_loss``):
 chunks of whole sequences, the method's loss once per chunk with the micro-batch's denominators, give every
 method's loss value and parameter gradients as ``judge_forward`` + autograd on the whole micro-batch does, and
 nothing in the chunk loop is read back to the host."""
@@ -7,13 +7,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import real_kernels.loss as loss_module
-from real.batching import build_teacher_forced_batch
-from real.config import make_config
-from real.head import judge_forward, micro_batch_loss
+from real.judge.batching import build_teacher_forced_batch
+from real.loop.config import make_config
+from real.model.head import judge_forward, micro_batch_loss
 from real.methods import GRPO, RAFT, TRACT, MicroBatch, Real
-from real.objectives import grpo_action_mask, grpo_loss, loss_norms, raft_loss, real_loss, tract_loss
-from real.prompts import resolve_score_token_ids
-from real.tiny import build_tiny_model, build_tiny_tokenizer
+from real.methods.objectives import grpo_action_mask, grpo_loss, loss_norms, raft_loss, real_loss, tract_loss
+from real.judge.prompts import resolve_score_token_ids
+from real.model.tiny import build_tiny_model, build_tiny_tokenizer
 from real_kernels import plan_chunks
 
 PROMPTS = ["Grade: good answer.", "Grade: bad.", "Grade: so-so, missing a step.", "Grade: fine.",
@@ -62,7 +62,7 @@ def _losses(batch):
 
 
 def _grpo_advantages(rewards):
-    from real.objectives import group_normalized_advantages
+    from real.methods.objectives import group_normalized_advantages
 
     return group_normalized_advantages(rewards.view(-1, GROUP)).reshape(-1)
 
@@ -274,7 +274,7 @@ def test_bad_chunking_arguments_are_named():
         raft_loss(judge_forward(model, batch, ids, values), norms=3)
 
 
-def test_loss_mode_backward_twice_the_loss_doubles_the_gradient():
+def test_loss_mode_backward_of_twice_the_loss_gives_twice_the_gradient():
     model, batch, ids, values = _setup()
     loss_fn, _ = _losses(batch)["tract"]
     loss, _, _ = micro_batch_loss(model, batch, ids, values, loss_fn, chunk_size=25)

@@ -1,15 +1,16 @@
-"""real.inference: CoT generation, RAIL and standard decoding, and the issue's end-to-end check on a tiny model."""
+"""real.judge.inference: CoT generation, RAIL and standard decoding, and the issue's end-to-end check on a tiny model."""
 import math
 
 import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-import real.inference as inference
-from real.batching import build_teacher_forced_batch
-from real.objectives import judge_forward, real_loss
-from real.prompts import SCORE_MARKER, resolve_score_token_ids
-from real.tiny import build_tiny_model, build_tiny_tokenizer
+import real.judge.inference as inference
+from real.judge.batching import build_teacher_forced_batch
+from real.model.head import judge_forward
+from real.methods.objectives import real_loss
+from real.judge.prompts import SCORE_MARKER, resolve_score_token_ids
+from real.model.tiny import build_tiny_model, build_tiny_tokenizer
 
 VALUES = [1.0, 2.0, 3.0, 4.0, 5.0]
 PROMPTS = [

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from head_utils import LargestAllocation, make_case, max_abs_err, rel_err, run_exact
-from real_kernels import judge_head, judge_loss, reference
+from real_kernels import judge_head, judge_loss
+from real_kernels.core import reference
 from real_kernels.loss import default_chunk_size
-from real_kernels.outputs import JudgeHeadOutput
+from real_kernels.core.outputs import JudgeHeadOutput
 
 BACKENDS = ["reference", "torch", "triton"]
 

@@ -6,7 +6,7 @@ import torch
 
 from benchmarks.loss_phases import PhaseClock, _problem, format_breakdown, phase_breakdown
 from real_kernels.loss import PHASES, _Run
-from real_kernels.ops.chunk_plan import plan_chunks
+from real_kernels.core.sizing import plan_chunks
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,6 +1,6 @@
 """Loss mode's numerics with bf16 inputs: fp32 logits, bf16 dlogits over them, dW summed in fp32.
 
-Issue 18: the Triton chunk pass used to read every output from the chunk's
+Guards against a past bug: the Triton chunk pass used to read every output from the chunk's
 logits rounded to bf16; at logits of std 2 (gpu_check's problem) that put
 log-probs off by 0.02-0.04 at T = 0.7.  The logits are now written in fp32
 (``grad_gemms.logits_fp32``) and the outputs are fp32-accurate; these tests
@@ -11,8 +11,9 @@ over the logits' own rows, the dW accumulation without fp32-output GEMMs).
 import pytest
 import torch
 
-from real_kernels import judge_loss, reference
-from real_kernels.grad_gemms import GradBuffers, fp32_out_gemm_ok, logits_fp32
+from real_kernels import judge_loss
+from real_kernels.core import reference
+from real_kernels.core.grad_gemms import GradBuffers, fp32_out_gemm_ok, logits_fp32
 from real_kernels.ops.chunk_pass import block_v_for, dlogits_launch, dlogits_view
 
 IDS = [3, 100, 500, 1000, 1000 + 1]

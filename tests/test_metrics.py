@@ -1,11 +1,11 @@
-"""real.metrics: correlations against direct formulas, degenerate input, and the table."""
+"""real.judge.metrics: correlations against direct formulas, degenerate input, and the table."""
 import math
 import warnings
 
 import numpy as np
 import pytest
 
-from real.metrics import average_correlations, correlations, format_table, with_average
+from real.judge.metrics import average_correlations, correlations, format_table, with_average
 
 
 def _ranks(x):

@@ -1,4 +1,4 @@
-"""--model by Hugging Face Hub name (issue 11, item 8): the local cache first, then the Hub, and a clear
+"""--model by Hugging Face Hub name: the local cache first, then the Hub, and a clear
 error when neither works (this machine has no network)."""
 import os
 import subprocess
@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-import real.models as models
-from real.tiny import build_tiny_model, build_tiny_tokenizer
+import real.model.loading as models
+from real.model.tiny import build_tiny_model, build_tiny_tokenizer
 
 
 class _Recorder:
@@ -41,7 +41,7 @@ def test_a_missing_local_path_is_not_taken_for_a_hub_name(tmp_path):
 
 def test_offline_a_hub_name_gives_a_clear_error():
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    code = ("from real.models import load_model_and_tokenizer\n"
+    code = ("from real.model.loading import load_model_and_tokenizer\n"
             "load_model_and_tokenizer('real-kernels-test/no-such-model')\n")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0

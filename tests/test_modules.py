@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from real_kernels import JudgeHead, JudgeLoss, judge_head
-from real_kernels import reference
+from real_kernels.core import reference
 from head_utils import OUTPUTS, check_against, make_case, rel_err, run_exact
 
 SCORE_VALUES = [1.0, 2.0, 3.5, 4.0, 5.0]

@@ -1,4 +1,4 @@
-"""real.objectives: rewards, RLOO, the REAL loss (incl. the unbiasedness of its gradient), RAFT, TRACT, GRPO."""
+"""real.methods.objectives: rewards, RLOO, the REAL loss (incl. the unbiasedness of its gradient), RAFT, TRACT, GRPO."""
 import itertools
 import math
 
@@ -7,20 +7,8 @@ import torch
 from scipy import stats
 
 from real_kernels import judge_head
-from real.objectives import (
-    JudgeForward,
-    binary_rewards,
-    group_normalized_advantages,
-    grpo_loss,
-    grpo_token_logprobs,
-    raft_loss,
-    real_advantages,
-    real_loss,
-    regression_reward,
-    rloo_advantages,
-    sampled_score_indices,
-    tract_loss,
-)
+from real.model.head import JudgeForward
+from real.methods.objectives import binary_rewards, group_normalized_advantages, grpo_loss, grpo_token_logprobs, raft_loss, real_advantages, real_loss, regression_reward, rloo_advantages, sampled_score_indices, tract_loss
 
 
 def _leaf(*shape, scale=1.0):
@@ -319,10 +307,10 @@ def test_grpo_loss_includes_the_sampled_score_token():
 # --- on a tiny transformers judge -------------------------------------------------------------------------
 
 def test_judge_forward_on_a_tiny_model_matches_its_logits():
-    from real.batching import build_teacher_forced_batch
-    from real.objectives import judge_forward
-    from real.prompts import resolve_score_token_ids
-    from real.tiny import build_tiny_model, build_tiny_tokenizer
+    from real.judge.batching import build_teacher_forced_batch
+    from real.model.head import judge_forward
+    from real.judge.prompts import resolve_score_token_ids
+    from real.model.tiny import build_tiny_model, build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
     model = build_tiny_model(tok, seed=1)

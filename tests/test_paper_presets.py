@@ -1,16 +1,16 @@
 """configs/paper/*.yaml carry the released settings, and `real train --config FILE --print-config` prints the
-resolved TrainConfig as JSON and exits (issue 11, item 9)."""
+resolved TrainConfig as JSON and exits."""
 import json
 from pathlib import Path
 
 import pytest
 
-from real.config import FIELD_NAMES
-from real.train import main
+from real.loop.config import FIELD_NAMES
+from real.loop.train_cli import main
 
 PRESETS = Path(__file__).resolve().parents[1] / "configs" / "paper"
 # The released REAL optimizer keeps AdamW's framework defaults (betas (0.9, 0.999), weight decay 0.01): the
-# scripts' weight_decay=0.1 is the unused PPO actor's (issue 19, item 5).
+# scripts' weight_decay=0.1 is the unused PPO actor's.
 RELEASED_REAL = dict(method="real", temperature=1.0, top_p=0.9, max_prompt_tokens=2048, max_cot_tokens=1024,
                      prompts_per_step=256, epochs_per_batch=3, weight_decay=0.01, adam_betas=[0.9, 0.999],
                      grad_clip=1.0, prob_bonus=1.0, beta=0.0, adv_norm="advantage-std", adv_clip=1.0,
@@ -25,7 +25,7 @@ def _printed(capsys, *argv):
 
 @pytest.mark.parametrize("name, model, lr, lora_rank", [
     ("qwen3-8b", "Qwen/Qwen3-8B", 1e-6, 0),
-    ("qwen3-32b", "Qwen/Qwen3-32B", 1e-6, 0),  # the release's final 32B run: full fine-tuning (issue 19, item 2)
+    ("qwen3-32b", "Qwen/Qwen3-32B", 1e-6, 0),  # the release's final 32B run: full fine-tuning
     ("qwen3-32b", "Qwen/Qwen3-32B", 1e-5, 128),  # its one-node LoRA variant: LoRA lr = 10 x full fine-tuning's 1e-6
     ("mistral-7b", "mistralai/Mistral-7B-Instruct-v0.2", 5e-8, 0),
 ])
@@ -49,7 +49,7 @@ def test_warm_up_presets(capsys, name, method, steps):
     assert config["method"] == method and config["steps"] == steps and config["prompts_per_step"] == 256
     assert config["output_dir"] == f"runs/{name}-{method}"
     # verl's SFT optimizer (sft_trainer.yaml): lr 1e-5, betas (0.9, 0.95), weight decay 0.01, 10% warm-up, cosine,
-    # full fine-tuning as sft.sh (issue 19, item 5)
+    # full fine-tuning as sft.sh
     assert (config["lr"], config["adam_betas"], config["weight_decay"]) == (1e-5, [0.9, 0.95], 0.01)
     assert (config["warmup_steps"], config["schedule"], config["min_lr_ratio"]) == (steps // 10, "cosine", 0.0)
     assert config["lora_rank"] == 0 and config["score_phrase"] == "released"

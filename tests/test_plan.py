@@ -20,12 +20,13 @@ from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, M
 
 import real_kernels.torch_backend as torch_backend
 from benchmarks.fit_32b import cpu_peak_bytes as measured_peak  # profiler allocation events, CPU
-from real import plan as plan_cli
-from real.memory_model import GIB, LORA_TARGET_SETS, TrainSetup, fused_head_bytes, naive_head_bytes, param_bytes
-from real.model_shapes import PRESETS, load_shape, shape_from_config
-from real.plan import memory_plan as plan
+from real.planner import plan as plan_cli
+from real.planner.memory_model import GIB, LORA_TARGET_SETS, TrainSetup, fused_head_bytes, naive_head_bytes, param_bytes
+from real.planner.model_shapes import PRESETS, load_shape, shape_from_config
+from real.planner.plan import memory_plan as plan
 from real_kernels import judge_head
-from real_kernels.hf import decoder_hidden_states, judge_outputs, lm_head_weight
+from real_kernels.hf import decoder_hidden_states, judge_outputs
+from real_kernels.hf_model import lm_head_weight
 
 peft = pytest.importorskip("peft")
 
@@ -165,7 +166,7 @@ def test_activation_estimate_matches_measured_peak(kind, dtype, rank, checkpoint
     model.zero_grad(set_to_none=True)
     peak = measured_peak(step)
 
-    tokens, tile = SEQS * (COT + 1), torch_backend._chunks(SEQS * (COT + 1), config["vocab_size"],
+    tokens, tile = SEQS * (COT + 1), torch_backend.tile_chunks(SEQS * (COT + 1), config["vocab_size"],
                                                             torch_backend.DEFAULT_TILE_ELEMS)
     setup = TrainSetup(dtype=dtype, lora_rank=rank, prompt_tokens=PROMPT, cot_tokens=COT + 1, rollouts=SEQS,
                        gradient_checkpointing=checkpointing, head=head, attention="sdpa", rollout_on_gpu=False,
@@ -199,7 +200,7 @@ def test_naive_minus_fused_head_is_the_logits_arithmetic(dtype):
     hidden.grad = None
     fused_peak = measured_peak(fused)
 
-    tn, vc = torch_backend._chunks(n, v, torch_backend.DEFAULT_TILE_ELEMS)
+    tn, vc = torch_backend.tile_chunks(n, v, torch_backend.DEFAULT_TILE_ELEMS)
     naive_est = naive_head_bytes(n, v, dtype)
     fused_est = fused_head_bytes(n, h, v, dtype, 5, head_trainable=False, tile_bytes=tn * vc * 4)
     logits_arithmetic = n * v * (DTYPES[dtype].itemsize + 4 + 4 + 4)
@@ -279,7 +280,7 @@ def test_a_run_that_does_not_fit_exits_2_and_says_what_would(capsys):
 
 
 def test_the_vllm_engine_is_counted(capsys):
-    """Issue 19, item 7: a colocated vLLM engine takes its gpu_memory_utilization share while it samples (and
+    """A colocated vLLM engine takes its gpu_memory_utilization share while it samples (and
     while training too unless it sleeps); it must hold the weights and one sequence; a server is elsewhere."""
     common = ["--model", "qwen3-8b", "--gpus", "8", "--micro-batch-tokens", "3072", "--rollouts", "16", "--json"]
     hf = json.loads(_run_cli(capsys, *common))

@@ -1,14 +1,14 @@
-"""Prompts as real judges see them (issue 11, item 6): the tokenizer's chat template (on by default, off with
+"""Prompts as real judges see them: the tokenizer's chat template (on by default, off with
 --no-chat-template) and a configurable score phrase in training, inference and parsing, with the released
 phrase ('So the overall score is N') and Prometheus' ('[RESULT] N') built in."""
 import pytest
 import torch
 
-import real.inference as inference
-from real.config import make_config
-from real.data import JudgeExample, with_chat_templates
-from real.prompts import SCORE_PHRASES, ScoreScale, format_cot, parse_score, score_phrase, with_chat_template
-from real.tiny import build_tiny_model, build_tiny_tokenizer
+import real.judge.inference as inference
+from real.loop.config import make_config
+from real.judge.data import JudgeExample, with_chat_templates
+from real.judge.prompts import SCORE_PHRASES, ScoreScale, format_cot, parse_score, score_phrase, with_chat_template
+from real.model.tiny import build_tiny_model, build_tiny_tokenizer
 
 TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -28,7 +28,7 @@ def test_the_chat_template_wraps_the_prompt_when_the_tokenizer_has_one():
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("chat_template", [True, False])
 def test_training_uses_the_template_unless_turned_off(tmp_path, monkeypatch, chat_template):
-    import real.train as train
+    import real.loop.train as train
 
     tok = build_tiny_tokenizer()
     tok.chat_template = TEMPLATE
@@ -76,7 +76,7 @@ def test_inference_reads_the_score_after_the_configured_phrase():
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("method", ["real", "tract"])
 def test_a_training_step_with_the_released_phrase(tmp_path, method):
-    import real.train as train
+    import real.loop.train as train
 
     cfg = make_config(model="tiny", data=["synthetic"], synthetic_train_size=8, synthetic_eval_size=2, progress=False,
                       output_dir=str(tmp_path), steps=1, score_phrase="released", prompts_per_step=2, group_size=2,

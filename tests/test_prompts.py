@@ -1,4 +1,4 @@
-"""real.prompts: the Prometheus template, the CoT format, score parsing and score-token ids."""
+"""real.judge.prompts: the Prometheus template, the CoT format, score parsing and score-token ids."""
 import json
 import math
 import re
@@ -8,7 +8,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from real.prompts import (SCORE_MARKER, format_cot, format_rubric, parse_score, render_prompt,
+from real.judge.prompts import (SCORE_MARKER, format_cot, format_rubric, parse_score, render_prompt,
                           resolve_score_token_ids)
 
 from tests.data_paths import HOW_TO_GET, SHIPPED

@@ -1,4 +1,4 @@
-"""One RAIL read-out at the right position (issue 11, item 2), with a tokenizer built here that keeps the
+"""One RAIL read-out at the right position, with a tokenizer built here that keeps the
 space apart from a digit as Qwen's does (its pre-tokenizer splits every digit off on its own: " 4" is two
 tokens, "Ġ" and "4").  `real eval --model` (score_cots), the training loop's evaluation (rail_predictions)
 and the training losses (judge_forward on a batch with targets) must read the same position: the one whose
@@ -10,11 +10,11 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-import real.inference as inference
-from real.batching import build_teacher_forced_batch
-from real.head import judge_forward
-from real.prompts import ScoreScale
-from real.tiny import build_tiny_model
+import real.judge.inference as inference
+from real.judge.batching import build_teacher_forced_batch
+from real.model.head import judge_forward
+from real.judge.prompts import ScoreScale
+from real.model.tiny import build_tiny_model
 
 # Qwen2/Qwen3's pre-tokenizer pattern (tokenizer.json of Qwen/Qwen3-8B): digits split one by one, so a
 # space before a digit is a token of its own.

@@ -1,4 +1,4 @@
-"""The training loop as the released REAL code runs it (issue 19, items 3 and 4):
+"""The training loop as the released REAL code runs it:
 
 - ``--group-filter partial`` fills the step's batch: rollout rounds of ``--prompts-per-step`` prompts until it
   holds ``--prompts-per-step`` partial groups (at most ``--max-fill-rounds``), then trains on exactly those;
@@ -11,12 +11,12 @@ import math
 import pytest
 import torch
 
-import real.train as train
-from real.batching import slice_batch
-from real.config import make_config, parse_train_args
-from real.head import judge_forward
-from real.objectives import raft_loss
-from real.rollout import Rollouts
+import real.loop.train as train
+from real.judge.batching import slice_batch
+from real.loop.config import make_config, parse_train_args
+from real.model.head import judge_forward
+from real.methods.objectives import raft_loss
+from real.loop.rollout_groups import Rollouts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,7 +28,7 @@ def _cfg(tmp_path, **overrides):
     return make_config(**base)
 
 
-# --- item 3: the partial filter fills its batch ------------------------------------------------------------
+# --- the partial filter fills its batch ------------------------------------------------------------
 
 def _scripted_rollouts(trainer, partial_every=2):
     """Replace the sampler: in every round, the groups of every ``partial_every``-th prompt are partial (one
@@ -89,7 +89,7 @@ def test_without_the_filter_one_round_is_taken(tmp_path):
     assert len(calls) == 1 and record["sequences"] == 8 and "fill_rounds" not in record
 
 
-# --- item 4: updates per rollout batch -----------------------------------------------------------------------
+# --- updates per rollout batch -----------------------------------------------------------------------
 
 def _captured_updates(trainer):
     """(weights before, gradient) at every optimizer update."""
@@ -152,7 +152,7 @@ def test_a_full_batch_mini_batch_is_the_old_single_update(tmp_path):
 def test_the_settings_come_from_yaml_and_flags_and_print_config_shows_them(tmp_path, capsys):
     path = tmp_path / "run.yaml"
     path.write_text("method: real\ngroup_size: 4\nmini_batch_size: 16\nmax_fill_rounds: 5\n")
-    from real.train_cli import main as cli_main
+    from real.loop.train_cli import main as cli_main
 
     assert cli_main(["--config", str(path), "--print-config"]) == 0
     shown = json.loads(capsys.readouterr().out)
@@ -193,7 +193,7 @@ def test_the_presets_take_the_released_updates_per_rollout_batch(capsys, preset,
                                                                  updates):
     from pathlib import Path
 
-    from real.train_cli import main as cli_main
+    from real.loop.train_cli import main as cli_main
 
     path = Path(__file__).resolve().parents[1] / "configs" / "paper" / f"{preset}.yaml"
     assert cli_main(["--config", str(path), "--print-config"]) == 0

@@ -1,4 +1,4 @@
-"""The released prompt/CoT layout and the released decoding rule (issue 19, items 1 and 5).
+"""The released prompt/CoT layout and the released decoding rule.
 
 Feedback-Collection's feedback texts end in "So the overall score is 4." and its outputs in "[RESULT] 4".  A warm-up
 or REAL target that keeps that sentence before the marker has the judge commit to a digit in its CoT, which RAIL
@@ -11,10 +11,10 @@ import random
 
 import pytest
 
-import real.inference as inference
-from real.data import load_prometheus, with_score_phrase
+import real.judge.inference as inference
+from real.judge.data import load_prometheus, with_score_phrase
 from real.methods.tract import reference_cot
-from real.prompts import (RELEASED_INSTRUCTION, SCORE_MARKER, SCORE_PHRASES, format_cot, format_rubric, parse_score,
+from real.judge.prompts import (RELEASED_INSTRUCTION, SCORE_MARKER, SCORE_PHRASES, format_cot, format_rubric, parse_score,
                           prompt_for_score_phrase, render_prompt)
 
 RELEASED = SCORE_PHRASES["released"]
@@ -87,8 +87,8 @@ def test_the_released_phrase_appends_the_released_sentence_to_prometheus_prompts
 def test_training_prompts_and_targets_in_the_released_layout(tmp_path):
     """A TRACT step and a REAL step on Feedback-Collection rows under the released phrase: the prompt ends in the
     released sentence, the CoT holds no score before the phrase, and the true score follows it."""
-    import real.train as train
-    from real.config import make_config
+    import real.loop.train as train
+    from real.loop.config import make_config
 
     path = tmp_path / "feedback_collection.json"
     path.write_text(json.dumps(feedback_collection_rows()))
@@ -124,7 +124,7 @@ def test_with_score_phrase_keeps_other_examples_as_they_are(tmp_path):
     assert [e.target for e in released] == [e.target for e in examples]
 
 
-# --- the released decoding rule and real eval's defaults (item 5) ------------------
+# --- the released decoding rule and real eval's defaults ------------------
 
 @pytest.mark.parametrize("text, expected", [
     ("Feedback: fine. So the overall score is 4", 4.0),
@@ -164,7 +164,7 @@ def test_released_decoding_generates_to_the_end(monkeypatch):
 
 
 def test_real_eval_defaults_are_the_released_validations():
-    from real.evaluate import build_parser
+    from real.judge.evaluate import build_parser
 
     args = build_parser().parse_args(["--data", "x.json", "--model", "tiny"])
     assert (args.max_new_tokens, args.n_samples, args.temperature, args.top_p) == (1024, 1, 1.0, 0.9)
@@ -172,7 +172,7 @@ def test_real_eval_defaults_are_the_released_validations():
 
 
 def test_real_eval_lays_prompts_out_for_the_score_phrase(tmp_path, monkeypatch):
-    import real.evaluate as evaluate
+    import real.judge.evaluate as evaluate
 
     path = tmp_path / "bench.json"
     rows = [{"instruction": r["instruction"], "gpt4_score": [int(r["orig_score"])]} for r in feedback_collection_rows()]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from real import cli
-from real.prompts import format_rubric, render_prompt
+from real.judge.prompts import format_rubric, render_prompt
 
 PRESETS = Path(__file__).resolve().parents[1] / "configs" / "paper"
 HUB = "huggingface.co/datasets/prometheus-eval"

@@ -1,11 +1,11 @@
-"""real.synthetic: deterministic, order-dependent (CoT-friendly), noisy continuous labels, flawed reference CoTs."""
+"""real.judge.synthetic: deterministic, order-dependent (CoT-friendly), noisy continuous labels, flawed reference CoTs."""
 import statistics
 
 import pytest
 
-from real.metrics import correlations
-from real.prompts import SCORE_MARKER, format_cot
-from real.synthetic import (
+from real.judge.metrics import correlations
+from real.judge.prompts import SCORE_MARKER, format_cot
+from real.judge.synthetic import (
     SyntheticTask,
     expected_target,
     is_near_miss,
@@ -99,7 +99,7 @@ def test_expected_target_matches_the_label_mean():
 
 
 def test_cot_tokens_sit_at_fixed_distances_for_the_tiny_tokenizer():
-    from real.tiny import build_tiny_tokenizer
+    from real.model.tiny import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
     for e in make_examples(20, seed=0):

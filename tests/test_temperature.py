@@ -1,15 +1,15 @@
-"""The policy gradient is taken on the distribution the rollouts were sampled from (issue 11, item 1): every
+"""The policy gradient is taken on the distribution the rollouts were sampled from: every
 head pass of a rollout method's training step (policy, old-policy and reference log-probs, the score read-out)
 runs at --temperature; the SFT methods train at temperature 1.  Before, every pass ran at temperature 1."""
 import pytest
 import torch
 
-import real.train as train
-from real.batching import build_teacher_forced_batch
-from real.config import make_config
-from real.head import judge_forward
-from real.prompts import ScoreScale
-from real.tiny import build_tiny_model, build_tiny_tokenizer
+import real.loop.train as train
+from real.judge.batching import build_teacher_forced_batch
+from real.loop.config import make_config
+from real.model.head import judge_forward
+from real.judge.prompts import ScoreScale
+from real.model.tiny import build_tiny_model, build_tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

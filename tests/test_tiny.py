@@ -1,12 +1,12 @@
-"""real.tiny: the on-the-spot tokenizer and random Qwen3, and the model loader."""
+"""real.model.tiny: the on-the-spot tokenizer and random Qwen3, and the model loader."""
 import logging
 
 import pytest
 import torch
 
-from real.prompts import SCORE_MARKER, format_cot, parse_score, render_prompt, resolve_score_token_ids
-from real.models import choose_attn_implementation, load_model_and_tokenizer
-from real.tiny import build_tiny_model, build_tiny_tokenizer
+from real.judge.prompts import SCORE_MARKER, format_cot, parse_score, render_prompt, resolve_score_token_ids
+from real.model.loading import choose_attn_implementation, load_model_and_tokenizer
+from real.model.tiny import build_tiny_model, build_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_save_and_load_round_trip(tmp_path, tokenizer, caplog):
     model = build_tiny_model(tokenizer, seed=3)
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    with caplog.at_level(logging.INFO, logger="real.models"):
+    with caplog.at_level(logging.INFO, logger="real.model.loading"):
         loaded, loaded_tok = load_model_and_tokenizer(str(tmp_path))
     assert "sdpa" in caplog.text
     assert loaded.config._attn_implementation == "sdpa"

@@ -1,9 +1,9 @@
-"""TRACT's second stage (issue 11, item 10): --tract-cots own trains TRACT's loss on CoTs the model samples
+"""TRACT's second stage: --tract-cots own trains TRACT's loss on CoTs the model samples
 itself (one per prompt per step) instead of the data's reference CoTs."""
 import pytest
 
-import real.train as train
-from real.config import make_config
+import real.loop.train as train
+from real.loop.config import make_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

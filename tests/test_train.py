@@ -1,4 +1,4 @@
-"""real.train: the loop end to end on the tiny model and the synthetic task (CPU, seconds)."""
+"""real.loop.train: the loop end to end on the tiny model and the synthetic task (CPU, seconds)."""
 import json
 import os
 import signal
@@ -6,11 +6,12 @@ import signal
 import pytest
 import torch
 
-from real import checkpoint as ckpt
-from real.config import make_config
-from real.batching import micro_batch_ranges as plan_micro_batches
-from real.data import PromptStream
-from real.train import Trainer, main
+from real.loop import checkpoint as ckpt
+from real.loop.config import make_config
+from real.judge.batching import micro_batch_ranges as plan_micro_batches
+from real.judge.data import PromptStream
+from real.loop.train import Trainer
+from real.loop.train_cli import main
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -184,7 +185,7 @@ def test_tract_micro_batches_of_unequal_cot_lengths_match_the_full_batch(tmp_pat
     lengths must still add up to it (each is normalised by the step's tokens per row, not its own)."""
     import dataclasses
 
-    from real.synthetic import make_splits
+    from real.judge.synthetic import make_splits
 
     train, held = make_splits(12, 4, seed=0)
     train = [dataclasses.replace(e, feedback=[f + " and so" * (3 * i) for f in e.feedback])
@@ -288,7 +289,7 @@ def test_tokenizer_without_single_token_scores_is_refused(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from real.tiny import build_tiny_model, build_tiny_tokenizer
+    from real.model.tiny import build_tiny_model, build_tiny_tokenizer
 
     vocab = {"[UNK]": 0, "<pad>": 1, "[RESULT]": 2, "1": 3, "2": 4, "3": 5, "4": 6}  # no "5"
     raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
@@ -301,7 +302,7 @@ def test_tokenizer_without_single_token_scores_is_refused(tmp_path):
 
 
 def test_grpo_reads_the_score_token_after_the_first_marker():
-    from real.rollout import decoded_score
+    from real.loop.rollout_groups import decoded_score
 
     values = [1, 2, 3, 4, 5]
     assert decoded_score("Feedback: yes 2 [RESULT] 3", values) == 3.0
@@ -314,12 +315,12 @@ def test_grpo_reads_the_score_token_after_the_first_marker():
 
 
 def test_raft_is_evaluated_without_a_cot(tmp_path, monkeypatch):
-    import real.inference
+    import real.judge.inference
 
     def no_generation(*args, **kwargs):
         raise AssertionError("a RAFT judge reads its score right after the prompt; nothing is generated")
 
-    monkeypatch.setattr(real.inference, "generate_cots", no_generation)
+    monkeypatch.setattr(real.judge.inference, "generate_cots", no_generation)
     trainer = Trainer(_cfg(tmp_path, method="raft", steps=1), log=lambda m: None)
     record = trainer.evaluate(0)
     assert record["n"] == 8 and record["type"] == "eval"

@@ -2,9 +2,9 @@
 
 Two layers:
 
-- the command as users run it: ``torchrun --nproc_per_node=2 -m real.train
+- the command as users run it: ``torchrun --nproc_per_node=2 -m real.loop.train_cli
   --parallel fsdp`` (TRACT: reference CoTs, no sampling) logs the same losses
-  (relative 1e-4) and writes the same weights as ``python -m real.train``; the
+  (relative 1e-4) and writes the same weights as ``python -m real.loop.train_cli``; the
   2-rank checkpoint then resumes under ``--parallel ddp`` on 2 ranks and in one
   process, each matching the uninterrupted one-process run;
 - REAL itself, through ``Trainer`` in spawned ranks: sampling is replaced by a
@@ -31,9 +31,9 @@ import torch.multiprocessing as mp
 from rank_utils import assert_same_weights, free_port
 from safetensors.torch import load_file
 
-from real.config import make_config
-from real.prompts import SCORE_MARKER
-from real.rollout import Rollouts
+from real.loop.config import make_config
+from real.judge.prompts import SCORE_MARKER
+from real.loop.rollout_groups import Rollouts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -60,14 +60,14 @@ def _env() -> dict:
 
 def _torchrun(args, cwd):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "-m", "real.train", *args]
+           f"--master_port={free_port()}", "-m", "real.loop.train_cli", *args]
     done = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done
 
 
 def _one_process(args, cwd):
-    done = subprocess.run([sys.executable, "-m", "real.train", *args], cwd=cwd, env=_env(), capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "real.loop.train_cli", *args], cwd=cwd, env=_env(), capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-5000:]
     return done
@@ -160,12 +160,12 @@ def _real_config(out_dir, **overrides):
 
 
 def _real_run(out_dir, **overrides):
-    from real.train import Trainer
+    from real.loop.train import Trainer
 
     trainer = Trainer(_real_config(out_dir, **overrides), log=lambda m: None)
     trainer.engine = FixedRollouts()
     result = trainer.run()
-    trainer.close()  # as real.train.main does: nothing may hold the process group at teardown
+    trainer.close()  # as real.loop.train_cli.main does: nothing may hold the process group at teardown
     losses = [r["loss"] for r in result.records if r["type"] == "train"]
     micro = [r["micro_batches"] for r in result.records if r["type"] == "train"]
     evals = [r for r in result.records if r["type"] == "eval"]
@@ -179,7 +179,7 @@ def _worker(rank: int, world: int, port: int, workdir: str) -> None:
     import warnings
 
     warnings.simplefilter("ignore")
-    from real.distributed import cleanup_distributed
+    from real.multi_gpu.distributed import cleanup_distributed
 
     results = {}
     try:  # the first Trainer joins the group; a hang fails within a minute and a half
@@ -187,7 +187,7 @@ def _worker(rank: int, world: int, port: int, workdir: str) -> None:
             results[name] = _real_run(os.path.join(workdir, name), collective_timeout=90, **overrides)
     finally:
         left = cleanup_distributed()
-    # gloo threads alive at interpreter exit could abort the process (issue 13): teardown must end them all
+    # gloo threads alive at interpreter exit could abort the process: teardown must end them all
     assert not left, f"rank {rank}: gloo threads still running after cleanup_distributed: {left}"
     if rank == 0:
         torch.save(results, os.path.join(workdir, "results.pt"))
@@ -216,8 +216,8 @@ def test_real_on_two_ranks_matches_one_process(tmp_path):
 def test_launch_settings_that_cannot_work_on_several_ranks_are_clear_errors(tmp_path):
     from types import SimpleNamespace
 
-    from real.distributed import DistEnv
-    from real.train import Trainer
+    from real.multi_gpu.distributed import DistEnv
+    from real.loop.train import Trainer
 
     def check(world, **overrides):
         cfg = _real_config(tmp_path, **overrides)
@@ -228,7 +228,7 @@ def test_launch_settings_that_cannot_work_on_several_ranks_are_clear_errors(tmp_
         check(3)
     with pytest.raises(ValueError, match="unsynchronised"):
         check(2, parallel="none")
-    check(2, rollout="vllm-colocate")  # vLLM works under torchrun (issue 19, item 7)
+    check(2, rollout="vllm-colocate")  # vLLM works under torchrun
     check(2, rollout="vllm-server")
     with pytest.raises(ValueError, match="vllm-tensor-parallel-size 4 must divide the 2 ranks"):
         check(2, rollout="vllm-colocate", vllm_tensor_parallel_size=4)
@@ -246,8 +246,8 @@ def _late_worker(rank: int, world: int, port: int, workdir: str) -> None:
     import warnings
 
     warnings.simplefilter("ignore")
-    from real import distributed as dist_utils
-    from real.train import Trainer
+    from real.multi_gpu import distributed as dist_utils
+    from real.loop.train import Trainer
 
     trainer = Trainer(_real_config(os.path.join(workdir, "late"), method="tract", steps=5, collective_timeout=4,
                                    parallel="ddp"), log=lambda m: None)

@@ -1,5 +1,5 @@
-"""real.train when things go wrong: long rows, preemption, resumes that would change the run, non-finite
-training, a torn or damaged run directory, and input that must be refused in a sentence (issue 13, items 5-11).
+"""real.loop.train when things go wrong: long rows, preemption, resumes that would change the run, non-finite
+training, a torn or damaged run directory, and input that must be refused in a sentence.
 
 Each case here failed (silently, by losing work, or with a traceback) before the fixes it names."""
 import dataclasses
@@ -13,11 +13,12 @@ import time
 import pytest
 import torch
 
-from real import checkpoint as ckpt
-from real.config import make_config
-from real.synthetic import make_splits
-import real.train as train_module
-from real.train import Trainer, main
+from real.loop import checkpoint as ckpt
+from real.loop.config import make_config
+from real.judge.synthetic import make_splits
+import real.loop.train as train_module
+from real.loop.train import Trainer
+from real.loop.train_cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -107,7 +108,7 @@ def test_the_final_checkpoint_is_written_before_the_final_evaluation(tmp_path):
 def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen([sys.executable, "-m", "real.train", "--method", "raft", "--model", "tiny", "--data",
+    proc = subprocess.Popen([sys.executable, "-m", "real.loop.train_cli", "--method", "raft", "--model", "tiny", "--data",
                              "synthetic", "--synthetic-train-size", "64", "--prompts-per-step", "2", "--steps",
                              "100000", "--no-progress", "--device", "cpu", "--output-dir", str(out)],
                             env=env, stderr=subprocess.PIPE, text=True)
@@ -232,7 +233,7 @@ def test_resume_rewrites_metrics_atomically(tmp_path, monkeypatch):
     """A crash while the log is rewritten (resume from an older checkpoint) leaves the old log whole."""
     import builtins
 
-    import real.run_dir
+    import real.loop.run_dir
 
     Trainer(_cfg(tmp_path, method="raft", steps=2, save_every=1), log=_quiet).run()
     os.remove(os.path.join(ckpt.latest_checkpoint(str(tmp_path)), ckpt.STATE_FILE))  # resume from step 1
@@ -260,7 +261,7 @@ def test_resume_rewrites_metrics_atomically(tmp_path, monkeypatch):
         fh = builtins.open(path, mode, *args, **kwargs)
         return Crashing(fh) if "w" in mode else fh
 
-    monkeypatch.setattr(real.run_dir, "open", crashing_open, raising=False)
+    monkeypatch.setattr(real.loop.run_dir, "open", crashing_open, raising=False)
     with pytest.raises(ValueError, match="killed while rewriting"):
         Trainer(_cfg(tmp_path, method="raft", steps=3, resume=True), log=_quiet).run()
     assert (tmp_path / "metrics.jsonl").read_text() == before

@@ -1,4 +1,4 @@
-"""real.vllm_rollout: the vLLM engines, driven by fake engines that check the calls (issue 19, item 7).
+"""real.loop.vllm_rollout: the vLLM engines, driven by fake engines that check the calls.
 
 vLLM needs CUDA, so a fake ``vllm`` module (``LLM``, ``SamplingParams``) and a fake TRL server client stand
 in.  What is checked is what the real ones would receive, through the real ``Trainer``: the engine's
@@ -15,10 +15,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from real import vllm_rollout
-from real.config import make_config
-from real.prompts import SCORE_MARKER
-from real.vllm_rollout import engine_weights, finish_text
+from real.loop import vllm_rollout
+from real.loop.config import make_config
+from real.judge.prompts import SCORE_MARKER
+from real.loop.vllm_rollout import engine_weights, finish_text
 
 from rank_utils import assert_same_weights, free_port
 
@@ -109,7 +109,7 @@ def _cfg(out, **overrides):
 def _trainer_with_snapshots(cfg):
     """A Trainer whose model weights are recorded before the run and after every optimizer update, and whose
     rollouts are recorded as the engine returns them."""
-    from real.train import Trainer
+    from real.loop.train import Trainer
 
     trainer = Trainer(cfg, log=lambda m: None)
     snapshots = [{k: v.detach().clone() for k, v in trainer.model.state_dict().items()}]
@@ -166,7 +166,7 @@ def test_colocated_engine_sleeps_between_rollouts_and_gets_every_update(tmp_path
 
 
 def test_weights_go_to_a_colocated_engine_in_chunks(fake_vllm, monkeypatch):
-    from real.tiny import build_tiny_model, build_tiny_tokenizer
+    from real.model.tiny import build_tiny_model, build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_model(tokenizer, seed=0)
@@ -185,7 +185,7 @@ def test_weights_go_to_a_colocated_engine_in_chunks(fake_vllm, monkeypatch):
 def _peft_model(dtype=torch.float64):
     from peft import LoraConfig, get_peft_model
 
-    from real.tiny import build_tiny_model, build_tiny_tokenizer
+    from real.model.tiny import build_tiny_model, build_tiny_tokenizer
 
     model = build_tiny_model(build_tiny_tokenizer(), seed=0)
     model = get_peft_model(model.to(dtype), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"]))
@@ -242,7 +242,7 @@ def test_server_engine_gets_every_update_before_each_rollout(tmp_path, monkeypat
     FakeClient.made = []
     holder = {}
     monkeypatch.setattr(vllm_rollout, "trl_client", lambda *a: FakeClient(holder["tokenizer"], *a))
-    from real import models
+    from real.model import loading as models
 
     real_loader = models.load_model_and_tokenizer
 
@@ -251,7 +251,7 @@ def test_server_engine_gets_every_update_before_each_rollout(tmp_path, monkeypat
         holder["tokenizer"] = tokenizer
         return model, tokenizer
 
-    monkeypatch.setattr("real.train.load_model_and_tokenizer", loader)
+    monkeypatch.setattr("real.loop.train.load_model_and_tokenizer", loader)
     cfg = _cfg(tmp_path, method="grpo", rollout="vllm-server", vllm_server_port=8123, temperature=0.9, top_p=0.95)
     trainer, snapshots, rollouts = _trainer_with_snapshots(cfg)
     [client] = FakeClient.made
@@ -282,7 +282,7 @@ def test_finish_text_matches_the_hf_engine():
 
 
 def test_without_vllm_or_trl_the_error_says_what_to_install(tmp_path, monkeypatch):
-    from real.train import Trainer
+    from real.loop.train import Trainer
 
     monkeypatch.setitem(sys.modules, "vllm", None)
     with pytest.raises(ImportError, match=r"pip install 'real-kernels\[vllm\]'.*--rollout hf"):
@@ -300,8 +300,8 @@ def _fsdp_worker(rank, world, port, workdir):
     torch.set_num_threads(1)
     FakeLLM.instances = []
     sys.modules["vllm"] = types.SimpleNamespace(LLM=FakeLLM, SamplingParams=FakeSamplingParams)
-    from real.distributed import cleanup_distributed
-    from real.train import Trainer
+    from real.multi_gpu.distributed import cleanup_distributed
+    from real.loop.train import Trainer
 
     cfg = _cfg(workdir, rollout="vllm-colocate", steps=2, prompts_per_step=2, group_size=2, eval_size=2,
                collective_timeout=90, vllm_tensor_parallel_size=2)
@@ -336,7 +336,7 @@ def test_two_fsdp_ranks_share_one_tensor_parallel_engine_with_the_whole_model(tm
     assert ranks[0]["prompts"] == ranks[1]["prompts"] and ranks[0]["seeds"] == ranks[1]["seeds"]
     for step in range(2):  # the same full (gathered) weights on both ranks, and full shapes
         assert_same_weights(ranks[0]["pushed"][step], ranks[1]["pushed"][step], f"rollout {step + 1}", atol=0)
-    from real.tiny import build_tiny_model, build_tiny_tokenizer
+    from real.model.tiny import build_tiny_model, build_tiny_tokenizer
 
     reference = build_tiny_model(build_tiny_tokenizer(), seed=0)
     shapes = {k: v.shape for k, v in reference.state_dict().items()}

@@ -1,6 +1,6 @@
 """The protocol every training method follows, and what the methods share.
 
-A method is a small class; the training loop (``real.train``) calls it in this
+A method is a small class; the training loop (``real.loop.train``) calls it in this
 order every step and never asks which method it is:
 
 1. ``collect(loop, step, examples)``: this rank's teacher-forced batch of the
@@ -9,11 +9,11 @@ order every step and never asks which method it is:
 2. ``prepare(loop, step_batch, plan, slots)``: per optimizer update (mini-batch,
    ``--mini-batch-size``) the per-micro-batch inputs
    (:class:`MicroBatch`: per-row tensors and the micro-batch's denominators,
-   ``real.objectives.LossNorms``), after a pre-pass where the method needs one:
+   ``real.methods.objectives.LossNorms``), after a pre-pass where the method needs one:
    old and reference log-probs, group advantages over the whole batch;
 3. ``loss(fwd, inputs, norms)``: a pure function of tensors, the loss of some
    whole sequences of a micro-batch (their head outputs ``fwd`` and per-row
-   ``inputs``; ``real.head.micro_batch_loss`` calls it once per chunk of the
+   ``inputs``; ``real.model.head.micro_batch_loss`` calls it once per chunk of the
    head) as their share of the micro-batch's loss, and its terms as detached
    0-dim tensors that add up over the chunks (read once per update);
    ``sequence_group(mb)``: how many consecutive sequences a chunk must keep
@@ -41,11 +41,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from real import distributed as dist_utils
-from real.batching import TeacherForcedBatch, build_teacher_forced_batch, slice_batch
-from real.head import JudgeForward
-from real.objectives import LossNorms, loss_norms
-from real.prompts import ScoreScale
+from real.multi_gpu import distributed as dist_utils
+from real.judge.batching import TeacherForcedBatch, build_teacher_forced_batch, slice_batch
+from real.model.head import JudgeForward
+from real.methods.objectives import LossNorms, loss_norms
+from real.judge.prompts import ScoreScale
 
 LossTerms = Tuple[torch.Tensor, Dict[str, torch.Tensor]]
 
@@ -127,7 +127,7 @@ class Method:
 
     def tokens_per_row(self, loop, step_batch: StepBatch, ranges: Sequence[Tuple[int, int]]) -> Optional[float]:
         """The mini-batch's (rows ``ranges``) action tokens per row when its token-mean spans more than one
-        micro-batch (or rank), else None (see ``real.objectives.loss_norms``); a collective under torchrun."""
+        micro-batch (or rank), else None (see ``real.methods.objectives.loss_norms``); a collective under torchrun."""
         return None
 
     def loss_norms(self, part: TeacherForcedBatch, rows: Dict[str, torch.Tensor],

@@ -1,6 +1,6 @@
 """GRPO, the paper's standard-RL baseline: binary reward on the score the policy wrote, PPO clip.
 
-The reward is ``1[decoded score == round(y*)]`` (``real.objectives.binary_rewards``),
+The reward is ``1[decoded score == round(y*)]`` (``real.methods.objectives.binary_rewards``),
 the advantage the group-normalised reward (computed once, when the rollouts are read); the
 policy's own score token is part of the action (``grpo_token_logprobs``).  The head's regression
 outputs are only reported.
@@ -8,7 +8,7 @@ outputs are only reported.
 from __future__ import annotations
 
 from real.methods.base import MicroBatch, PolicyGradientMethod, StepBatch, reward_metrics
-from real.objectives import (binary_rewards, group_normalized_advantages, grpo_action_mask, grpo_loss,
+from real.methods.objectives import (binary_rewards, group_normalized_advantages, grpo_action_mask, grpo_loss,
                              grpo_token_logprobs, loss_norms, sampled_score_indices)
 
 

@@ -5,8 +5,8 @@ The judge is evaluated the same way (RAIL with no CoT).
 from __future__ import annotations
 
 from real.methods.base import Method, StepBatch, teacher_forced
-from real import distributed as dist_utils
-from real.objectives import raft_loss
+from real.multi_gpu import distributed as dist_utils
+from real.methods.objectives import raft_loss
 
 
 class RAFT(Method):

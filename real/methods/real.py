@@ -1,7 +1,7 @@
 """REAL: policy gradient on the CoT with leave-one-out advantages, plus the differentiable prediction term.
 
 ``L = mean_i [ -A_i agg_t log pi(c_{i,t}) - beta * r_i ] (+ kl_coef * KL)``
-with ``r = -(yhat - y*)^2 + lam * log pi(k*) + mu * pi(k*)`` (``real.objectives.real_loss``,
+with ``r = -(yhat - y*)^2 + lam * log pi(k*) + mu * pi(k*)`` (``real.methods.objectives.real_loss``,
 docs/design.md section 1); ``A`` optionally carries the released code's probability bonus
 (``--prob-bonus``).  A prompt group may be split over micro-batches: its advantages then come from
 the pre-pass over the whole batch.  ``--group-filter partial`` keeps only the prompt groups whose
@@ -16,9 +16,9 @@ from typing import List
 
 import torch
 
-from real import distributed as dist_utils
+from real.multi_gpu import distributed as dist_utils
 from real.methods.base import MicroBatch, PolicyGradientMethod, StepBatch, reward_metrics
-from real.objectives import binary_rewards, combined_advantages, real_advantages, real_loss, regression_reward
+from real.methods.objectives import binary_rewards, combined_advantages, real_advantages, real_loss, regression_reward
 
 
 def partial_groups(decoded_scores, targets, group_size: int) -> List[int]:

@@ -1,7 +1,7 @@
 """TRACT / CoT-RAFT: SFT on reference CoTs plus the regression term (``--tract-cots own``: TRACT's
 second stage, on CoTs the model samples itself).
 
-``CE(c_gt | x) + w * (yhat(x, c_gt) - y*)^2`` (``real.objectives.tract_loss``,
+``CE(c_gt | x) + w * (yhat(x, c_gt) - y*)^2`` (``real.methods.objectives.tract_loss``,
 whose ``lam`` is the paper's name for ``w``).  ``w`` is ``--beta``, the weight
 of the regression (prediction) term in every method; ``--lam`` is REAL's reward
 weight of ``log pi(k*)`` and plays no part here.  One reference CoT per prompt
@@ -13,10 +13,10 @@ from __future__ import annotations
 import random
 import warnings
 
-from real import distributed as dist_utils
+from real.multi_gpu import distributed as dist_utils
 from real.methods.base import Method, StepBatch, step_tokens_per_row, teacher_forced
-from real.objectives import tract_loss
-from real.prompts import SCORE_MARKER, format_cot
+from real.methods.objectives import tract_loss
+from real.judge.prompts import SCORE_MARKER, format_cot
 
 
 def reference_cot(example, rng: random.Random, marker: str = SCORE_MARKER) -> str:

@@ -16,8 +16,8 @@ from typing import Optional
 import torch
 import triton
 
-from ..grad_gemms import logits_fp32
-from ..loss_rows import ChunkStats, RowCoefficients, special_values
+from ..core.grad_gemms import logits_fp32
+from ..core.loss_rows import ChunkStats, RowCoefficients, special_values
 from .chunk_dlogits import chunk_dlogits_kernel
 from .chunk_lse import chunk_lse_kernel
 from .head_config import interpreting

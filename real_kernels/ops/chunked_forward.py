@@ -17,7 +17,7 @@ from typing import List
 
 import torch
 
-from ..loss_rows import special_columns
+from ..core.loss_rows import special_columns
 from .chunk_pass import TritonChunkPass
 from .head_launches import ForwardOutputs, combine_launch, forward_partials
 

@@ -25,8 +25,8 @@ from typing import Optional
 
 import torch
 
-from ..validation import HeadArgs, first_order_only, unit_column_stride
-from .chunk_plan import chunk_buffer_fits, default_chunk_size, plan_chunks
+from ..core.validation import HeadArgs, first_order_only, unit_column_stride
+from ..core.sizing import chunk_buffer_fits, default_chunk_size, plan_chunks
 from .chunked_forward import chunked_forward
 from .head_config import BlockConfig, default_config, tuned_config
 from .head_launches import forward_launches, score_grad_launch

@@ -25,8 +25,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..grad_gemms import GradBuffers
-from ..loss_rows import RowCoefficients, special_columns
+from ..core.grad_gemms import GradBuffers
+from ..core.loss_rows import RowCoefficients, special_columns
 from .chunk_pass import TritonChunkPass
 
 
