@@ -318,7 +318,7 @@ def judge_loss_outputs(
             view.cot_logprobs, view.score_logprobs, view.expected_score, view.sq_error, view.cot_entropy))))
         return loss_fn(view, slice(s0, s1))
 
-    loss, _ = judge_loss(
+    loss, _ = loss_mode.judge_loss(
         head_rows.hidden.to(weight.dtype) if mixed else head_rows.hidden, weight, head_rows.targets, chunk_loss, score_token_ids=score_token_ids,
         score_values=score_values, score_targets=head_rows.score_targets, score_mask=head_rows.score_mask,
         normalize=normalize, temperature=effective_temperature(model, temperature), return_entropy=return_entropy,

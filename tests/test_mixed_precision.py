@@ -1,7 +1,7 @@
 """Mixed precision (``--dtype float32 --compute-dtype bfloat16``), as the released code trains: fp32
 parameters, gradients and AdamW states, forward and backward in bf16.
 
-In one process (and under DDP) ``real.parallel.wrap_model`` runs every ``wrapped(fn, ...)`` call under
+In one process (and under DDP) ``real.multi_gpu.parallel.wrap_model`` runs every ``wrapped(fn, ...)`` call under
 ``torch.autocast(bf16)`` and ``real_kernels.hf`` hands the fused head bf16 hidden rows and a bf16 LM-head
 weight; under FSDP the MixedPrecisionPolicy gathers bf16 units and reduce-scatters fp32 gradients.
 Checked on the tiny Qwen3 against fp64, fp32 and bf16 copies of the same model:
@@ -26,9 +26,9 @@ from test_distributed import SCORE_VALUES, _build, _global_batch, _rows
 
 import real_kernels.hf as hf
 import real_kernels.loss as kernel_loss
-from real.head import micro_batch_loss
-from real.objectives import judge_forward
-from real.parallel import unwrap_model, wrap_model
+from real.model.head import micro_batch_loss
+from real.model.head import judge_forward
+from real.multi_gpu.parallel import unwrap_model, wrap_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LR = 1e-6  # the released REAL's learning rate; tiny's weights are ~0.016 in magnitude
@@ -115,7 +115,7 @@ def test_compute_dtype_wider_than_the_parameters_is_an_error():
     model, _ = _build()
     with pytest.raises(ValueError, match="compute_dtype"):
         wrap_model(model.to(torch.bfloat16), "none", compute_dtype=torch.float32)
-    from real.config import make_config
+    from real.loop.config import make_config
 
     with pytest.raises(ValueError, match="compute_dtype"):
         make_config(dtype="bfloat16", compute_dtype="float32")
@@ -128,7 +128,7 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     from torch.distributed.fsdp import FSDPModule
 
-    from real.distributed import all_reduce_metrics, cleanup_distributed, setup_distributed
+    from real.multi_gpu.distributed import all_reduce_metrics, cleanup_distributed, setup_distributed
 
     env = setup_distributed(device="cpu", timeout_s=60)
     try:

@@ -319,7 +319,7 @@ def test_mixed_precision_keeps_fp32_states_and_counts_bf16_compute():
     """--dtype fp32 --compute-dtype bf16 (the paper presets): weights, gradients and AdamW states as fp32's;
     activations, the head and the FSDP-gathered units as bf16's (+ fp32 gradients for the reduce-scatter);
     without FSDP, autocast's bf16 copy of every weight."""
-    from real.memory_model import activation_bytes, fsdp_buffer_bytes
+    from real.planner.memory_model import activation_bytes, fsdp_buffer_bytes
 
     shape = load_shape("qwen3-8b")
     fp32, bf16 = TrainSetup(gpus=8, dtype="fp32"), TrainSetup(gpus=8, dtype="bf16")

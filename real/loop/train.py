@@ -46,13 +46,13 @@ from real.model.head import judge_forward, micro_batch_loss
 from real.judge.inference import rail_predictions
 from real.loop.rollout import rollout_engine_for
 from real.methods import method_class
-from real.metrics import prediction_report
-from real.nonfinite import NonFiniteStep, SkippedSteps, TrainingFailed, finite_on_all_ranks, skipped_record
-from real.models import (compute_dtype_for, frozen_copy, init_weights_from, load_model_and_tokenizer,
+from real.judge.metrics import prediction_report
+from real.loop.nonfinite import NonFiniteStep, SkippedSteps, TrainingFailed, finite_on_all_ranks, skipped_record
+from real.model.loading import (compute_dtype_for, frozen_copy, init_weights_from, load_model_and_tokenizer,
                          prepare_for_training, resolve_device)
-from real.prompts import ScoreScale, score_phrase
-from real.resume import apply_optimizer_settings, check_resumed_config
-from real.run_dir import RunDir, StopOnSignal
+from real.judge.prompts import ScoreScale, score_phrase
+from real.loop.resume import apply_optimizer_settings, check_resumed_config
+from real.loop.run_dir import RunDir, StopOnSignal
 
 def peak_memory_mb(device: torch.device) -> Tuple[float, str]:
     if device.type == "cuda":

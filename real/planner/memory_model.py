@@ -208,7 +208,7 @@ def adapter_bytes_per_element(setup: TrainSetup) -> int:
 
 def adapter_compute_bytes(setup: TrainSetup) -> int:
     """The dtype LoRA computes in: fp32 adapters cast their input to fp32, except under FSDP, which
-    gathers every parameter of a unit in the compute dtype (``real.distributed``'s MixedPrecisionPolicy)."""
+    gathers every parameter of a unit in the compute dtype (``real.multi_gpu.distributed``'s MixedPrecisionPolicy)."""
     return DTYPE_BYTES[setup.compute] if setup.sharded else adapter_bytes_per_element(setup)
 
 
