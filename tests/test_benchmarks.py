@@ -457,3 +457,19 @@ def test_triton_low_passes_memory_low_where_judge_head_takes_it(monkeypatch):
     low = RealKernelsProvider("torch", memory="low", name="torch-low")
     _assert_same_loss_and_grads(low.judge(inputs), NaiveProvider().judge(inputs), inputs)
     assert asked == ["low"]
+
+
+def test_the_determinism_probe_explains_itself_and_refuses_without_cuda(capsys):
+    """benchmarks.determinism is a GPU diagnosis (which step makes two identical calls differ); on a machine
+    without CUDA it must say so and exit 2, not fail deep inside a CUDA call."""
+    import torch
+
+    from benchmarks import determinism
+
+    with pytest.raises(SystemExit) as help_exit:
+        determinism.main(["--help"])
+    assert help_exit.value.code == 0
+    assert "bit for bit" in capsys.readouterr().out
+    if not torch.cuda.is_available():
+        assert determinism.main([]) == 2
+        assert "needs a CUDA device" in capsys.readouterr().err

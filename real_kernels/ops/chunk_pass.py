@@ -80,6 +80,13 @@ def lse_launch(z: torch.Tensor, inv_temp: float, entropy: bool, block_v: int):
     return launch, lse, ent
 
 
+def _overlaps(z: torch.Tensor, dz: torch.Tensor) -> bool:
+    """Whether ``dz`` is a narrower dtype written over ``z``'s own storage (``dlogits_view``): then a thread's store
+    reaches columns other threads read, and the kernel orders each step's loads before its stores.  fp32 ``dz`` that
+    is ``z`` itself needs no order: each thread overwrites only what it read."""
+    return dz.dtype != z.dtype and z.untyped_storage().data_ptr() == dz.untyped_storage().data_ptr()
+
+
 def dlogits_launch(z: torch.Tensor, dz: torch.Tensor, lse: torch.Tensor, dense: torch.Tensor,
                    ent: Optional[torch.Tensor], inv_temp: float, block_v: int) -> Launch:
     """The launch that writes ``dz`` (``[C, V]``, possibly over ``z``'s own rows) from the fp32 logits ``z``."""
@@ -89,4 +96,5 @@ def dlogits_launch(z: torch.Tensor, dz: torch.Tensor, lse: torch.Tensor, dense: 
                   dict(z_ptr=z, dz_ptr=dz, lse_ptr=lse, dense_ptr=dense,
                        ent_ptr=ent.float().contiguous() if ent is not None else dense,
                        V=vocab, stride_z=z.stride(0), stride_dz=dz.stride(0), inv_temp=inv_temp),
-                  dict(BLOCK_V=block_v, HAS_ENT=ent is not None), num_warps=GPU_NUM_WARPS)
+                  dict(BLOCK_V=block_v, HAS_ENT=ent is not None, IN_PLACE=_overlaps(z, dz)),
+                  num_warps=GPU_NUM_WARPS)

@@ -16,7 +16,10 @@ bundled in the triton wheel, and fails when a kernel
 - spills registers (ptxas -v),
 - lowers a bf16 / fp16 (or fp32 as tf32x3) ``tl.dot`` to anything but ``wgmma`` (Hopper's tensor-core MMA),
 - keeps a GPU- or system-wide fence inside a loop: ``membar.gl``, ``fence.sc|acq_rel.gpu|sys``, or an
-  atomic with acquire / release semantics (``tl.atomic_add``'s default), which ptxas fences.
+  atomic with acquire / release semantics (``tl.atomic_add``'s default), which ptxas fences;
+- writes over its own input (``IN_PLACE``, the bf16 dlogits over the fp32 logits) without a CTA barrier
+  (``bar.sync`` / ``barrier.sync``) inside its loop: the ordering that keeps one thread's store from reaching
+  a column another thread has yet to read (``chunk_dlogits.py``).
 
 One line per kernel with those figures.  Must run with TRITON_INTERPRET unset.
 """
@@ -39,6 +42,7 @@ FREE_BYTES = 120 << 30  # the chunk plan as on an H200 with a model loaded (the 
 FENCE = re.compile(r"\b(membar\.(gl|sys)|fence\.(sc|acq_rel)\.(gpu|sys)|(atom|red)\.[\w.]*\.(acq_rel|acquire|release|sc)\b)")
 LABEL = re.compile(r"^\s*(\$\w+):")
 BRANCH = re.compile(r"\bbra(\.uni)?\s+(\$\w+);")
+BARRIER = re.compile(r"\b(bar|barrier)\.sync\b")
 
 
 @dataclass
@@ -49,6 +53,7 @@ class Report:
     spill_bytes: int
     dot: str  # "wgmma", "mma", "fma" or "-" when the kernel has no tl.dot
     fences_in_loops: int
+    barriers_in_loops: int
     problems: List[str]
 
 
@@ -159,14 +164,24 @@ def _ptxas(ptx: str, arch: str) -> Tuple[int, int]:
     raise RuntimeError("no bundled ptxas assembled the PTX: " + " | ".join(errors))
 
 
-def fences_in_loops(ptx: str) -> int:
-    """GPU- or system-wide fences between a label and a later branch back to it."""
+def _in_loops(ptx: str, pattern: "re.Pattern[str]") -> int:
+    """Lines matching ``pattern`` between a label and a later branch back to it."""
     lines = ptx.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := LABEL.match(line))}
     loops = [(labels[m.group(2)], j) for j, line in enumerate(lines)
              if (m := BRANCH.search(line)) and labels.get(m.group(2), j + 1) <= j]
-    fences = [i for i, line in enumerate(lines) if FENCE.search(line)]
-    return sum(1 for i in fences if any(a <= i <= b for a, b in loops))
+    hits = [i for i, line in enumerate(lines) if pattern.search(line)]
+    return sum(1 for i in hits if any(a <= i <= b for a, b in loops))
+
+
+def fences_in_loops(ptx: str) -> int:
+    """GPU- or system-wide fences between a label and a later branch back to it."""
+    return _in_loops(ptx, FENCE)
+
+
+def barriers_in_loops(ptx: str) -> int:
+    """CTA barriers (``bar.sync`` / ``barrier.sync``) between a label and a later branch back to it."""
+    return _in_loops(ptx, BARRIER)
 
 
 def _dot_kind(ptx: str) -> str:
@@ -199,7 +214,8 @@ def check(launch, arch: int, seen: Dict[tuple, Report]) -> Optional[Report]:
     kind = _dot_kind(ptx) if has_dot else "-"
     if has_dot and kind == "-":
         kind = "fma"
-    report = Report(launch.name, kernel.metadata.shared, regs, spills, kind, fences_in_loops(ptx), [])
+    report = Report(launch.name, kernel.metadata.shared, regs, spills, kind, fences_in_loops(ptx),
+                    barriers_in_loops(ptx), [])
     if report.shared > SMEM_LIMIT:
         report.problems.append(f"shared memory {report.shared} B > {SMEM_LIMIT} B")
     if spills:
@@ -208,6 +224,8 @@ def check(launch, arch: int, seen: Dict[tuple, Report]) -> Optional[Report]:
         report.problems.append(f"tensor-core dot (bf16/fp16, tf32x3) lowered to {kind}, not wgmma")
     if report.fences_in_loops:
         report.problems.append(f"{report.fences_in_loops} GPU-wide fence(s) inside a loop")
+    if launch.constexprs.get("IN_PLACE") and not report.barriers_in_loops:
+        report.problems.append("writes over its own input with no CTA barrier inside its loop")
     seen[key] = report
     return report
 
@@ -226,7 +244,8 @@ def compile_all(arch: int = 90, verbose: bool = True) -> Tuple[int, int]:
         if verbose:
             verdict = "ok" if not report.problems else "FAIL: " + "; ".join(report.problems)
             print(f"{label:<52} smem {report.shared:>6} B  regs {report.registers:>3}  spills {report.spill_bytes:>4} B  "
-                  f"dot {report.dot:<5}  fences-in-loops {report.fences_in_loops}  {verdict}", flush=True)
+                  f"dot {report.dot:<5}  fences-in-loops {report.fences_in_loops}  "
+                  f"barriers-in-loops {report.barriers_in_loops}  {verdict}", flush=True)
     return len(seen), failed
 
 
