@@ -10,7 +10,11 @@ call.  Providers are interleaved: all of them at one (operation, N), then the
 next operation, then the next N (growing).  With a time budget, cases not
 started once it is spent come back as ``skipped`` with the reason, so a sweep
 on a leased GPU ends on time and still writes its tables; the order makes
-that drop the largest N of every operation, not a whole operation.
+that drop the largest N of every operation, not a whole operation.  A case is
+also skipped when it would not finish in the budget: its time is predicted
+from the same provider and operation at the previous N, scaled by N (the first
+GPU run's gpu-32b preset started N = 65,536 cases a few seconds before its
+budget ran out and was killed by the suite's limit before writing anything).
 """
 from __future__ import annotations
 
@@ -80,28 +84,50 @@ def run_cases(cases: Sequence[Case], *, isolation: str = "subprocess", timeout_s
                                 provider_order[cases[i].provider]))
 
     workers: Dict[str, ProviderWorker] = {}
+    last_seconds: Dict[tuple, tuple] = {}  # (provider, op, shape config) -> (N, wall seconds of that case)
     bar = tqdm(total=len(cases), initial=len(results), desc="bench", unit="run", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
     start = time.perf_counter()
     try:
         for i in pending:
             case = cases[i]
-            if budget_s is not None and time.perf_counter() - start > budget_s:
-                results[i] = Result(case, "skipped", f"time budget of {budget_s:.0f} s spent before this case")
-                bar.update(1)
-                continue
+            key = (case.provider, case.op, case.shape.config_key())
+            elapsed = time.perf_counter() - start
+            if budget_s is not None:
+                predicted = predicted_seconds(last_seconds.get(key), case.shape.n)
+                reason = None
+                if elapsed > budget_s:
+                    reason = f"time budget of {budget_s:.0f} s spent before this case"
+                elif predicted is not None and elapsed + predicted > budget_s:
+                    reason = (f"time budget of {budget_s:.0f} s: this case would take about {predicted:.0f} s "
+                              f"(from N={last_seconds[key][0]}), {budget_s - elapsed:.0f} s were left")
+                if reason:
+                    results[i] = Result(case, "skipped", reason)
+                    bar.update(1)
+                    continue
             bar.set_postfix_str(_describe(case))
+            case_start = time.perf_counter()
             if case.device == "cpu" and isolation == "subprocess":
                 worker = workers.setdefault(case.provider, ProviderWorker(timeout_s))
                 results[i] = worker.run(case)
             else:
                 results[i] = run_case(case)
+            last_seconds[key] = (case.shape.n, time.perf_counter() - case_start)
             bar.update(1)
     finally:
         for worker in workers.values():
             worker.close()
         bar.close()
     return [results[i] for i in range(len(cases))]
+
+
+def predicted_seconds(previous, n: int):
+    """Seconds a case at ``n`` rows should take, from ``(n_prev, seconds)`` of the same provider and operation
+    (linear in N: every phase is), or None without a previous case."""
+    if previous is None:
+        return None
+    n_prev, seconds = previous
+    return seconds * n / max(1, n_prev)
 
 
 def _safe_version(provider) -> str:

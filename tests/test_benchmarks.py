@@ -271,6 +271,27 @@ def test_run_cases_budget_reports_unstarted_cases_as_skipped():
     assert "time budget of 0 s spent" in results[0].note
 
 
+def test_run_cases_skips_a_case_predicted_to_overrun_the_budget(monkeypatch):
+    """A case is not started when the same provider and op at the previous N, scaled by N, says it would end past
+    the budget (the first GPU run started N = 65,536 cases just before its budget ended and was killed)."""
+    import benchmarks.runner as runner
+
+    clock = [0.0]
+    monkeypatch.setattr(runner.time, "perf_counter", lambda: clock[0])
+
+    def fake_run_case(case):
+        clock[0] += case.shape.n / 1000  # 1 s per 1,000 rows
+        return runner.Result(case, "ok")
+
+    monkeypatch.setattr(runner, "run_case", fake_run_case)
+    cases = [Case("naive", "logprobs-fwd", Shape(n, 8, 64), "cuda", warmup=0, repeats=1) for n in (2000, 4000, 8000)]
+    results = runner.run_cases(cases, isolation="inprocess", progress=False, budget_s=10.0)
+    # 2 s, then 4 s (6 s spent), then 8 s predicted with 4 s left: skipped before it starts
+    assert [r.status for r in results] == ["ok", "ok", "skipped"]
+    assert "would take about 8 s (from N=4000), 4 s were left" in results[2].note
+    assert runner.predicted_seconds(None, 10) is None and runner.predicted_seconds((10, 2.0), 30) == 6.0
+
+
 # ---- gpu_check saves as it goes; its phase section; the peers' version checks ------------------------------------
 
 GPU_CHECK_TINY = ["--device", "cpu", "--backends", "torch,loss", "--n", "40", "--hidden", "24", "--vocab", "300",
