@@ -1,4 +1,5 @@
-"""real.loop.checkpoint: complete-or-absent checkpoints that restore model, optimizer, scheduler and RNG exactly."""
+"""real.loop.checkpoint (and the reading side, real.model.checkpoint_files): complete-or-absent checkpoints that
+restore model, optimizer, scheduler and RNG exactly."""
 import os
 import random
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from real.loop import checkpoint as ckpt
+from real.model import checkpoint_files
 from real.model.tiny import build_tiny_model, build_tiny_tokenizer
 
 TINY = dict(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
@@ -134,7 +136,7 @@ def test_weights_that_do_not_match_are_an_error(tmp_path, tokenizer):
                          trainer_state={})
     other = build_tiny_model(tokenizer, **dict(TINY, num_hidden_layers=2))
     with pytest.raises(ValueError, match="does not match the model"):
-        ckpt.load_model_weights(other, str(tmp_path / "checkpoint-1"))
+        checkpoint_files.load_model_weights(other, str(tmp_path / "checkpoint-1"))
 
 
 def test_lora_adapter_checkpoint(tmp_path, tokenizer):
@@ -150,9 +152,9 @@ def test_lora_adapter_checkpoint(tmp_path, tokenizer):
     assert not os.path.isfile(os.path.join(path, "model.safetensors"))
     fresh = peft.get_peft_model(build_tiny_model(tokenizer, **TINY),
                                 peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
-    ckpt.load_model_weights(fresh, path)
+    checkpoint_files.load_model_weights(fresh, path)
     for (n1, p1), (n2, p2) in zip(model.named_parameters(), fresh.named_parameters()):
         if "lora_" in n1:
             assert torch.equal(p1, p2), n1
     with pytest.raises(ValueError, match="LoRA adapter"):
-        ckpt.load_model_weights(build_tiny_model(tokenizer, **TINY), path)
+        checkpoint_files.load_model_weights(build_tiny_model(tokenizer, **TINY), path)

@@ -1,5 +1,6 @@
-"""The layout holds: no import circles, ``real_kernels.ops`` imports only ``ops`` and ``core``, no module
-imports another's private name, and every module of ``real`` and ``real_kernels`` imports on its own.
+"""The layout holds: no import circles, ``real_kernels.ops`` imports only ``ops`` and ``core``, the folders of
+``real`` import only the folders ``FOLDER_IMPORTS`` allows them, no module imports another's private name, and
+every module of ``real`` and ``real_kernels`` imports on its own.
 
 The import graph is read from the source (every ``import`` statement, at module level or inside a
 function), so a circle hidden behind a function-level import is still a circle here.  Function-level
@@ -28,6 +29,31 @@ LAZY = {
     ("real.cpu_demo.report", "real.cpu_demo.plots"): "matplotlib",
     **{("real_kernels.ops.compile_check", f"real_kernels.{m}"): "triton and torch: the check imports them when it runs"
        for m in ("core.sizing", "ops.chunk_pass", "ops.head_config", "ops.head_launches")},
+}
+
+# folder -> the other folders its modules may import (``real_kernels`` counts as one folder here; its own order is
+# test_ops_imports_only_ops_and_core's).  Read top to bottom, each folder imports only folders above it: an order,
+# so a new import up it (say ``real.model`` -> ``real.loop``) fails test_folders_import_only_the_folders_below.
+FOLDER_IMPORTS: Dict[str, Set[str]] = {
+    "real_kernels": set(),  # the kernels never import real
+    "real.judge": set(),  # prompts, data, batching, metrics: nothing of real (but UPWARD_EXCEPTIONS)
+    "real.model": {"real.judge", "real_kernels"},  # loading, tiny, the head pass; checkpoint_files reads a checkpoint
+    "real.multi_gpu": {"real_kernels"},
+    "real.methods": {"real.judge", "real.model", "real.multi_gpu"},
+    "real.loop": {"real_kernels", "real.judge", "real.model", "real.multi_gpu", "real.methods"},
+    "real.planner": {"real_kernels"},
+    "real.cpu_demo": {"real.judge", "real.methods", "real.loop"},
+    "real": set(),  # real/cli.py routes to each command's module by name (importlib), importing none of them
+}
+
+# importer -> imported module: imports up FOLDER_IMPORTS's order, kept on purpose (each is an edge between two
+# modules, not a folder, so another module of the folder doing the same still fails)
+UPWARD_EXCEPTIONS = {
+    ("real.judge.inference", "real.model.head"): "RAIL inference runs the judge's head pass (score_forward)",
+    ("real.judge.evaluate", "real.model.loading"): "`real eval --model` loads the judge (lazily, see LAZY)",
+    ("real.judge.evaluate", "real.model.tiny"): "`real eval --model tiny` (lazily, see LAZY)",
+    ("real.judge.evaluate", "real.model.checkpoint_files"): "a `real train` checkpoint's train_config.json "
+                                                           "(its --score-phrase); stdlib-only at import",
 }
 
 
@@ -126,3 +152,32 @@ def test_every_module_imports_in_a_fresh_interpreter():
     proc = subprocess.run([sys.executable, "-c", code, *modules], cwd=str(REPO), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _folder(path: Path) -> str:
+    """``real_kernels``, ``real.<subfolder>``, or ``real`` for the modules at the top of ``real/``."""
+    parts = path.relative_to(REPO).parts
+    if parts[0] == "real" and len(parts) > 2:
+        return f"real.{parts[1]}"
+    return parts[0]
+
+
+def test_folder_table_is_an_order():
+    names = list(FOLDER_IMPORTS)
+    later = [(a, b) for a, allowed in FOLDER_IMPORTS.items() for b in allowed
+             if b not in FOLDER_IMPORTS or names.index(b) >= names.index(a)]
+    assert not later, f"FOLDER_IMPORTS lets a folder import itself, a later one or an unknown one: {later}"
+
+
+def test_folders_import_only_the_folders_below():
+    modules, graph = _graph()
+    folders = {m: _folder(path) for m, path in modules.items()}
+    unknown = sorted({f for f in folders.values() if f not in FOLDER_IMPORTS})
+    assert not unknown, f"folders missing from FOLDER_IMPORTS (say what they may import): {unknown}"
+    upward = sorted({(m, t) for m, imports in graph.items() for t, _, _ in imports
+                     if folders[t] != folders[m] and folders[t] not in FOLDER_IMPORTS[folders[m]]}
+                    - set(UPWARD_EXCEPTIONS))
+    assert not upward, f"imports that FOLDER_IMPORTS does not allow (importer, imported): {upward}"
+    used = {(m, t) for m, imports in graph.items() for t, _, _ in imports}
+    stale = sorted(set(UPWARD_EXCEPTIONS) - used)
+    assert not stale, f"UPWARD_EXCEPTIONS lists imports that no longer exist (remove them): {stale}"

@@ -19,6 +19,7 @@ from real.judge.synthetic import make_splits
 import real.loop.train as train_module
 from real.loop.train import Trainer
 from real.loop.train_cli import main
+from real.model import checkpoint_files
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -156,7 +157,7 @@ def test_resume_with_allow_config_change_uses_and_records_the_new_values(tmp_pat
     assert [g["lr"] for g in trainer.optimizer.param_groups] == [0.5]
     result = trainer.run()
     assert result.records[0]["lr"] == 0.5
-    saved = json.loads(open(os.path.join(result.checkpoint, ckpt.CONFIG_FILE)).read())
+    saved = json.loads(open(os.path.join(result.checkpoint, checkpoint_files.CONFIG_FILE)).read())
     assert saved["lr"] == 0.5
     # settings that only change how (not what) the run computes need no permission
     Trainer(_cfg(out, method="raft", steps=3, resume=True, lr=0.5, eval_every=5, save_every=3,
@@ -236,7 +237,7 @@ def test_resume_rewrites_metrics_atomically(tmp_path, monkeypatch):
     import real.loop.run_dir
 
     Trainer(_cfg(tmp_path, method="raft", steps=2, save_every=1), log=_quiet).run()
-    os.remove(os.path.join(ckpt.latest_checkpoint(str(tmp_path)), ckpt.STATE_FILE))  # resume from step 1
+    os.remove(os.path.join(ckpt.latest_checkpoint(str(tmp_path)), checkpoint_files.STATE_FILE))  # resume from step 1
     before = (tmp_path / "metrics.jsonl").read_text()
 
     class Crashing:

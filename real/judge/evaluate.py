@@ -46,7 +46,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from real.judge.data import group_by_source, JudgeExample, load_prometheus, with_chat_templates, with_score_phrase
 from real.judge.metrics import average_correlations, correlations, format_table, json_safe, with_average
 from real.judge.prompts import score_phrase, ScoreScale
-from real.loop.checkpoint import read_saved_config
+from real.model.checkpoint_files import is_checkpoint, read_saved_config, STATE_FILE
 
 BASELINES = ("gpt4-loo",)
 # How a judge model predicts (not the training methods): RAIL on sampled CoTs (n averaged), RAIL on a greedy
@@ -349,8 +349,8 @@ def model_caution(name: str) -> Optional[str]:
     if not os.path.exists(name):
         return (f"caution: --model {name} is a published model, not a judge trained here (the paper's "
                 "'before training' row); train one with `real train` for the other rows")
-    if not os.path.isfile(os.path.join(name, "trainer_state.json")):
-        return (f"note: {name} is not a checkpoint of `real train` (no trainer_state.json): make sure it is the judge "
+    if not is_checkpoint(name):
+        return (f"note: {name} is not a checkpoint of `real train` (no {STATE_FILE}): make sure it is the judge "
                 "you mean to evaluate")
     return None
 

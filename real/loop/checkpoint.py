@@ -18,6 +18,10 @@ never half of one; ``latest_checkpoint`` ignores anything without that file.
 A checkpoint damaged afterwards (a truncated copy, a full disk, a bad
 ``trainer_state.json``) is a ``DamagedCheckpoint`` naming the file
 (``verify_checkpoint`` checks one cheaply; ``real.loop.resume`` falls back past it).
+
+The files a model or an evaluation reads back (their names, ``trainer_state.json``,
+``train_config.json``, the weights or adapter) are defined and read in
+``real.model.checkpoint_files``, below the loop; this module writes them with those names.
 """
 from __future__ import annotations
 
@@ -34,14 +38,15 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 from real.loop import full_state
+from real.model.checkpoint_files import (ADAPTER_FILE, CONFIG_FILE, DamagedCheckpoint, holds_adapter, is_checkpoint,
+                                         is_peft_model, load_model_weights, MODEL_WEIGHTS_PATTERN, model_weight_files,
+                                         read_trainer_state, STATE_FILE)
 from real.multi_gpu import distributed as dist_utils
 
 PREFIX = "checkpoint-"
-STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng_state.pt"
-CONFIG_FILE = "train_config.json"
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
 
 
@@ -57,7 +62,7 @@ def list_checkpoints(output_dir: str) -> List[Tuple[int, str]]:
     for name in os.listdir(output_dir):
         match = _NAME.match(name)
         path = os.path.join(output_dir, name)
-        if match and os.path.isfile(os.path.join(path, STATE_FILE)):
+        if match and is_checkpoint(path):
             found.append((int(match.group(1)), path))
     return sorted(found)
 
@@ -65,10 +70,6 @@ def list_checkpoints(output_dir: str) -> List[Tuple[int, str]]:
 def latest_checkpoint(output_dir: str) -> Optional[str]:
     found = list_checkpoints(output_dir)
     return found[-1][1] if found else None
-
-
-class DamagedCheckpoint(ValueError):
-    """A checkpoint file that is missing, truncated or unreadable; the message names it."""
 
 
 def verify_checkpoint(folder: str) -> None:
@@ -79,10 +80,11 @@ def verify_checkpoint(folder: str) -> None:
     the tensors themselves.
     """
     read_trainer_state(folder)
-    weights = sorted(glob.glob(os.path.join(folder, "model*.safetensors")) +
-                     glob.glob(os.path.join(folder, "adapter_model.safetensors")))
+    weights = model_weight_files(folder)
+    if holds_adapter(folder):
+        weights = sorted(weights + [os.path.join(folder, ADAPTER_FILE)])
     if not weights:
-        raise DamagedCheckpoint(f"{folder}: no model*.safetensors or adapter_model.safetensors")
+        raise DamagedCheckpoint(f"{folder}: no {MODEL_WEIGHTS_PATTERN} or {ADAPTER_FILE}")
     for path in weights:
         _check_safetensors(path)
     for name in (OPTIMIZER_FILE, SCHEDULER_FILE, RNG_FILE):
@@ -134,52 +136,6 @@ def save_model(model, tokenizer, folder: str, state_dict: Optional[Dict[str, tor
         tokenizer.save_pretrained(folder)
 
 
-def load_model_weights(model, folder: str) -> None:
-    """Load the weights a checkpoint holds into ``model`` in place (full model or LoRA adapter)."""
-    if is_peft_model(model):
-        path = os.path.join(folder, "adapter_model.safetensors")
-        if not os.path.isfile(path):
-            raise ValueError(f"checkpoint {folder!r} has no adapter_model.safetensors, but the model being trained "
-                             "is a LoRA model (was the checkpoint written without --lora-rank?)")
-        from peft import set_peft_model_state_dict
-
-        result = set_peft_model_state_dict(model, _load_safetensors(path, model))
-        unexpected = getattr(result, "unexpected_keys", [])
-        if unexpected:
-            raise ValueError(f"checkpoint {folder!r}: adapter weights do not match the model: {unexpected[:5]}")
-        return
-    files = sorted(glob.glob(os.path.join(folder, "model*.safetensors")))
-    if not files:
-        if os.path.isfile(os.path.join(folder, "adapter_model.safetensors")):
-            raise ValueError(f"checkpoint {folder!r} holds a LoRA adapter; pass the same --lora-rank to load it")
-        raise ValueError(f"checkpoint {folder!r} has no model*.safetensors weights")
-    state: Dict[str, torch.Tensor] = {}
-    for path in files:
-        state.update(_load_safetensors(path, model))
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shapes differ: another model (e.g. --tiny-config hidden_size)
-        mismatches = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
-        raise ValueError(f"checkpoint {folder!r} does not fit the model: "
-                         f"{'; '.join(mismatches[:3]) or exc} (was it written for another --model / --tiny-config?)"
-                         ) from None
-    tied = _tied_names(model)
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {folder!r} does not match the model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-
-
-def _load_safetensors(path: str, model) -> Dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(path, device=str(_device_of(model)))
-    except (SafetensorError, OSError) as exc:
-        raise DamagedCheckpoint(f"{path} is truncated or damaged ({exc})") from None
-
-
 def _without_tied_head(model, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """A gathered state dict holds a tied LM head as a separate copy; write it the way ``save_pretrained`` writes
     the model's own (the embeddings only), so both kinds of checkpoint have the same keys."""
@@ -192,23 +148,6 @@ def _without_tied_head(model, state_dict: Dict[str, torch.Tensor]) -> Dict[str, 
     if head_key in state_dict and embed_key in state_dict and head_key != embed_key:
         return {k: v for k, v in state_dict.items() if k != head_key}
     return state_dict
-
-
-def _tied_names(model) -> set:
-    """Parameter names that share storage with another parameter (save_pretrained writes one of them)."""
-    seen: Dict[int, str] = {}
-    tied = set()
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        key = tensor.data_ptr()
-        if key in seen:
-            tied.update({name, seen[key]})
-        else:
-            seen[key] = name
-    return tied
-
-
-def _device_of(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 # --- whole checkpoints ----------------------------------------------------------------
@@ -266,28 +205,6 @@ def load_checkpoint(folder: str, *, model, optimizer=None, scheduler=None, resto
     return state
 
 
-def read_trainer_state(folder: str) -> Dict[str, Any]:
-    state_path = os.path.join(folder, STATE_FILE)
-    if not os.path.isfile(state_path):
-        raise ValueError(f"{folder!r} is not a complete checkpoint (no {STATE_FILE})")
-    state = _read_json(state_path)
-    if not isinstance(state.get("step"), int):
-        raise DamagedCheckpoint(f"{state_path} is damaged (no integer 'step')")
-    return state
-
-
-def read_saved_config(folder: str) -> Optional[Dict[str, Any]]:
-    """The ``train_config.json`` a checkpoint was written with (None for checkpoints from before it was saved)."""
-    path = os.path.join(folder, CONFIG_FILE)
-    if not os.path.isfile(path):
-        return None
-    return _read_json(path)
-
-
-def is_peft_model(model) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
-
-
 # --- RNG ------------------------------------------------------------------------------
 
 def seed_everything(seed: int) -> None:
@@ -319,17 +236,6 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
     if "cuda" in state and torch.cuda.is_available():  # as many GPUs as this machine has (resume on fewer)
         for index, gpu_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
             torch.cuda.set_rng_state(gpu_state, index)
-
-
-def _read_json(path: str) -> Dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            value = json.load(fh)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DamagedCheckpoint(f"{path} is damaged ({exc})") from None
-    if not isinstance(value, dict):
-        raise DamagedCheckpoint(f"{path} is damaged (a JSON object was expected)")
-    return value
 
 
 def _torch_load(folder: str, name: str, **kwargs) -> Any:

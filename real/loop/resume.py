@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from real.loop import checkpoint as ckpt
 from real.loop.config import TrainConfig
+from real.model.checkpoint_files import DamagedCheckpoint, read_saved_config
 
 
 def latest_intact_checkpoint(output_dir: str, log: Callable[[str], None] = print) -> Optional[str]:
@@ -27,7 +28,7 @@ def latest_intact_checkpoint(output_dir: str, log: Callable[[str], None] = print
     for _, path in reversed(found):
         try:
             ckpt.verify_checkpoint(path)
-        except ckpt.DamagedCheckpoint as exc:
+        except DamagedCheckpoint as exc:
             damaged.append(path)
             log(f"--resume: skipping a damaged checkpoint: {exc}")
             continue
@@ -36,7 +37,7 @@ def latest_intact_checkpoint(output_dir: str, log: Callable[[str], None] = print
                 f"{', '.join(damaged)}")
         return path
     if damaged:
-        raise ckpt.DamagedCheckpoint(f"every checkpoint in {output_dir!r} is damaged ({', '.join(damaged)}); move them "
+        raise DamagedCheckpoint(f"every checkpoint in {output_dir!r} is damaged ({', '.join(damaged)}); move them "
                                 "away to start afresh, or repair one")
     return None
 
@@ -73,7 +74,7 @@ def _comparable(value):
 
 def check_resumed_config(folder: str, config, *, allow: bool, log: Callable[[str], None]) -> None:
     """Refuse to continue ``folder`` with a ``config`` (a ``TrainConfig``) that makes it another run."""
-    saved = ckpt.read_saved_config(folder)
+    saved = read_saved_config(folder)
     if saved is None:
         log(f"--resume: {folder} records no configuration (an older checkpoint); its settings are not checked")
         return

@@ -15,8 +15,8 @@ from typing import Any, Dict, Optional, Union
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from real.model.checkpoint_files import holds_adapter, is_peft_model, load_model_weights
 from real.model.tiny import TINY_NAME, build_tiny_model, build_tiny_tokenizer
-from real.loop import checkpoint as ckpt
 
 logger = logging.getLogger(__name__)
 
@@ -147,11 +147,11 @@ def init_weights_from(model, folder: str, *, lora_rank: int, log=lambda msg: Non
     LoRA adapter (``prepare_for_training(adapter_from=...)`` loads it once the LoRA wrapper exists)."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--init-from {folder!r} does not exist")
-    if os.path.isfile(os.path.join(folder, "adapter_model.safetensors")):
+    if holds_adapter(folder):
         if not lora_rank:
             raise ValueError(f"--init-from {folder!r} holds a LoRA adapter; pass --lora-rank to train it further")
         return folder
-    ckpt.load_model_weights(model, folder)
+    load_model_weights(model, folder)
     log(f"initialised the weights from {folder}")
     return None
 
@@ -178,10 +178,10 @@ def prepare_for_training(model, cfg, device: torch.device, *, adapter_from: Opti
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()
         if adapter_from:
-            ckpt.load_model_weights(model, adapter_from)
+            load_model_weights(model, adapter_from)
             log(f"initialised the LoRA adapter from {adapter_from}")
     model = model.to(device)
-    base = ckpt.is_peft_model(model) and model.get_base_model() or model
+    base = is_peft_model(model) and model.get_base_model() or model
     attn_implementation = getattr(base.config, "_attn_implementation", None) or "default"
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
