@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from real.loop.config import FIELD_NAMES
+from real.loop.config import FIELD_NAMES, flat_settings
 from real.loop.train_cli import main
 
 PRESETS = Path(__file__).resolve().parents[1] / "configs" / "paper"
@@ -19,8 +19,11 @@ RELEASED_REAL = dict(method="real", temperature=1.0, top_p=0.9, max_prompt_token
 
 
 def _printed(capsys, *argv):
+    """The printed configuration, its method's own section merged in (``flat_settings``)."""
     assert main(list(argv)) == 0
-    return json.loads(capsys.readouterr().out)
+    printed = json.loads(capsys.readouterr().out)
+    assert list(printed) == list(FIELD_NAMES) + [printed["method"]]  # the file layout: common, then the section
+    return flat_settings(printed)
 
 
 @pytest.mark.parametrize("name, model, lr, lora_rank", [
@@ -32,7 +35,6 @@ def _printed(capsys, *argv):
 def test_real_presets_print_the_released_settings(capsys, name, model, lr, lora_rank):
     preset = f"{name}-real" + ("-lora" if lora_rank else "")
     config = _printed(capsys, "--config", str(PRESETS / f"{preset}.yaml"), "--print-config")
-    assert list(config) == list(FIELD_NAMES)  # every field, as TrainConfig names it
     assert {k: config[k] for k in RELEASED_REAL} == RELEASED_REAL
     assert config["model"] == model and config["lr"] == lr and config["lora_rank"] == lora_rank
     # from a warm-up that writes CoTs (TRACT), with the same LoRA choice, never from a no-CoT RAFT run

@@ -156,10 +156,10 @@ def test_the_settings_come_from_yaml_and_flags_and_print_config_shows_them(tmp_p
 
     assert cli_main(["--config", str(path), "--print-config"]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert shown["mini_batch_size"] == 16 and shown["max_fill_rounds"] == 5
+    assert shown["mini_batch_size"] == 16 and shown["real"]["max_fill_rounds"] == 5
     assert cli_main(["--config", str(path), "--mini-batch-size", "8", "--max-fill-rounds", "2", "--print-config"]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert shown["mini_batch_size"] == 8 and shown["max_fill_rounds"] == 2
+    assert shown["mini_batch_size"] == 8 and shown["real"]["max_fill_rounds"] == 2
     cfg = parse_train_args(["--mini-batch-size", "32", "--group-size", "4"])
     assert cfg.mini_batch_size == 32 and cfg.updates_per_step == 1  # 8 prompts x 4 rollouts = one mini-batch
 

@@ -42,7 +42,7 @@ def test_unknown_aggregation_names_are_rejected_listing_verls(unknown):
         make_config(loss_agg=unknown)
     with pytest.raises(ValueError, match="seq-mean-token-sum"):
         real_loss(_fake_forward(), 2, agg=unknown)
-    assert make_config(loss_agg="seq-mean-token-sum").loss_agg == "seq-mean-token-sum"
+    assert make_config(loss_agg="seq-mean-token-sum").method_config.loss_agg == "seq-mean-token-sum"
 
 
 def test_advantage_std_normalisation_is_the_released_one():
@@ -54,7 +54,7 @@ def test_advantage_std_normalisation_is_the_released_one():
     torch.testing.assert_close(released * 4 / 3, rloo_advantages(r, normalize="reward-std", clip=None, eps=0.0))
     with pytest.raises(ValueError, match="normalize"):
         rloo_advantages(r, normalize="group")
-    assert make_config(adv_norm="advantage-std").adv_norm == "advantage-std"
+    assert make_config(adv_norm="advantage-std").method_config.adv_norm == "advantage-std"
 
 
 def test_prob_bonus_is_a_separately_normalised_and_clipped_advantage():
@@ -67,7 +67,7 @@ def test_prob_bonus_is_a_separately_normalised_and_clipped_advantage():
     a, _ = real_loss(fwd, 2, beta=1.0, prob_bonus=0.5)
     a.backward()
     assert fwd.log_pi_star.grad is None  # (lam = mu = 0: pi(k*) is not in the differentiated reward)
-    help_text = make_config().__dataclass_fields__["mu"].metadata["help"]
+    help_text = make_config().method_config.__dataclass_fields__["mu"].metadata["help"]
     assert "Not the released code's probability bonus" in help_text
 
 
@@ -76,7 +76,7 @@ def test_partial_filter_keeps_groups_neither_all_right_nor_all_wrong():
     decoded = [4.0, 3.0, None, 2.0, 2.0, 2.0, 1.0, None, 3.0]
     assert partial_groups(decoded, targets, 3) == [0]
     cfg = make_config(group_filter="partial")
-    assert cfg.group_filter == "partial"
+    assert cfg.method_config.group_filter == "partial"
     with pytest.raises(ValueError, match="group_filter"):
         make_config(group_filter="incorrect")
 

@@ -106,7 +106,7 @@ def signal_report(trainer, examples, group_size: int) -> Dict[str, float]:
     fwd = trainer.forward(batch, entropy=False)
     rewards = regression_reward(fwd.expected_score, fwd.targets).detach().view(p, g)
     advantages = {
-        "real_reward_std": rloo_advantages(rewards, normalize="reward-std", clip=cfg.adv_clip),
+        "real_reward_std": rloo_advantages(rewards, normalize="reward-std", clip=cfg.method_config.adv_clip),
         "real_no_norm": rloo_advantages(rewards, normalize="none", clip=None),
         "grpo_binary": group_normalized_advantages(binary_rewards(rollouts.decoded_scores, targets).view(p, g)),
     }
@@ -125,7 +125,7 @@ def signal_report(trainer, examples, group_size: int) -> Dict[str, float]:
         return float(torch.sqrt(sum((x.float() ** 2).sum() for x in grads if x is not None)))
 
     policy, _ = real_loss(fwd, g, beta=0.0, advantages=advantages["real_reward_std"].reshape(-1), ppo_clip=None,
-                          agg=cfg.loss_agg)
+                          agg=cfg.method_config.loss_agg)
     out["grad_policy_term"] = grad_norm(policy)
     out["grad_prediction_term_beta1"] = grad_norm(fwd.sq_error.mean())
     return out

@@ -15,7 +15,7 @@ import json
 from typing import Any, Callable, Dict, List, Optional
 
 from real.loop import checkpoint as ckpt
-from real.loop.config import TrainConfig
+from real.loop.config import TrainConfig, flat_settings
 from real.model.checkpoint_files import DamagedCheckpoint, read_saved_config
 
 
@@ -56,8 +56,10 @@ RESUMABLE_CHANGES = frozenset({
 def config_changes(saved: Dict[str, Any], current: Dict[str, Any],
                    defaults: Optional[Dict[str, Any]] = None) -> List[str]:
     """``"name: saved -> current"`` for each setting outside ``RESUMABLE_CHANGES`` that differs.  A field the
-    saved configuration lacks (it was added later) counts as having had its default (``defaults``)."""
-    defaults = defaults or {}
+    saved configuration lacks (it was added later) counts as having had its default (``defaults``).  Each
+    configuration may be in the file layout (the method's own settings under its name) or flat: settings are
+    compared by name (``flat_settings``)."""
+    saved, current, defaults = flat_settings(saved), flat_settings(current), flat_settings(defaults or {})
     changes = []
     for name, value in current.items():
         if name in RESUMABLE_CHANGES:
@@ -78,7 +80,7 @@ def check_resumed_config(folder: str, config, *, allow: bool, log: Callable[[str
     if saved is None:
         log(f"--resume: {folder} records no configuration (an older checkpoint); its settings are not checked")
         return
-    changes = config_changes(saved, config.to_dict(), TrainConfig().to_dict())
+    changes = config_changes(saved, config.to_dict(), TrainConfig(method=config.method).to_dict())
     if not changes:
         return
     if not allow:

@@ -25,6 +25,7 @@ import signal
 from typing import Any, Callable, Dict, List, Optional
 
 from real.loop import checkpoint as ckpt
+from real.model.checkpoint_files import CONFIG_FILE
 from real.multi_gpu import distributed as dist_utils
 from real.judge.metrics import json_safe
 from real.loop.resume import latest_intact_checkpoint
@@ -127,7 +128,7 @@ class RunDir:
 
     def write_config(self, config: Dict[str, Any]) -> None:
         if self.env.is_main:
-            _write_atomically(os.path.join(self.path, ckpt.CONFIG_FILE), json.dumps(config, indent=2))
+            _write_atomically(os.path.join(self.path, CONFIG_FILE), json.dumps(config, indent=2))
 
     def write(self, record: Dict[str, Any]) -> None:
         """One line of ``metrics.jsonl`` (rank 0; NaN and infinities written as null)."""

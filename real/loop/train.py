@@ -37,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from real.loop import checkpoint as ckpt
+from real.model.checkpoint_files import is_peft_model, load_model_weights
 from real.multi_gpu import distributed as dist_utils
 from real.multi_gpu import parallel
 from real.judge.batching import TeacherForcedBatch, mini_batch_plan, slice_batch
@@ -135,9 +136,10 @@ class Trainer:
         self.model, self.attn_implementation = prepare_for_training(self.model, config, self.device,
                                                                     adapter_from=adapter_from, log=self.log)
         # The KL term's reference policy: a frozen copy (a LoRA model disables its adapter instead).
-        self.ref_model = frozen_copy(self.model) if config.kl_coef > 0 and not ckpt.is_peft_model(self.model) else None
+        keep_ref = self.method.needs_reference_model and not is_peft_model(self.model)
+        self.ref_model = frozen_copy(self.model) if keep_ref else None
         if self.resume_from:  # the weights go in before sharding; optimizer etc. after it
-            ckpt.load_model_weights(self.model, self.resume_from)
+            load_model_weights(self.model, self.resume_from)
         # Everything the loop does with the model runs as self.wrapped(fn, ...) (real.multi_gpu.parallel): under
         # FSDP that gathers the LM-head weight the fused head reads and reduce-scatters its gradient.
         self.compute_dtype = compute_dtype_for(config.compute_dtype, self.model, self.device, log=self.log)

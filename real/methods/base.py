@@ -24,7 +24,10 @@ order every step and never asks which method it is:
 Class attributes say what the loop must provide: ``needs_rollouts`` (a rollout
 engine, G sampled CoTs per prompt), ``split_groups`` (a prompt group may be
 split over micro-batches: its advantages are computed beforehand),
-``eval_with_cot`` (RAIL after a greedy CoT, or right after the prompt).
+``eval_with_cot`` (RAIL after a greedy CoT, or right after the prompt);
+``config_class`` is the method's own section of settings
+(:class:`~real.methods.settings.MethodConfig`), read from ``loop.config.method_config``
+(``self.settings``).
 
 ``loop`` is the trainer; a method uses ``loop.config``, ``loop.env``,
 ``loop.device``, ``loop.tokenizer``, ``loop.scale``, ``loop.step_seed(step)``,
@@ -44,7 +47,8 @@ import torch
 from real.multi_gpu import distributed as dist_utils
 from real.judge.batching import TeacherForcedBatch, build_teacher_forced_batch, slice_batch
 from real.model.head import JudgeForward
-from real.methods.objectives import LossNorms, loss_norms
+from real.methods.objectives import AGGREGATIONS, LossNorms, check_aggregation, loss_norms
+from real.methods.settings import MethodConfig, setting
 from real.judge.prompts import ScoreScale
 
 LossTerms = Tuple[torch.Tensor, Dict[str, torch.Tensor]]
@@ -76,6 +80,26 @@ class MicroBatch:
         return {name: values[seqs] for name, values in self.rows.items()}
 
 
+@dataclass
+class PolicyGradientConfig(MethodConfig):
+    """The settings REAL and GRPO share: the PPO clip, the KL term and the CoT term's aggregation."""
+
+    clip_ratio: float = setting(0.2, "PPO ratio clip epsilon when a rollout batch is reused")
+    kl_coef: float = setting(0.0, "weight of the k3 KL penalty to the initial policy (0 = off, no reference "
+                             "model kept)")
+    loss_agg: str = setting("seq-mean-token-mean", "aggregation of the CoT term, named as verl names it: token-mean "
+                            "(every CoT token of the step's batch weighs the same; the released code's), "
+                            "seq-mean-token-sum (sum per sequence, mean over sequences), seq-mean-token-mean (mean "
+                            "per sequence, mean over sequences); one of " + ", ".join(AGGREGATIONS))
+
+    NON_NEGATIVE = ("kl_coef",)
+
+    def validate(self) -> "PolicyGradientConfig":
+        super().validate()
+        check_aggregation(self.loss_agg)
+        return self
+
+
 class Method:
     """The shared protocol (see the module docstring); subclasses override what differs."""
 
@@ -84,9 +108,16 @@ class Method:
     needs_rollouts = False
     split_groups = False
     eval_with_cot = True
+    config_class = MethodConfig
 
     def __init__(self, config, scale: ScoreScale):
         self.config, self.scale = config, scale
+        self.settings = config.method_config  # this method's own section (config_class)
+
+    @property
+    def needs_reference_model(self) -> bool:
+        """Whether the loop must keep a frozen copy of the initial policy (a KL term)."""
+        return False
 
     @classmethod
     def check_config(cls, config) -> None:
@@ -191,6 +222,11 @@ class PolicyGradientMethod(Method):
 
     needs_rollouts = True
     with_score = False  # sample on past the marker until the policy writes its score
+    config_class = PolicyGradientConfig
+
+    @property
+    def needs_reference_model(self) -> bool:
+        return self.settings.kl_coef > 0
 
     @classmethod
     def check_config(cls, config) -> None:
@@ -236,7 +272,7 @@ class PolicyGradientMethod(Method):
         """Called once the pre-pass has seen every micro-batch."""
 
     def tokens_per_row(self, loop, step_batch: StepBatch, ranges) -> Optional[float]:
-        if self.config.loss_agg == "token-mean" and (len(ranges) > 1 or loop.env.is_distributed):
+        if self.settings.loss_agg == "token-mean" and (len(ranges) > 1 or loop.env.is_distributed):
             start, end = (ranges[0][0], ranges[-1][1]) if ranges else (0, 0)
             return step_tokens_per_row(loop, self.action_tokens(step_batch, start, end), end - start)
         return None
@@ -248,14 +284,14 @@ class PolicyGradientMethod(Method):
         # more than one update per rollout batch: the PPO ratio against the pre-pass's log-probs from the 2nd on
         reused = cfg.epochs_per_batch > 1 or len(slots) > 1
         # Every rank must agree whether the pre-pass (more forwards) runs.
-        step_batch.prepass = (reused or cfg.kl_coef > 0 or dist_utils.max_over_ranks(int(split), loop.env) > 0)
+        step_batch.prepass = (reused or self.settings.kl_coef > 0 or dist_utils.max_over_ranks(int(split), loop.env) > 0)
         if not step_batch.prepass:
             return mini_batches
         for micro_batches, n_slots in zip(mini_batches, slots):
             for k in range(n_slots):
                 if k >= len(micro_batches):  # this rank has fewer micro-batches: the same collectives as a real one
                     loop.dummy_forward(batch, grad=False)
-                    if cfg.kl_coef > 0:
+                    if self.settings.kl_coef > 0:
                         loop.reference_forward(slice_batch(batch, 0, 1))
                     continue
                 mb = micro_batches[k]
@@ -265,7 +301,7 @@ class PolicyGradientMethod(Method):
                     self.observe_prepass(fwd, mb)
                     if reused:
                         mb.rows["old_logprobs"] = self.action_logprobs(fwd, mb).detach()
-                if cfg.kl_coef > 0:
+                if self.settings.kl_coef > 0:
                     mb.rows["ref_logprobs"] = self.action_logprobs(loop.reference_forward(part), mb)
         self.finish_prepass([mb for micro_batches in mini_batches for mb in micro_batches])
         return mini_batches

@@ -7,15 +7,23 @@ outputs are only reported.
 """
 from __future__ import annotations
 
-from real.methods.base import MicroBatch, PolicyGradientMethod, StepBatch, reward_metrics
+from dataclasses import dataclass
+
+from real.methods.base import MicroBatch, PolicyGradientConfig, PolicyGradientMethod, StepBatch, reward_metrics
 from real.methods.objectives import (binary_rewards, group_normalized_advantages, grpo_action_mask, grpo_loss,
                              grpo_token_logprobs, loss_norms, sampled_score_indices)
+
+
+@dataclass
+class GRPOConfig(PolicyGradientConfig):
+    """GRPO's settings: the policy-gradient ones (its reward and advantages take none)."""
 
 
 class GRPO(PolicyGradientMethod):
     name = "grpo"
     description = "binary-reward GRPO"
     with_score = True
+    config_class = GRPOConfig
 
     def read_rollouts(self, loop, rollouts, targets, step_batch: StepBatch) -> None:
         decoded = rollouts.decoded_scores
@@ -34,10 +42,10 @@ class GRPO(PolicyGradientMethod):
         return loss_norms(actions, cot_mask=part.cot_mask, tokens_per_row=tokens_per_row)
 
     def loss(self, fwd, inputs, norms):
-        cfg = self.config
-        return grpo_loss(fwd, inputs["rewards"], cfg.group_size, sampled_score_index=inputs["sampled_index"],
-                         advantages=inputs["advantages"], agg=cfg.loss_agg, old_logprobs=inputs.get("old_logprobs"),
-                         ppo_clip=cfg.clip_ratio, ref_logprobs=inputs.get("ref_logprobs"), kl_coef=cfg.kl_coef,
+        s = self.settings
+        return grpo_loss(fwd, inputs["rewards"], self.config.group_size, sampled_score_index=inputs["sampled_index"],
+                         advantages=inputs["advantages"], agg=s.loss_agg, old_logprobs=inputs.get("old_logprobs"),
+                         ppo_clip=s.clip_ratio, ref_logprobs=inputs.get("ref_logprobs"), kl_coef=s.kl_coef,
                          norms=norms)
 
     def action_tokens(self, step_batch: StepBatch, start: int, end: int) -> float:  # the written score too

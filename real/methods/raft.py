@@ -4,14 +4,23 @@ The judge is evaluated the same way (RAIL with no CoT).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from real.methods.base import Method, StepBatch, teacher_forced
+from real.methods.settings import MethodConfig
 from real.multi_gpu import distributed as dist_utils
 from real.methods.objectives import raft_loss
+
+
+@dataclass
+class RAFTConfig(MethodConfig):
+    """RAFT reads no settings of its own: its loss is the squared error alone."""
 
 
 class RAFT(Method):
     name = "raft"
     description = "regression SFT, no CoT"
+    config_class = RAFTConfig
     eval_with_cot = False
 
     def collect(self, loop, step: int, examples: list) -> StepBatch:

@@ -11,14 +11,49 @@ fills the step's batch with ``--prompts-per-step`` of them over as many rollout 
 """
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import List
+from dataclasses import dataclass, replace
+from typing import List, Optional
 
 import torch
 
 from real.multi_gpu import distributed as dist_utils
-from real.methods.base import MicroBatch, PolicyGradientMethod, StepBatch, reward_metrics
-from real.methods.objectives import binary_rewards, combined_advantages, real_advantages, real_loss, regression_reward
+from real.methods.base import MicroBatch, PolicyGradientConfig, PolicyGradientMethod, StepBatch, reward_metrics
+from real.methods.objectives import (ADVANTAGE_NORMS, binary_rewards, combined_advantages, real_advantages, real_loss,
+                                     regression_reward)
+from real.methods.settings import setting
+
+
+@dataclass
+class RealConfig(PolicyGradientConfig):
+    """REAL's own settings: the reward and its weights, the advantages, the partial-group filter."""
+
+    beta: float = setting(1.0, "weight of REAL's differentiable -r term (the regression, or prediction, term)")
+    lam: float = setting(0.0, "reward weight of log pi(k*), the log-probability of the true score token")
+    mu: float = setting(0.0, "reward weight of pi(k*) inside r (differentiated in both terms). Not the released "
+                        "code's probability bonus: that is --prob-bonus")
+    prob_bonus: float = setting(0.0, "the released code's probability-bonus advantage (its beta_supp): the "
+                                "leave-one-out advantages of pi(k*), normalised (--adv-norm) and clipped on their "
+                                "own, times this weight, added to the advantages; moves the CoT term only")
+    adv_clip: float = setting(1.0, "clip advantages to [-adv_clip, adv_clip]; <= 0 disables")
+    adv_norm: str = setting("reward-std", "scaling of the leave-one-out advantages within a group: reward-std "
+                            "(divide by the std of the group's rewards), advantage-std (by the std of the "
+                            "advantages themselves, as the released code: G/(G-1) times smaller) or none",
+                            ADVANTAGE_NORMS)
+    group_filter: str = setting("all", "which prompt groups REAL trains on: all, or partial (the released "
+                                "real_data_type='partial': rollouts also write their score, and only groups whose "
+                                "written scores are neither all right nor all wrong against round(y*) are kept)",
+                                ("all", "partial"))
+    max_fill_rounds: int = setting(10, "with --group-filter partial, rollout rounds of --prompts-per-step prompts "
+                                   "at most to fill the step's batch with --prompts-per-step partial groups (the "
+                                   "released code keeps generating until it holds them); a step that reaches the cap "
+                                   "trains on the groups it has (metrics fill_rounds, prompts_trained)")
+
+    POSITIVE = ("max_fill_rounds",)
+
+    @property
+    def advantage_clip(self) -> Optional[float]:
+        """``adv_clip`` as real.methods.objectives takes it: None when clipping is off."""
+        return self.adv_clip if self.adv_clip > 0 else None
 
 
 def partial_groups(decoded_scores, targets, group_size: int) -> List[int]:
@@ -32,13 +67,14 @@ class Real(PolicyGradientMethod):
     name = "real"
     description = "REAL policy gradient + regression term"
     split_groups = True
+    config_class = RealConfig
 
     @property
     def with_score(self) -> bool:  # the partial filter reads the score each rollout writes
-        return self.config.group_filter == "partial"
+        return self.settings.group_filter == "partial"
 
     def collect(self, loop, step: int, examples: list) -> StepBatch:
-        if self.config.group_filter != "partial":
+        if self.settings.group_filter != "partial":
             return super().collect(loop, step, examples)
         return self._fill_with_partial_groups(loop, step, examples)
 
@@ -46,7 +82,7 @@ class Real(PolicyGradientMethod):
         """As the released code fills its REAL buffer: rollout rounds of ``--prompts-per-step`` prompts until
         this rank holds its share of ``--prompts-per-step`` partial groups (the first ones found; every rank
         runs as many rounds, until all are full or ``--max-fill-rounds``), then exactly those groups."""
-        cfg, g, env = self.config, self.config.group_size, loop.env
+        g, env = self.config.group_size, loop.env
         need = len(dist_utils.shard_for_rank(examples, env))
         kept: list = []  # (rollouts, targets, group index) of each partial group, in the order found
         sampled = partial = rounds = 0
@@ -57,7 +93,7 @@ class Real(PolicyGradientMethod):
             sampled, partial = sampled + len(targets) // g, partial + len(found)
             kept += [(rollouts, targets, i) for i in found][:need - len(kept)]
             short = int(len(kept) < need)
-            if rounds >= cfg.max_fill_rounds or not dist_utils.max_over_ranks(short, env):
+            if rounds >= self.settings.max_fill_rounds or not dist_utils.max_over_ranks(short, env):
                 break
             examples = loop.next_examples()
         # groups_kept: the share of sampled groups that were partial; prompts_trained: over all ranks
@@ -72,8 +108,8 @@ class Real(PolicyGradientMethod):
         return self.step_batch(loop, picked, [t[k] for _, t, k in rows], metrics, trainable)
 
     def _reward(self, fwd) -> torch.Tensor:
-        return regression_reward(fwd.expected_score, fwd.targets, fwd.log_pi_star, lam=self.config.lam,
-                                 mu=self.config.mu)
+        return regression_reward(fwd.expected_score, fwd.targets, fwd.log_pi_star, lam=self.settings.lam,
+                                 mu=self.settings.mu)
 
     def prepare(self, loop, step_batch: StepBatch, plan, slots) -> List[List[MicroBatch]]:
         rows = len(step_batch.batch)
@@ -86,8 +122,8 @@ class Real(PolicyGradientMethod):
         self._prepass_pi_star[mb.start:mb.end] = fwd.pi_star
 
     def _advantage_settings(self) -> dict:
-        cfg = self.config
-        return dict(normalize=cfg.adv_norm, clip=cfg.advantage_clip, prob_bonus=cfg.prob_bonus)
+        s = self.settings
+        return dict(normalize=s.adv_norm, clip=s.advantage_clip, prob_bonus=s.prob_bonus)
 
     def finish_prepass(self, micro_batches: List[MicroBatch]) -> None:
         adv = combined_advantages(self._prepass_rewards, self._prepass_pi_star, self.config.group_size,
@@ -100,13 +136,12 @@ class Real(PolicyGradientMethod):
         return 1 if "advantages" in mb.rows else self.config.group_size
 
     def loss(self, fwd, inputs, norms):
-        cfg = self.config
-        settings = self._advantage_settings()
-        return real_loss(fwd, cfg.group_size, beta=cfg.beta, lam=cfg.lam, mu=cfg.mu, agg=cfg.loss_agg,
-                         normalize_advantages=settings["normalize"], advantage_clip=settings["clip"],
-                         prob_bonus=settings["prob_bonus"], advantages=inputs.get("advantages"),
-                         old_logprobs=inputs.get("old_logprobs"), ppo_clip=cfg.clip_ratio,
-                         ref_logprobs=inputs.get("ref_logprobs"), kl_coef=cfg.kl_coef, norms=norms)
+        s, adv = self.settings, self._advantage_settings()
+        return real_loss(fwd, self.config.group_size, beta=s.beta, lam=s.lam, mu=s.mu, agg=s.loss_agg,
+                         normalize_advantages=adv["normalize"], advantage_clip=adv["clip"],
+                         prob_bonus=adv["prob_bonus"], advantages=inputs.get("advantages"),
+                         old_logprobs=inputs.get("old_logprobs"), ppo_clip=s.clip_ratio,
+                         ref_logprobs=inputs.get("ref_logprobs"), kl_coef=s.kl_coef, norms=norms)
 
     def step_metrics(self, step_batch: StepBatch, micro_batches, forwards):
         """Rewards and advantages of the first epoch's forwards (the pre-pass's advantages where one ran)."""
@@ -114,6 +149,7 @@ class Real(PolicyGradientMethod):
         rewards = torch.cat([self._reward(f) for f in forwards])
         advantages = torch.cat([
             mb.rows["advantages"] if "advantages" in mb.rows else
-            real_advantages(f, cfg.group_size, lam=cfg.lam, mu=cfg.mu, **self._advantage_settings())
+            real_advantages(f, cfg.group_size, lam=self.settings.lam, mu=self.settings.mu,
+                            **self._advantage_settings())
             for mb, f in zip(micro_batches, forwards)])
         return dict(step_batch.metrics, **reward_metrics(rewards, advantages, cfg.group_size))

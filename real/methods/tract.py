@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import random
 import warnings
+from dataclasses import dataclass
 
 from real.multi_gpu import distributed as dist_utils
 from real.methods.base import Method, StepBatch, step_tokens_per_row, teacher_forced
 from real.methods.objectives import tract_loss
+from real.methods.settings import MethodConfig, setting
 from real.judge.prompts import SCORE_MARKER, format_cot
 
 
@@ -26,14 +28,27 @@ def reference_cot(example, rng: random.Random, marker: str = SCORE_MARKER) -> st
     return format_cot(example.feedback[j], grade, marker)
 
 
+@dataclass
+class TRACTConfig(MethodConfig):
+    """TRACT's own settings: the weight of its squared error and which CoTs it trains on."""
+
+    beta: float = setting(1.0, "weight of TRACT's squared error of the expected score (the regression term)")
+    tract_cots: str = setting("reference", "the CoTs tract trains on: reference (the data's feedback texts; "
+                              "TRACT's first stage) or own (TRACT's second stage: CoTs the model samples itself, one "
+                              "per prompt per step at --temperature / --top-p; start it from the first stage with "
+                              "--init-from, and use --group-size 1 so that no extra CoTs are sampled)",
+                              ("reference", "own"))
+
+
 class TRACT(Method):
     name = "tract"
     description = "SFT on reference CoTs + regression"
+    config_class = TRACTConfig
 
     def __init__(self, config, scale):
         super().__init__(config, scale)
         # TRACT's second stage samples its own CoTs: the loop then provides a rollout engine
-        self.needs_rollouts = config.tract_cots == "own"
+        self.needs_rollouts = self.settings.tract_cots == "own"
 
     @property
     def group_size(self) -> int:
@@ -76,4 +91,4 @@ class TRACT(Method):
         return None
 
     def loss(self, fwd, inputs, norms):
-        return tract_loss(fwd, lam=self.config.beta, norms=norms)
+        return tract_loss(fwd, lam=self.settings.beta, norms=norms)
