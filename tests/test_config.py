@@ -184,10 +184,36 @@ def test_print_config_writes_the_file_layout_and_reads_back_the_same(tmp_path):
 
 
 def test_a_method_config_of_the_wrong_type_is_refused():
+    """Also where dataclasses.replace switches the method but keeps the old method's section."""
+    import dataclasses
+
     from real.methods.tract import TRACTConfig
 
     with pytest.raises(ValueError, match="method_config must hold method real's settings \\(RealConfig\\)"):
-        TrainConfig(method="real", method_config=TRACTConfig()).validate()
+        TrainConfig(method="real", method_config=TRACTConfig())
+    with pytest.raises(ValueError, match="method_config must hold method tract's settings"):
+        dataclasses.replace(make_config(method="real"), method="tract")
+    switched = dataclasses.replace(make_config(method="real"), method="tract", method_config=TRACTConfig(beta=2.0))
+    assert switched.validate().method_config.beta == 2.0
+
+
+def test_precedence_is_defaults_then_base_then_file_with_its_section_then_flags(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('method = "real"\nlr = 2e-6\n[real]\nlam = 0.5\n')
+    cfg = parse_train_args(["--config", str(path)], base={"lam": 0.9, "lr": 1e-3, "steps": 4})
+    assert (cfg.method_config.lam, cfg.lr, cfg.steps) == (0.5, 2e-6, 4)  # the file beats the caller's base
+    cfg = parse_train_args(["--config", str(path), "--lam", "0.25", "--lr", "1e-6"], base={"lam": 0.9})
+    assert (cfg.method_config.lam, cfg.lr) == (0.25, 1e-6)
+
+
+def test_a_wrong_method_setting_at_a_files_top_level_names_the_file_and_an_empty_section_is_empty(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("method: tract\nlam: 0.1\n")
+    with pytest.raises(ValueError, match=r"config file .*run\.yaml.*lam is a setting of method real, not of 'tract'"):
+        parse_train_args(["--config", str(path)])
+    empty = tmp_path / "raft.yaml"
+    empty.write_text("method: raft\nraft:\n  # no settings of its own\n")
+    assert parse_train_args(["--config", str(empty)]).method == "raft"
 
 
 def test_resume_compares_a_method_setting_by_name_in_either_layout():

@@ -182,8 +182,15 @@ class TrainConfig:
     method_config: Optional[MethodConfig] = field(default=None, metadata={"section": True})
 
     def __post_init__(self) -> None:
-        if self.method_config is None and self.method in METHODS:
-            self.method_config = METHODS[self.method].config_class()
+        if self.method not in METHODS:
+            return  # validate() names the bad method
+        section = METHODS[self.method].config_class
+        if self.method_config is None:
+            self.method_config = section()
+        elif type(self.method_config) is not section:  # e.g. dataclasses.replace(cfg, method=...) kept the old one
+            raise ValueError(f"method_config must hold method {self.method}'s settings ({section.__name__}); got "
+                             f"{type(self.method_config).__name__} (pass method_config={section.__name__}(...) "
+                             "along with the new method)")
 
     def validate(self) -> "TrainConfig":
         positive = ("steps", "prompts_per_step", "group_size", "epochs_per_batch", "micro_batch_tokens",
@@ -353,6 +360,8 @@ def _unknown_key_error(key: str, source: str) -> ValueError:
 
 def _section_values(method: str, section: Any, source: str) -> Dict[str, Any]:
     """A method's section as given (a mapping of its own settings), checked and converted."""
+    if section is None:  # an empty section (``raft:`` with nothing under it)
+        section = {}
     if not isinstance(section, dict):
         raise ValueError(f"{source}: {method} must be a mapping of method {method}'s settings; got {section!r}")
     out = {}
@@ -493,24 +502,25 @@ def config_from_args(args: argparse.Namespace, base: Optional[Dict[str, Any]] = 
     """Defaults < ``base`` (e.g. a caller's defaults) < --config file < flags."""
     values: Dict[str, Any] = dict(base or {})
     ns = vars(args)
-    sections: Dict[str, Dict[str, Any]] = {}
-    if ns.get("config"):
-        from_file = load_config_file(ns["config"])
-        sections = {m: from_file.pop(m) for m in METHODS if m in from_file}
-        values.update(from_file)
+    flags: Dict[str, Any] = {}
     for name in FIELD_NAMES + tuple(METHOD_FIELD_OWNERS):
         if name in ns:
-            value = ns[name]
-            if name == "tiny_config":
-                value = _parse_key_values(value)
-            values[name] = value
-    method = values.get("method", DEFAULT_METHOD)
-    for section_method, section in sections.items():
-        if section_method != method:
-            raise ValueError(f"config file {ns['config']!r}: its {section_method}: section holds settings of method "
-                             f"{section_method}, but the method is {method!r}")
-        for name, value in section.items():
-            values.setdefault(name, value)  # a flag wins over the file's section
+            flags[name] = _parse_key_values(ns[name]) if name == "tiny_config" else ns[name]
+    if ns.get("config"):
+        source = f"config file {ns['config']!r}"
+        from_file = load_config_file(ns["config"])
+        sections = {m: from_file.pop(m) for m in METHODS if m in from_file}
+        method = flags.get("method", from_file.get("method", values.get("method", DEFAULT_METHOD)))
+        for section_method, section in sections.items():
+            if section_method != method:
+                raise ValueError(f"{source}: its {section_method}: section holds settings of method "
+                                 f"{section_method}, but the method is {method!r}")
+            from_file.update(section)  # the file's section counts as the file's, below the flags
+        for name in from_file:
+            if name in METHOD_FIELD_OWNERS and name not in SECTION_FIELDS.get(method, {}):
+                raise ValueError(f"{source}: {_wrong_method(name, method)}")
+        values.update(from_file)
+    values.update(flags)
     return make_config(**values)
 
 
@@ -518,6 +528,12 @@ def config_json(config: TrainConfig) -> str:
     """The resolved configuration as ``--print-config`` prints it: JSON in the file layout (``TrainConfig.to_dict``),
     which ``--config`` reads back."""
     return json.dumps(config.to_dict(), indent=2)
+
+
+def _wrong_method(name: str, method: str) -> str:
+    owners = METHOD_FIELD_OWNERS[name]
+    return (f"{name} is a setting of method{'s' if len(owners) > 1 else ''} {', '.join(owners)}, not of {method!r} "
+            f"(--method {method}); leave it out")
 
 
 def make_config(**values: Any) -> TrainConfig:
@@ -547,9 +563,7 @@ def make_config(**values: Any) -> TrainConfig:
                 raise ValueError(f"config: {key} is given twice, flat and in the {method} section")
             own[key] = _coerce(key, value, _method_field_type(key, method), "config")
         elif key in METHOD_FIELD_OWNERS:
-            owners = METHOD_FIELD_OWNERS[key]
-            raise ValueError(f"config: {key} is a setting of method{'s' if len(owners) > 1 else ''} "
-                             f"{', '.join(owners)}, not of {method!r} (--method {method}); leave it out")
+            raise ValueError(f"config: {_wrong_method(key, method)}")
         else:
             raise _unknown_key_error(key, "config")
     return TrainConfig(**checked, method_config=METHODS[method].config_class(**own)).validate()

@@ -29,7 +29,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(prog="real train", description=(
         "Train an LLM judge with REAL (regression-aware RL) or a baseline (GRPO, RAFT, TRACT). Settings come from "
-        "--config FILE (YAML or TOML, keys = the flag names with underscores) and/or flags; flags win. "
+        "--config FILE (YAML, TOML or JSON; keys = the flag names with underscores, a method's own settings under "
+        "its name, e.g. real:, or at the top level) and/or flags; flags win. "
         "Ctrl-C, SIGTERM, or creating OUTPUT_DIR/STOP (under torchrun), stops after the current step with a "
         "checkpoint; --resume continues. "
         "Example: real train --method real --model tiny --data synthetic --steps 3 --output-dir runs/smoke"))
