@@ -37,10 +37,14 @@ def effective_temperature(model, temperature: float) -> float:
             f"{type(unwrap_peft(model)).__name__} applies final_logit_softcapping to its logits, which the fused "
             "head does not implement; the log-probs would be wrong"
         )
-    scale = getattr(config, "logit_scale", None)
+    temperature = float(temperature)
+    scale = getattr(config, "logit_scale", None)  # Cohere: logits = scale * W h
     if scale is not None and scale != 1:
-        return float(temperature) / float(scale)  # logits = scale * W h, so divide by (tau / scale)
-    return float(temperature)
+        temperature /= float(scale)
+    divisor = getattr(config, "logits_scaling", None)  # Granite: logits = W h / divisor
+    if divisor is not None and divisor != 1:
+        temperature *= float(divisor)
+    return temperature
 
 
 def lm_head_weight(model) -> torch.Tensor:

@@ -37,9 +37,10 @@ from .hf_model import decoder_of, effective_temperature, unwrap_peft, lm_head_we
 from .loss import judge_loss
 from .core.validation import BACKENDS
 
-# model types whose ForCausalLM.forward is `logits = lm_head(hidden)` (cohere: times logit_scale, folded into the
-# temperature) then `self.loss_function(logits, labels, ...)`, checked against transformers' own loss in the tests
-SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama", "mistral", "gemma", "phi3", "olmo2", "cohere")
+# model types whose ForCausalLM.forward is `logits = lm_head(hidden)` (cohere: times logit_scale; granite: divided by
+# logits_scaling; both folded into the temperature) then `self.loss_function(logits, labels, ...)`, checked against
+# transformers' own loss in the tests
+SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama", "mistral", "gemma", "phi3", "olmo2", "cohere", "granite")
 _STATE = "_real_kernels_patch"  # attribute on the patched transformers model
 
 

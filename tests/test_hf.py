@@ -66,6 +66,26 @@ def test_token_logprobs_match_model_logits(tied):
     assert (out.logprobs[~valid] == 0).all() and (out.entropy[~valid] == 0).all()
 
 
+def test_a_granite_models_logits_scaling_is_folded_into_the_temperature():
+    """Granite divides its logits by config.logits_scaling (Cohere multiplies by logit_scale): the fused head must
+    give the log-probs of the model's own logits, at temperature 1 and at another."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    torch.manual_seed(0)
+    config = GraniteConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, logits_scaling=4.0,
+                           attn_implementation="sdpa")
+    model = GraniteForCausalLM(config).eval()
+    ids, mask = _batch()
+    valid = mask[:, 1:].bool()
+    logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    for temperature in (1.0, 0.7):
+        ref = torch.log_softmax(logits / temperature, dim=-1)[:, :-1].gather(2, ids[:, 1:, None]).squeeze(2)
+        out = hf.token_logprobs(model, ids, mask, temperature=temperature)
+        torch.testing.assert_close(out.logprobs[valid], ref[valid], atol=1e-5, rtol=1e-5)
+    assert hf.effective_temperature(model, 0.7) == pytest.approx(2.8)
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_token_logprob_gradients_match_model_logits(tied):
     ids, mask = _batch()
