@@ -174,3 +174,22 @@ def test_bad_arguments(tok, model):
         inference.generate_cots(model, tok, PROMPTS, top_p=0.0)
     with pytest.raises(ValueError, match="cots"):
         inference.score_cots(model, tok, PROMPTS, ["x"], score_token_ids=[1], score_values=[1.0])
+
+
+def test_generated_tokens_count_each_row_to_its_end_without_the_padding():
+    """A row ends at its eos (counted once) or where generate pads it; the padding after the end is not generated."""
+    new = torch.tensor([[5, 6, 7, 2, 0, 0],    # eos 2 after 3 tokens, then padding 0: 4 generated
+                        [5, 6, 7, 8, 9, 4],    # ran to max_new_tokens: 6
+                        [5, 0, 0, 0, 0, 0]])   # stopped by a criterion (no eos), then padding: 1
+    assert inference.generated_tokens(new, pad_id=0, eos_id=2) == 11
+    same = torch.tensor([[5, 6, 2, 2, 2], [5, 6, 7, 8, 9]])  # a tokenizer that pads with its eos
+    assert inference.generated_tokens(same, pad_id=2, eos_id=2) == 3 + 5
+    assert inference.generated_tokens(torch.tensor([[5, 0]]), pad_id=0, eos_id=None) == 1
+
+
+def test_generate_cots_reports_the_tokens_it_generated(model, tok):
+    counted = []
+    cots = inference.generate_cots(model, tok, PROMPTS[:2], n=2, max_new_tokens=6, progress=False,
+                                   stop_at_marker=False, stop_at_score=False, token_count=counted)
+    assert len(cots) == 2 and len(counted) >= 1
+    assert 0 < sum(counted) <= 2 * 2 * 6  # 4 rows of at most 6 new tokens

@@ -45,7 +45,8 @@ def _scripted_rollouts(trainer, partial_every=2):
             right = float(math.floor(target_of[prompt] + 0.5))
             scores += ([right] + [None] * (g - 1)) if i % partial_every == 0 else [None] * g
         cots = [f"Feedback: round {fill_round} prompt {i // g} sample {i % g}" for i in range(len(repeated))]
-        return Rollouts(prompts=repeated, cots=cots, decoded_scores=scores, group_size=g)
+        return Rollouts(prompts=repeated, cots=cots, decoded_scores=scores, group_size=g,
+                        sampled_tokens=100 * len(repeated))  # as if each rollout were 100 tokens
 
     trainer.sample_rollouts = sample
     return calls
@@ -80,6 +81,8 @@ def test_the_fill_stops_at_its_cap_and_says_so(tmp_path):
     record = trainer.train_step(1)
     assert len(calls) == 3 and record["fill_rounds"] == 3 and record["prompts_trained"] == 3
     assert record["sequences"] == 6 and trainer.stream.position == 12
+    # every round's rollouts were generated, the discarded groups' too: 3 rounds x 8 rollouts x 100 tokens
+    assert record["generated_tokens"] == 2400
 
 
 def test_without_the_filter_one_round_is_taken(tmp_path):

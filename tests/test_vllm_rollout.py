@@ -87,7 +87,9 @@ class FakeLLM:
             texts = [FAKE_TEXTS[k % 2].format(i) for k in range(params.kwargs["n"])]
             if stop:
                 texts = [t[:t.index(stop[0]) + len(stop[0])] for t in texts]
-            outs.append(types.SimpleNamespace(outputs=[types.SimpleNamespace(text=t) for t in texts]))
+            # vLLM's CompletionOutput: the text and its token ids (here one per character)
+            outs.append(types.SimpleNamespace(outputs=[types.SimpleNamespace(text=t, token_ids=list(range(len(t))))
+                                                       for t in texts]))
         return outs
 
 
@@ -163,6 +165,9 @@ def test_colocated_engine_sleeps_between_rollouts_and_gets_every_update(tmp_path
         assert [p["prompt_token_ids"] for p in prompts] == [trainer.tokenizer(t)["input_ids"][-300:] for t in texts]
     assert rollouts[0].cots[:2] == [f"two items are right and one is wrong 0 {SCORE_MARKER}",
                                     f"all fine 0 {SCORE_MARKER}"]
+    # the engine's own count of generated tokens (one per character in the fake), this rank's prompts
+    outputs = [FAKE_TEXTS[k % 2].format(i) for i in range(2) for k in range(4)]
+    assert rollouts[0].sampled_tokens == sum(len(t[:t.index(SCORE_MARKER) + len(SCORE_MARKER)]) for t in outputs)
 
 
 def test_weights_go_to_a_colocated_engine_in_chunks(fake_vllm, monkeypatch):

@@ -142,6 +142,7 @@ def generate_cots(
     marker: str = SCORE_MARKER,
     max_prompt_tokens: Optional[int] = None,
     stop_at_score: bool = True,
+    token_count: Optional[List[int]] = None,
 ) -> List[List[str]]:
     """``n`` generated continuations per prompt (``result[i][k]``), as text.
 
@@ -152,7 +153,9 @@ def generate_cots(
     score written after the marker, and the text is returned as generated.  ``batch_size`` counts
     sequences (prompts x n) per ``generate`` call.  ``max_prompt_tokens``: a
     longer prompt keeps its last tokens, as the training batch does
-    (``real.judge.batching.truncate_prompt_ids``).
+    (``real.judge.batching.truncate_prompt_ids``).  ``token_count``: a list that
+    gets the number of tokens generated, all rows together (the text after a
+    marker that is dropped included; the padding after a row ends excluded).
     """
     prompts = _check_common(prompts, batch_size, n)
     if greedy and n > 1:
@@ -182,12 +185,27 @@ def generate_cots(
                 StopAtMarker(tokenizer, width, marker=marker, need_score=not stop_at_marker)]
             out = model.generate(**enc, generation_config=config, stopping_criteria=StoppingCriteriaList(stops))
             texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+            if token_count is not None:
+                token_count.append(generated_tokens(out[:, width:], tokenizer.pad_token_id, tokenizer.eos_token_id))
             for j, i in enumerate(chunk):
                 mine = texts[j * n:(j + 1) * n]
                 results[i] = [_end_at_marker(t, marker) for t in mine] if stop_at_marker else mine
             bar.update(len(chunk) * n)
     bar.close()
     return results  # type: ignore[return-value]
+
+
+def generated_tokens(new: torch.Tensor, pad_id: int, eos_id: Optional[int]) -> int:
+    """Tokens generated in ``new`` ``[rows, steps]``: each row up to its end (an eos counts, once), without the
+    padding ``generate`` puts after a finished row (which is the eos where the tokenizer pads with it)."""
+    ended = new == pad_id
+    if eos_id is not None:
+        ended = ended | (new == eos_id)
+    # a row's length: up to its first pad / eos, plus that eos where it is one
+    first = torch.where(ended.any(1), ended.float().argmax(1), torch.full_like(new[:, 0], new.shape[1]))
+    at = first.clamp(max=new.shape[1] - 1)
+    counted_eos = ended.any(1) & (eos_id is not None) & (new.gather(1, at[:, None])[:, 0] == eos_id)
+    return int((first + counted_eos.long()).sum())
 
 
 def _end_at_marker(text: str, marker: str = SCORE_MARKER) -> str:

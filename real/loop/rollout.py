@@ -74,15 +74,18 @@ class HFRollout:
         try:
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(seed)
+                counted: List[int] = []
                 per_prompt = _sample_cots(
                     model, self.tokenizer, list(prompts), n=group_size, greedy=False,
                     temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
                     batch_size=max(self.batch_size, group_size), stop_at_marker=not with_score,
                     progress=self.progress, marker=self.marker, max_prompt_tokens=self.max_prompt_tokens,
+                    token_count=counted,
                 )
         finally:
             model.train(was_training)
-        return group_rollouts(prompts, per_prompt, group_size, with_score, self.score_values, self.marker)
+        return group_rollouts(prompts, per_prompt, group_size, with_score, self.score_values, self.marker,
+                              sampled_tokens=sum(counted))
 
     def close(self) -> None:
         pass

@@ -19,6 +19,7 @@ class Rollouts:
     cots: List[str]  # the generated text of each sample
     decoded_scores: List[Optional[float]]  # the score written after the first marker (with_score), else None
     group_size: int
+    sampled_tokens: Optional[int] = None  # tokens the engine generated for them (past the marker too); None: unknown
 
 
 def value_text(value: float) -> str:
@@ -45,8 +46,10 @@ def decoded_score(text: str, score_values: Sequence[float], marker: str = SCORE_
 
 
 def group_rollouts(prompts: Sequence[str], per_prompt: Sequence[Sequence[str]], group_size: int, with_score: bool,
-           score_values: Sequence[float], marker: str = SCORE_MARKER) -> Rollouts:
+                   score_values: Sequence[float], marker: str = SCORE_MARKER,
+                   sampled_tokens: Optional[int] = None) -> Rollouts:
     flat_prompts = [p for p in prompts for _ in range(group_size)]
     flat = [c for cots in per_prompt for c in cots]
     scores = [decoded_score(c, score_values, marker) if with_score else None for c in flat]
-    return Rollouts(prompts=flat_prompts, cots=flat, decoded_scores=scores, group_size=group_size)
+    return Rollouts(prompts=flat_prompts, cots=flat, decoded_scores=scores, group_size=group_size,
+                    sampled_tokens=sampled_tokens)

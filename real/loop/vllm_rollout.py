@@ -256,12 +256,15 @@ class VLLMColocateRollout(_SamplingSettings):
             everything = [x for share, _ in shares for x in share]
             outputs = self.llm.generate([{"prompt_token_ids": x} for x in everything], params, use_tqdm=False)
             start = sum(len(share) for share, _ in shares[:self.tp_rank])
+            mine = outputs[start:start + len(ids)]
             per_prompt = [[finish_text(c.text, self.marker, with_score, self.score_values) for c in out.outputs]
-                          for out in outputs[start:start + len(ids)]]
+                          for out in mine]
+            sampled = sum(len(c.token_ids) for out in mine for c in out.outputs)
         finally:
             if self.sleep:
                 self.llm.sleep(level=SLEEP_LEVEL)
-        return group_rollouts(prompts, per_prompt, group_size, with_score, self.score_values, self.marker)
+        return group_rollouts(prompts, per_prompt, group_size, with_score, self.score_values, self.marker,
+                              sampled_tokens=sampled)
 
     def close(self) -> None:
         shutil.rmtree(self._folder, ignore_errors=True)
@@ -350,7 +353,8 @@ class VLLMServerRollout(_SamplingSettings):
         decoded = [finish_text(self.tokenizer.decode(c, skip_special_tokens=True), self.marker, with_score,
                                self.score_values) for c in mine]
         per_prompt = [decoded[i * group_size:(i + 1) * group_size] for i in range(len(prompts))]
-        return group_rollouts(prompts, per_prompt, group_size, with_score, self.score_values, self.marker)
+        return group_rollouts(prompts, per_prompt, group_size, with_score, self.score_values, self.marker,
+                              sampled_tokens=sum(len(c) for c in mine))
 
     def close(self) -> None:
         """Leave the server's weight-update group (once; the server keeps running)."""

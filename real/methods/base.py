@@ -179,6 +179,13 @@ class Method:
         return {}
 
 
+def sampled_or_kept(rollouts, batch) -> int:
+    """Tokens the engine generated for ``rollouts`` where it says, else the CoT tokens of their batch."""
+    if getattr(rollouts, "sampled_tokens", None) is not None:
+        return int(rollouts.sampled_tokens)
+    return int(batch.cot_lengths.sum())
+
+
 def teacher_forced(loop, prompts, cots, targets, *, quiet: bool = False) -> TeacherForcedBatch:
     """The step's batch on the loop's device (``quiet``: no truncation warnings, e.g. for sampled CoTs)."""
     cfg = loop.config
@@ -246,11 +253,12 @@ class PolicyGradientMethod(Method):
         return rollouts, [e.target for e in examples for _ in range(self.config.group_size)]
 
     def step_batch(self, loop, rollouts, targets: List[float], metrics: Optional[Dict[str, Any]] = None,
-                   trainable: bool = True) -> StepBatch:
-        """The step's batch of ``rollouts`` (``trainable`` False: the rows only keep the collectives going)."""
+                   trainable: bool = True, sampled_tokens: Optional[int] = None) -> StepBatch:
+        """The step's batch of ``rollouts`` (``trainable`` False: the rows only keep the collectives going);
+        ``sampled_tokens``: what the engine generated for the step, where it sampled more than it kept."""
         batch = teacher_forced(loop, rollouts.prompts, rollouts.cots, targets, quiet=True)
-        step_batch = StepBatch(batch, generated_tokens=int(batch.cot_lengths.sum()), metrics=metrics or {},
-                               trainable=trainable)
+        generated = sampled_tokens if sampled_tokens is not None else sampled_or_kept(rollouts, batch)
+        step_batch = StepBatch(batch, generated_tokens=generated, metrics=metrics or {}, trainable=trainable)
         self.read_rollouts(loop, rollouts, targets, step_batch)
         return step_batch
 

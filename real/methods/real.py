@@ -86,9 +86,11 @@ class Real(PolicyGradientMethod):
         need = len(dist_utils.shard_for_rank(examples, env))
         kept: list = []  # (rollouts, targets, group index) of each partial group, in the order found
         sampled = partial = rounds = 0
+        tokens: Optional[int] = 0  # generated over every round, the discarded groups' too (None: an engine can't say)
         while True:
             rollouts, targets = self.sample(loop, step, examples, fill_round=rounds)
             rounds += 1
+            tokens = None if tokens is None or rollouts.sampled_tokens is None else tokens + rollouts.sampled_tokens
             found = partial_groups(rollouts.decoded_scores, targets, g)
             sampled, partial = sampled + len(targets) // g, partial + len(found)
             kept += [(rollouts, targets, i) for i in found][:need - len(kept)]
@@ -105,7 +107,7 @@ class Real(PolicyGradientMethod):
         rows = [(r, t, i * g + j) for r, t, i in kept for j in range(g)]
         picked = replace(rollouts, prompts=[r.prompts[k] for r, _, k in rows], cots=[r.cots[k] for r, _, k in rows],
                          decoded_scores=[r.decoded_scores[k] for r, _, k in rows])
-        return self.step_batch(loop, picked, [t[k] for _, t, k in rows], metrics, trainable)
+        return self.step_batch(loop, picked, [t[k] for _, t, k in rows], metrics, trainable, sampled_tokens=tokens)
 
     def _reward(self, fwd) -> torch.Tensor:
         return regression_reward(fwd.expected_score, fwd.targets, fwd.log_pi_star, lam=self.settings.lam,

@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass
 
 from real.multi_gpu import distributed as dist_utils
-from real.methods.base import Method, StepBatch, step_tokens_per_row, teacher_forced
+from real.methods.base import Method, StepBatch, sampled_or_kept, step_tokens_per_row, teacher_forced
 from real.methods.objectives import tract_loss
 from real.methods.settings import MethodConfig, setting
 from real.judge.prompts import SCORE_MARKER, format_cot
@@ -75,7 +75,7 @@ class TRACT(Method):
             rollouts = loop.sample_rollouts([e.prompt for e in examples], step, with_score=False)
             cots = rollouts.cots[::self.config.group_size]
             batch = teacher_forced(loop, [e.prompt for e in examples], cots, [e.target for e in examples], quiet=True)
-            return StepBatch(batch, generated_tokens=int(batch.cot_lengths.sum()))
+            return StepBatch(batch, generated_tokens=sampled_or_kept(rollouts, batch))
         rng = random.Random(loop.step_seed(step))
         cots = dist_utils.shard_for_rank([reference_cot(e, rng, loop.scale.marker) for e in examples], loop.env)
         examples = dist_utils.shard_for_rank(examples, loop.env)
