@@ -80,7 +80,8 @@ class TrainConfig:
 
     # --- batch shape ---------------------------------------------------------------
     prompts_per_step: int = setting(8, "prompts per step (B)", group="batch")
-    group_size: int = setting(8, "sampled CoTs per prompt (G) for real/grpo", group="batch")
+    group_size: int = setting(8, "sampled CoTs per prompt (G): the group of real and grpo; tract with --tract-cots "
+                              "own samples this many and keeps the first (use 1); raft samples none", group="batch")
     epochs_per_batch: int = setting(1, "optimizer updates over each rollout batch (>1 uses PPO ratio clipping)",
                                  group="batch")
     mini_batch_size: int = setting(0, "sequences (rollouts) per optimizer update, over all ranks: every epoch over a "
