@@ -48,81 +48,82 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 @dataclass
 class TrainConfig:
     # --- what to train, on what --------------------------------------------------
-    method: str = setting("real", "objective: " + ", ".join(f"{name} ({cls.description})" for name, cls in METHODS.items()),
-                       tuple(METHODS), "run")
+    method: str = setting("real", "objective: " + ", ".join(f"{name} ({cls.description})"
+                                                            for name, cls in METHODS.items()),
+                          tuple(METHODS), "run")
     model: str = setting("tiny", "a local model folder, a Hugging Face Hub name (e.g. Qwen/Qwen3-8B: the local cache "
-                      "first, else downloaded), or 'tiny' (a small random Qwen3 and a tokenizer built on the spot; "
-                      "runs offline)", group="run")
+                         "first, else downloaded), or 'tiny' (a small random Qwen3 and a tokenizer built on the spot; "
+                         "runs offline)", group="run")
     data: List[str] = setting(["synthetic"], "training data files (Prometheus / Feedback-Collection .json/.jsonl), "
-                           "or 'synthetic' for the built-in synthetic judge task", group="run")
+                              "or 'synthetic' for the built-in synthetic judge task", group="run")
     eval_data: List[str] = setting([], "held-out data files; default: the synthetic held-out split for "
-                                "--data synthetic, else the last --eval-fraction of --data", group="run")
+                                   "--data synthetic, else the last --eval-fraction of --data", group="run")
     eval_fraction: float = setting(0.1, "share of the training files held out for evaluation when --eval-data "
-                                "is not given", group="run")
+                                   "is not given", group="run")
     output_dir: str = setting("runs/real", "where metrics.jsonl and checkpoint-STEP/ folders go", group="run")
     init_from: Optional[str] = setting(None, "start from the model weights of this checkpoint folder (e.g. a "
-                                    "TRACT warm-up) instead of the --model weights", group="run")
+                                       "TRACT warm-up) instead of the --model weights", group="run")
     resume: bool = setting(False, "continue from the newest complete checkpoint in --output-dir", group="run")
     overwrite: bool = setting(False, "start afresh in an --output-dir that holds an earlier run (its checkpoints and "
-                           "metrics are deleted)", group="run")
+                              "metrics are deleted)", group="run")
     allow_config_change: bool = setting(False, "with --resume, continue even where a setting that makes it another run "
-                                     "(method, seed, data, model, objective, optimiser) differs from the "
-                                     "checkpoint's; the new values are used and recorded", group="run")
+                                        "(method, seed, data, model, objective, optimiser) differs from the "
+                                        "checkpoint's; the new values are used and recorded", group="run")
     seed: int = setting(0, "seed for data order, sampling and initialisation", group="run")
     steps: int = setting(100, "number of training steps (one rollout batch each)", group="run")
     chat_template: bool = setting(True, "lay each prompt out as a user turn of the tokenizer's chat template, when "
-                               "it has one (the released code does: its prompts are chat messages); "
-                               "--no-chat-template feeds the raw Prometheus prompt", group="run")
+                                  "it has one (the released code does: its prompts are chat messages); "
+                                  "--no-chat-template feeds the raw Prometheus prompt", group="run")
     score_phrase: str = setting("prometheus", "the phrase the judge writes before its score, in training, inference "
-                             "and parsing: prometheus ('[RESULT] N'), released ('So the overall score is N', the "
-                             "released code's delimiter), or the phrase itself", group="run")
+                                "and parsing: prometheus ('[RESULT] N'), released ('So the overall score is N', the "
+                                "released code's delimiter), or the phrase itself", group="run")
     skip_malformed: bool = setting(False, "skip malformed data rows (with a count) instead of failing", group="run")
 
     # --- batch shape ---------------------------------------------------------------
     prompts_per_step: int = setting(8, "prompts per step (B)", group="batch")
     group_size: int = setting(8, "sampled CoTs per prompt (G): the group of real and grpo; tract with --tract-cots "
-                              "own samples this many and keeps the first (use 1); raft samples none", group="batch")
+                                 "own samples this many and keeps the first (use 1); raft samples none", group="batch")
     epochs_per_batch: int = setting(1, "optimizer updates over each rollout batch (>1 uses PPO ratio clipping)",
-                                 group="batch")
+                                    group="batch")
     mini_batch_size: int = setting(0, "sequences (rollouts) per optimizer update, over all ranks: every epoch over a "
-                                "step's batch takes one update per mini-batch, PPO-clipped after the first (the "
-                                "released REAL: real_mini_batch_size_per_gpu=128 responses x its GPUs); 0 = the "
-                                "whole batch, one update per epoch", group="batch")
+                                   "step's batch takes one update per mini-batch, PPO-clipped after the first (the "
+                                   "released REAL: real_mini_batch_size_per_gpu=128 responses x its GPUs); 0 = the "
+                                   "whole batch, one update per epoch", group="batch")
     micro_batch_tokens: int = setting(16384, "token budget of one micro-batch (rows x padded length); larger "
-                                   "batches are split and their gradients accumulated", group="batch")
+                                      "batches are split and their gradients accumulated", group="batch")
     max_prompt_tokens: int = setting(2048, "prompts longer than this are truncated (with a warning)", group="batch")
     max_cot_tokens: int = setting(1024, "CoTs longer than this are truncated (with a warning)", group="batch")
 
     # --- rollouts ------------------------------------------------------------------
     rollout: str = setting("hf", "rollout engine: hf (transformers generate through the trained model), "
-                        "vllm-colocate (a vLLM engine in every training process, asleep while it trains, weights "
-                        "pushed before every rollout; 'vllm' is the same) or vllm-server (a separate `trl "
-                        "vllm-serve` process that rank 0 pushes the weights to); the vLLM ones need CUDA and "
-                        "pip install 'real-kernels[vllm]'", ROLLOUT_ENGINES, "rollout")
+                           "vllm-colocate (a vLLM engine in every training process, asleep while it trains, weights "
+                           "pushed before every rollout; 'vllm' is the same) or vllm-server (a separate `trl "
+                           "vllm-serve` process that rank 0 pushes the weights to); the vLLM ones need CUDA and "
+                           "pip install 'real-kernels[vllm]'", ROLLOUT_ENGINES, "rollout")
     vllm_gpu_memory_utilization: float = setting(0.3, "vllm-colocate: share of each GPU's memory the engine may take "
-                                              "while it samples (weights + KV cache)", group="rollout")
+                                                 "while it samples (weights + KV cache)", group="rollout")
     vllm_tensor_parallel_size: int = setting(1, "vllm-colocate: GPUs one engine spans (must divide the ranks)",
-                                          group="rollout")
+                                             group="rollout")
     vllm_sleep: bool = setting(True, "vllm-colocate: release the engine's weights and KV cache while training "
-                            "(vLLM sleep mode, level 2)", group="rollout")
+                               "(vLLM sleep mode, level 2)", group="rollout")
     vllm_server_host: str = setting("127.0.0.1", "vllm-server: host of `trl vllm-serve`", group="rollout")
     vllm_server_port: int = setting(8000, "vllm-server: its HTTP port", group="rollout")
     vllm_group_port: int = setting(51216, "vllm-server: port of its weight-update group", group="rollout")
     vllm_server_timeout: float = setting(240.0, "vllm-server: seconds to wait for the server to answer at the start",
-                                      group="rollout")
+                                         group="rollout")
     temperature: float = setting(1.0, "sampling temperature of rollouts", group="rollout")
     top_p: float = setting(0.9, "nucleus sampling top-p of rollouts", group="rollout")
     max_new_tokens: int = setting(256, "longest generated CoT (tokens; 32 with --data synthetic); generation stops at "
-                               "the score marker",
-                               group="rollout")
+                                  "the score marker",
+                                  group="rollout")
     unsharded_rollouts: bool = setting(False, "under --parallel fsdp, keep every layer gathered for the whole rollout "
-                                    "(one all-gather per layer instead of one per layer per new token; needs "
-                                    "the whole model in each GPU's memory)", group="rollout")
+                                       "(one all-gather per layer instead of one per layer per new token; needs "
+                                       "the whole model in each GPU's memory)", group="rollout")
     rollout_batch_size: int = setting(64, "sequences per generate call", group="rollout")
 
     # --- objective (the common part; each method's own settings are its section, method_config) -------
     normalize_scores: bool = setting(False, "renormalise the score softmax over the score tokens only",
-                                  group="objective")
+                                     group="objective")
 
     # --- optimiser -----------------------------------------------------------------
     lr: float = setting(1e-5, "AdamW learning rate", group="optim")
@@ -135,38 +136,38 @@ class TrainConfig:
 
     # --- model ---------------------------------------------------------------------
     lora_rank: int = setting(0, "train a LoRA adapter of this rank through peft (0 = full fine-tuning)",
-                          group="model")
+                             group="model")
     lora_alpha: float = setting(0.0, "LoRA alpha (0 = 2 x rank)", group="model")
     lora_dropout: float = setting(0.0, "LoRA dropout", group="model")
     lora_target_modules: List[str] = setting(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                           "down_proj"], "modules that get LoRA adapters", group="model")
+                                              "down_proj"], "modules that get LoRA adapters", group="model")
     gradient_checkpointing: bool = setting(False, "recompute decoder activations in backward to save memory",
-                                        group="model")
+                                           group="model")
     attn_implementation: str = setting("auto", "attention kernel; auto = flash_attention_2 when flash-attn is "
-                                    "installed and the model is on CUDA, else sdpa", ATTN_IMPLEMENTATIONS, "model")
+                                       "installed and the model is on CUDA, else sdpa", ATTN_IMPLEMENTATIONS, "model")
     dtype: str = setting("auto", "parameter dtype; auto = bfloat16 on CUDA, float32 on CPU", DTYPES, "model")
     compute_dtype: str = setting("auto", "mixed precision: the dtype forward and backward compute in, while the "
-                              "parameters, their gradients and the AdamW states stay in --dtype (e.g. --dtype "
-                              "float32 --compute-dtype bfloat16, as the released code trains: fp32 weights, FSDP "
-                              "MixedPrecision param_dtype=bf16, reduce_dtype=fp32). Under --parallel fsdp through "
-                              "FSDP's MixedPrecisionPolicy, else through torch.autocast; rollouts with --rollout hf "
-                              "and evaluation too. auto = --dtype (no mixed precision)", DTYPES, "model")
+                                 "parameters, their gradients and the AdamW states stay in --dtype (e.g. --dtype "
+                                 "float32 --compute-dtype bfloat16, as the released code trains: fp32 weights, FSDP "
+                                 "MixedPrecision param_dtype=bf16, reduce_dtype=fp32). Under --parallel fsdp through "
+                                 "FSDP's MixedPrecisionPolicy, else through torch.autocast; rollouts with --rollout hf "
+                                 "and evaluation too. auto = --dtype (no mixed precision)", DTYPES, "model")
     device: str = setting("auto", "cpu, cuda, cuda:N or auto (cuda when available)", group="model")
     parallel: str = setting("fsdp", "how the processes of a torchrun launch share the work: fsdp (FSDP2 "
-                         "fully_shard: weights, gradients and AdamW states sharded over the ranks), ddp (a full "
-                         "replica per rank, gradients all-reduced) or none; a plain one-process run ignores it",
-                         PARALLEL_MODES, "model")
+                            "fully_shard: weights, gradients and AdamW states sharded over the ranks), ddp (a full "
+                            "replica per rank, gradients all-reduced) or none; a plain one-process run ignores it",
+                            PARALLEL_MODES, "model")
     collective_timeout: float = setting(1800.0, "under torchrun, seconds a collective waits for the other ranks; then "
-                                     "the run stops with an error that names the late rank", group="model")
+                                        "the run stops with an error that names the late rank", group="model")
     threads: int = setting(0, "torch CPU threads; 0 = auto: 1 for --model tiny on the CPU (its ops are too small to "
-                        "split, and one thread does not stall on a shared CPU), else torch's default", group="model")
+                           "split, and one thread does not stall on a shared CPU), else torch's default", group="model")
     head_backend: str = setting("auto", "judge_head backend: auto, triton, torch or reference", group="model")
     tiny_config: Dict[str, Any] = setting({}, "overrides of the tiny model's Qwen3Config, KEY=VALUE (only with "
-                                       "--model tiny)", group="model")
+                                          "--model tiny)", group="model")
 
     # --- evaluation, logging, checkpoints ------------------------------------------
     eval_every: int = setting(0, "evaluate held-out Pearson/Spearman/Kendall every N steps (0 = only at the "
-                           "end)", group="eval")
+                              "end)", group="eval")
     eval_size: int = setting(256, "held-out examples per evaluation (0 = all)", group="eval")
     eval_batch_size: int = setting(64, "prompts per generate call during evaluation", group="eval")
     eval_max_new_tokens: int = setting(0, "longest CoT at evaluation (0 = --max-new-tokens)", group="eval")
@@ -185,10 +186,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             return  # validate() names the bad method
-        section = METHODS[self.method].config_class
         if self.method_config is None:
-            self.method_config = section()
-        elif type(self.method_config) is not section:  # e.g. dataclasses.replace(cfg, method=...) kept the old one
+            self.method_config = METHODS[self.method].config_class()
+        self._check_method_config()  # e.g. dataclasses.replace(cfg, method=...) kept the old method's section
+
+    def _check_method_config(self) -> None:
+        section = METHODS[self.method].config_class
+        if type(self.method_config) is not section:
             raise ValueError(f"method_config must hold method {self.method}'s settings ({section.__name__}); got "
                              f"{type(self.method_config).__name__} (pass method_config={section.__name__}(...) "
                              "along with the new method)")
@@ -202,10 +206,7 @@ class TrainConfig:
         check_fields(self, non_negative, positive)  # choices, finite numbers (--lr inf), signs
         if self.collective_timeout <= 0:
             raise ValueError(f"collective_timeout must be > 0 seconds; got {self.collective_timeout!r}")
-        section = METHODS[self.method].config_class
-        if type(self.method_config) is not section:
-            raise ValueError(f"method_config must hold method {self.method}'s settings ({section.__name__}); got "
-                             f"{type(self.method_config).__name__}")
+        self._check_method_config()  # the method or its section may have been set after construction
         self.method_config.validate()
         score_phrase(self.score_phrase)
         METHODS[self.method].check_config(self)
@@ -281,7 +282,8 @@ class TrainConfig:
         return out
 
 
-FIELD_NAMES = tuple(f.name for f in fields(TrainConfig) if not f.metadata.get("section"))
+COMMON_FIELDS = {f.name: f for f in fields(TrainConfig) if not f.metadata.get("section")}  # all but method_config
+FIELD_NAMES = tuple(COMMON_FIELDS)
 DEFAULT_METHOD = TrainConfig.method
 # each method's own settings, and which methods have a setting of each name
 SECTION_FIELDS: Dict[str, Dict[str, Any]] = {
@@ -295,11 +297,6 @@ KNOWN_KEYS = FIELD_NAMES + tuple(METHOD_FIELD_OWNERS) + tuple(METHODS)
 
 def _field_type(f) -> Any:
     return typing.get_type_hints(TrainConfig)[f.name]
-
-
-def _method_field(name: str, method: Optional[str] = None):
-    """The declaration of method setting ``name`` (in ``method``'s section, else in the first that has it)."""
-    return SECTION_FIELDS[method or METHOD_FIELD_OWNERS[name][0]][name]
 
 
 def _method_field_type(name: str, method: Optional[str] = None) -> Any:
@@ -376,7 +373,8 @@ def _section_values(method: str, section: Any, source: str) -> Dict[str, Any]:
 
 
 def load_config_file(path: str) -> Dict[str, Any]:
-    """Read a YAML (.yaml/.yml) or TOML (.toml) file into a dict of checked values."""
+    """Read a YAML (.yaml/.yml), TOML (.toml) or JSON (.json) file into a dict of checked values (a method's
+    section as a dict under the method's name)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path!r} does not exist")
     ext = os.path.splitext(path)[1].lower()
@@ -404,13 +402,12 @@ def load_config_file(path: str) -> Dict[str, Any]:
         return {}
     if not isinstance(raw, dict):
         raise ValueError(f"config file {path!r} must hold a mapping of keys to values, got {type(raw).__name__}")
-    by_name = {f.name: f for f in fields(TrainConfig) if not f.metadata.get("section")}
     source = f"config file {path!r}"
     out: Dict[str, Any] = {}
     for key, value in raw.items():
         name = str(key).replace("-", "_")
-        if name in by_name:
-            out[name] = _coerce(name, value, _field_type(by_name[name]), source)
+        if name in COMMON_FIELDS:
+            out[name] = _coerce(name, value, _field_type(COMMON_FIELDS[name]), source)
         elif name in METHODS:
             out[name] = _section_values(name, value, source)
         elif name in METHOD_FIELD_OWNERS:
@@ -479,9 +476,7 @@ def build_parser(prog: str = "real train", description: Optional[str] = None) ->
                              "file layout (the method's own settings under its name), and exit without loading "
                              "anything")
     groups: Dict[str, argparse._ArgumentGroup] = {}
-    for f in fields(TrainConfig):
-        if f.metadata.get("section"):
-            continue
+    for f in COMMON_FIELDS.values():
         group_name = f.metadata["group"]
         if group_name not in groups:
             groups[group_name] = parser.add_argument_group(group_name)
@@ -493,7 +488,7 @@ def build_parser(prog: str = "real train", description: Optional[str] = None) ->
             groups[title] = parser.add_argument_group(title)
         decls = [SECTION_FIELDS[m][name] for m in owners]
         helps = dict.fromkeys(f"{d.metadata['help']} (default: {_default(d)!r})" for d in decls)
-        help_ = " | ".join(helps) if len(helps) == 1 else " | ".join(
+        help_ = next(iter(helps)) if len(helps) == 1 else " | ".join(
             f"{m}: {d.metadata['help']} (default: {_default(d)!r})" for m, d in zip(owners, decls))
         _add_flag(groups[title], name, _method_field_type(name), help_, decls[0].metadata.get("choices"))
     return parser
@@ -554,11 +549,10 @@ def make_config(**values: Any) -> TrainConfig:
             raise ValueError(f"config: a {section_method} section (settings of method {section_method}) was given, "
                              f"but the method is {method!r}")
         own = _section_values(method, section, "config")
-    by_name = {f.name: f for f in fields(TrainConfig) if not f.metadata.get("section")}
     checked: Dict[str, Any] = {}
     for key, value in values.items():
-        if key in by_name:
-            checked[key] = _coerce(key, value, _field_type(by_name[key]), "config")
+        if key in COMMON_FIELDS:
+            checked[key] = _coerce(key, value, _field_type(COMMON_FIELDS[key]), "config")
         elif key in SECTION_FIELDS[method]:
             if key in own:
                 raise ValueError(f"config: {key} is given twice, flat and in the {method} section")

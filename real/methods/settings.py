@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict
 
 
 def setting(default, help_: str, choices=None, group: str = "training"):
@@ -52,6 +51,3 @@ class MethodConfig:
     def validate(self) -> "MethodConfig":
         check_fields(self, self.NON_NEGATIVE, self.POSITIVE)
         return self
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
