@@ -181,7 +181,7 @@ class Method:
 
 def sampled_or_kept(rollouts, batch) -> int:
     """Tokens the engine generated for ``rollouts`` where it says, else the CoT tokens of their batch."""
-    if getattr(rollouts, "sampled_tokens", None) is not None:
+    if rollouts.sampled_tokens is not None:
         return int(rollouts.sampled_tokens)
     return int(batch.cot_lengths.sum())
 
@@ -253,12 +253,11 @@ class PolicyGradientMethod(Method):
         return rollouts, [e.target for e in examples for _ in range(self.config.group_size)]
 
     def step_batch(self, loop, rollouts, targets: List[float], metrics: Optional[Dict[str, Any]] = None,
-                   trainable: bool = True, sampled_tokens: Optional[int] = None) -> StepBatch:
-        """The step's batch of ``rollouts`` (``trainable`` False: the rows only keep the collectives going);
-        ``sampled_tokens``: what the engine generated for the step, where it sampled more than it kept."""
+                   trainable: bool = True) -> StepBatch:
+        """The step's batch of ``rollouts`` (``trainable`` False: the rows only keep the collectives going)."""
         batch = teacher_forced(loop, rollouts.prompts, rollouts.cots, targets, quiet=True)
-        generated = sampled_tokens if sampled_tokens is not None else sampled_or_kept(rollouts, batch)
-        step_batch = StepBatch(batch, generated_tokens=generated, metrics=metrics or {}, trainable=trainable)
+        step_batch = StepBatch(batch, generated_tokens=sampled_or_kept(rollouts, batch), metrics=metrics or {},
+                               trainable=trainable)
         self.read_rollouts(loop, rollouts, targets, step_batch)
         return step_batch
 

@@ -106,8 +106,8 @@ class Real(PolicyGradientMethod):
             kept = [(rollouts, targets, 0)]
         rows = [(r, t, i * g + j) for r, t, i in kept for j in range(g)]
         picked = replace(rollouts, prompts=[r.prompts[k] for r, _, k in rows], cots=[r.cots[k] for r, _, k in rows],
-                         decoded_scores=[r.decoded_scores[k] for r, _, k in rows])
-        return self.step_batch(loop, picked, [t[k] for _, t, k in rows], metrics, trainable, sampled_tokens=tokens)
+                         decoded_scores=[r.decoded_scores[k] for r, _, k in rows], sampled_tokens=tokens)
+        return self.step_batch(loop, picked, [t[k] for _, t, k in rows], metrics, trainable)
 
     def _reward(self, fwd) -> torch.Tensor:
         return regression_reward(fwd.expected_score, fwd.targets, fwd.log_pi_star, lam=self.settings.lam,
