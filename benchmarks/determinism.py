@@ -20,6 +20,8 @@ from typing import Callable, Dict, List
 
 import torch
 
+from .measure import measure_cuda
+
 QWEN3_VOCAB = 151_936
 
 
@@ -33,18 +35,6 @@ def _twice(fn: Callable[[], torch.Tensor]) -> Dict[str, object]:
     first = fn().clone()
     second = fn().clone()
     return _same(first, second)
-
-
-def _ms(fn: Callable[[], object], repeats: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
 
 
 def probe(n: int, hidden: int, vocab: int, chunk: int) -> List[Dict[str, object]]:
@@ -108,7 +98,8 @@ def probe(n: int, hidden: int, vocab: int, chunk: int) -> List[Dict[str, object]
     for name, fn in (("dW addmm(out_dtype=fp32, out=dw32) x4, dz contiguous", dw_addmm),
                      ("dW addmm(out_dtype=fp32, out=dw32) x4, dz strided view", dw_addmm_view),
                      ("dW mm(out_dtype=fp32) + add_ x4", dw_mm_add)):
-        rows_out.append({"what": name, **_twice(fn), "ms": _ms(fn)})
+        (p50, _, _), _ = measure_cuda(fn, warmup=1, repeats=5)
+        rows_out.append({"what": name, **_twice(fn), "ms": p50})
     return rows_out
 
 
